@@ -1,0 +1,69 @@
+"""The error family and the exit codes it maps to.
+
+Every failure a user can act on is one of these; the CLI prints `str(error)` as a single line and
+exits with `error.exit_code`. Each class also inherits the matching built-in so callers that
+only know Python's exceptions still catch them sensibly.
+"""
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_NOT_FOUND = 3
+EXIT_STORE = 4
+EXIT_INTEGRITY = 5
+EXIT_LOCAL = 6
+EXIT_TIMEOUT = 7
+EXIT_COMMAND_NOT_FOUND = 127
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class AgentError(Exception):
+    """Base of every error the agent reports to the user."""
+
+    exit_code = 1
+
+
+class ConfigError(AgentError, ValueError):
+    """The spec, an environment variable or a flag is wrong: the user must fix it."""
+
+    exit_code = EXIT_CONFIG
+
+
+class NotFoundError(AgentError, FileNotFoundError):
+    """A referenced job, checkpoint or object is not in the store."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class StoreError(AgentError, OSError):
+    """The store could not be reached or refused us (credentials, network, missing bucket)."""
+
+    exit_code = EXIT_STORE
+
+
+class IntegrityError(AgentError):
+    """Data or a manifest does not match what was committed: never hand it to the trainer."""
+
+    exit_code = EXIT_INTEGRITY
+
+
+class LocalError(AgentError, OSError):
+    """The local side is unusable: download folder, free space, the folder lock."""
+
+    exit_code = EXIT_LOCAL
+
+
+class LoadTimeoutError(AgentError, TimeoutError):
+    """The overall deadline passed before everything was in place."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class Interrupted(AgentError):
+    """A signal asked us to stop; state on disk is left resumable."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; partial files kept for resume")
+        self.exit_code = 128 + signum

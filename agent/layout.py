@@ -1,0 +1,65 @@
+"""Store layout v1: the only code that knows how keys are spelled (see docs/store-layout.md).
+
+    jobs/<job>/job.json
+    jobs/<job>/checkpoints/<name>/rank-<r>/<path>
+    jobs/<job>/checkpoints/<name>/rank-<r>.manifest.json    (written last: the commit)
+    projects/<project>/jobs/<job>.json
+"""
+
+from __future__ import annotations
+
+import re
+
+MANIFEST_SUFFIX = ".manifest.json"
+_MANIFEST_RE = re.compile(r"^rank-(\d+)\.manifest\.json$")
+
+
+def job_record_key(job_id: str) -> str:
+    return f"jobs/{job_id}/job.json"
+
+
+def checkpoints_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoints/"
+
+
+def checkpoint_prefix(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/checkpoints/{name}/"
+
+
+def file_key(job_id: str, name: str, rank: int, path: str) -> str:
+    return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}/{path}"
+
+
+def rank_prefix(job_id: str, name: str, rank: int) -> str:
+    return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}/"
+
+
+def manifest_key(job_id: str, name: str, rank: int) -> str:
+    return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}{MANIFEST_SUFFIX}"
+
+
+def project_jobs_prefix(project: str) -> str:
+    return f"projects/{project}/jobs/"
+
+
+def project_job_key(project: str, job_id: str) -> str:
+    return f"projects/{project}/jobs/{job_id}.json"
+
+
+def jobs_prefix() -> str:
+    return "jobs/"
+
+
+def manifest_rank(filename: str) -> int | None:
+    """The rank a manifest file name commits, or None for any other name."""
+    match = _MANIFEST_RE.match(filename)
+    return int(match.group(1)) if match else None
+
+
+def job_id_from_index_entry(filename: str) -> str | None:
+    return filename[: -len(".json")] if filename.endswith(".json") else None
+
+
+def local_checkpoint_dir(rank: int, name: str) -> str:
+    """Relative to the download folder: where one checkpoint lands on this node."""
+    return f"rank-{rank}/{name}"

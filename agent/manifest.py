@@ -1,0 +1,187 @@
+"""The manifest (a checkpoint's commit record) and the job records, with strict validation.
+
+A manifest is the only thing that makes files in the store count as a checkpoint, so anything
+odd in it (unsafe paths, sizes that do not add up) is an IntegrityError before a byte is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+
+import crc32c
+
+from agent.errors import IntegrityError
+
+FORMAT = 1
+ALGORITHM = "crc32c"
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+
+
+def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """crc32c runs at >10 GB/s and releases the GIL, so verification never bottlenecks I/O."""
+    return crc32c.crc32c(data, value)
+
+
+def format_checksum(value: int) -> str:
+    return f"{value:08x}"
+
+
+def part_count(size: int, part_size: int) -> int:
+    return max(1, -(-size // part_size))
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def natural_key(name: str) -> tuple:
+    """checkpoint-100 sorts after checkpoint-20."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    project_name: str | None
+    job_id: str
+    checkpoint_name: str
+    rank: int
+    committed_at: str
+    part_size: int
+    files: tuple[FileEntry, ...]
+    algorithm: str = ALGORITHM
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> str:
+        body = {
+            **self.extra,
+            "format": FORMAT,
+            "project_name": self.project_name,
+            "job_id": self.job_id,
+            "checkpoint_name": self.checkpoint_name,
+            "rank": self.rank,
+            "committed_at": self.committed_at,
+            "algorithm": self.algorithm,
+            "part_size": self.part_size,
+            "files": [{"path": f.path, "size": f.size, "parts": list(f.parts)} for f in self.files],
+        }
+        return json.dumps(body, indent=1)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    project_name: str | None
+    created_at: str
+    num_nodes: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"job_id": self.job_id, "project_name": self.project_name,
+             "created_at": self.created_at, "num_nodes": self.num_nodes}
+        )
+
+
+def check_relative_path(path: object, where: str) -> str:
+    """A manifest path must stay inside the checkpoint folder on every OS."""
+    if not isinstance(path, str) or not path:
+        raise IntegrityError(f"{where}: path must be a non-empty string")
+    if "\\" in path or "\0" in path:
+        raise IntegrityError(f"{where}: path {path!r} contains a backslash or NUL")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or any(p in ("..", ".", "") for p in path.split("/")):
+        raise IntegrityError(f"{where}: path {path!r} is absolute or has '.'/'..' components")
+    return path
+
+
+def _require(obj: dict, key: str, kind: type | tuple, where: str):
+    value = obj.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise IntegrityError(f"{where}: field {key!r} missing or of the wrong type")
+    return value
+
+
+def parse_manifest(text: str | bytes, where: str) -> Manifest:
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IntegrityError(f"{where}: manifest is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{where}: manifest is not a JSON object")
+    if obj.get("format") != FORMAT:
+        raise IntegrityError(f"{where}: unknown manifest format {obj.get('format')!r} (this agent reads {FORMAT}); upgrade ckpt-agent")
+    algorithm = _require(obj, "algorithm", str, where)
+    if algorithm != ALGORITHM:
+        raise IntegrityError(f"{where}: unknown checksum algorithm {algorithm!r}")
+    part_size = _require(obj, "part_size", int, where)
+    if part_size <= 0:
+        raise IntegrityError(f"{where}: part_size must be positive")
+    raw_files = _require(obj, "files", list, where)
+    files: list[FileEntry] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_files):
+        fw = f"{where}: files[{i}]"
+        if not isinstance(raw, dict):
+            raise IntegrityError(f"{fw} is not an object")
+        path = check_relative_path(raw.get("path"), fw)
+        size = _require(raw, "size", int, fw)
+        if size < 0:
+            raise IntegrityError(f"{fw}: negative size for {path!r}")
+        parts = _require(raw, "parts", list, fw)
+        if len(parts) != part_count(size, part_size) or not all(isinstance(p, str) for p in parts):
+            raise IntegrityError(f"{fw}: {len(parts)} checksums do not match size {size} of {path!r}")
+        if path in seen:
+            raise IntegrityError(f"{fw}: duplicate path {path!r}")
+        seen.add(path)
+        files.append(FileEntry(path, size, tuple(parts)))
+    for path in seen:
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        while parent:
+            if parent in seen:
+                raise IntegrityError(f"{where}: {parent!r} is both a file and a folder")
+            parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
+    known = {"format", "project_name", "job_id", "checkpoint_name", "rank", "committed_at",
+             "algorithm", "part_size", "files"}
+    return Manifest(
+        project_name=obj.get("project_name"),
+        job_id=_require(obj, "job_id", str, where),
+        checkpoint_name=_require(obj, "checkpoint_name", str, where),
+        rank=_require(obj, "rank", int, where),
+        committed_at=_require(obj, "committed_at", str, where),
+        part_size=part_size,
+        files=tuple(files),
+        algorithm=algorithm,
+        extra={k: v for k, v in obj.items() if k not in known},
+    )
+
+
+def parse_job_record(text: str | bytes, where: str) -> JobRecord:
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IntegrityError(f"{where}: not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{where}: not a JSON object")
+    num_nodes = obj.get("num_nodes", 1)
+    if not isinstance(num_nodes, int) or num_nodes < 1:
+        raise IntegrityError(f"{where}: num_nodes must be a positive integer")
+    return JobRecord(
+        job_id=_require(obj, "job_id", str, where),
+        project_name=obj.get("project_name"),
+        created_at=_require(obj, "created_at", str, where),
+        num_nodes=num_nodes,
+    )

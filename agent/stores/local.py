@@ -1,0 +1,94 @@
+"""The local directory store: the embedded default, and the model the S3 store must match."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from agent.errors import NotFoundError, StoreError
+from agent.stores.base import Listing, RangeReader, Store
+
+
+class _FileRange:
+    def __init__(self, path: Path, start: int, length: int) -> None:
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._file.seek(start)
+        self._left = length
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self._left <= 0:
+            return 0
+        n = self._file.readinto(buffer[: self._left])
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class LocalStore(Store):
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return f"local store {self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFoundError(f"{key}: not found in {self.describe()}") from None
+        except OSError as exc:
+            raise StoreError(f"{key}: cannot read from {self.describe()}: {exc.strerror}") from None
+
+    def _atomic_write(self, key: str, fill) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".incomplete")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    fill(out)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise StoreError(f"{key}: cannot write to {self.describe()}: {exc.strerror}") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda out: out.write(data))
+
+    def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
+        self._atomic_write(key, lambda out: shutil.copyfileobj(source, out, 8 << 20))
+
+    def list_dir(self, prefix: str) -> Listing:
+        try:
+            entries = list(os.scandir(self._path(prefix)))
+        except (FileNotFoundError, NotADirectoryError):
+            return Listing((), ())
+        except OSError as exc:
+            raise StoreError(f"{prefix}: cannot list {self.describe()}: {exc.strerror}") from None
+        files = sorted(e.name for e in entries if e.is_file() and not e.name.endswith(".incomplete"))
+        dirs = sorted(e.name for e in entries if e.is_dir())
+        return Listing(tuple(files), tuple(dirs))
+
+    def open_range(self, key: str, start: int, length: int) -> RangeReader:
+        try:
+            return _FileRange(self._path(key), start, length)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFoundError(f"{key}: not found in {self.describe()}") from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"{key}: cannot delete from {self.describe()}: {exc.strerror}") from None

@@ -1,0 +1,137 @@
+"""S3 and S3-compatible stores through boto3: the only module that imports it.
+
+botocore's own messages can echo request details, so every botocore error is turned into one
+of ours with a message built here from the error code, the operation and the key only.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from agent.errors import NotFoundError, StoreError
+from agent.stores.base import Listing, RangeReader, Store
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+           "InvalidToken", "ExpiredToken", "TokenRefreshRequired"}
+
+
+class _Body:
+    """readinto straight from the HTTP response, so bytes are not copied through Python."""
+
+    def __init__(self, body) -> None:
+        self._body = body
+        self._raw = body._raw_stream
+
+    def readinto(self, buffer: memoryview) -> int:
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, root: str, max_connections: int = 32) -> None:
+        self.bucket = bucket
+        self.root = root.strip("/")
+        self._max_connections = max_connections
+        config = Config(
+            max_pool_connections=max_connections,
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=10,
+            read_timeout=30,
+            tcp_keepalive=True,
+        )
+        self._client = boto3.session.Session().client("s3", config=config)
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.root}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        return f"{self.root}/{key}" if self.root else key
+
+    def _error(self, exc: Exception, action: str, key: str) -> Exception:
+        where = f"s3://{self.bucket}/{self._key(key)}"
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _NOT_FOUND:
+                return NotFoundError(f"{where}: not found")
+            if code == "NoSuchBucket":
+                return StoreError(f"s3://{self.bucket}: bucket does not exist; check BT_CHECKPOINT_STORE")
+            if code in _DENIED:
+                return StoreError(
+                    f"{where}: access denied ({code}) on {action}; check the AWS credentials and their permissions"
+                )
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return StoreError(f"{where}: {action} failed with {code or status}")
+        name = type(exc).__name__
+        return StoreError(f"{where}: {action} failed ({name}); check AWS_ENDPOINT_URL and the network")
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "GET", key) from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "PUT", key) from None
+
+    def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
+        config = TransferConfig(
+            multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
+            max_concurrency=4, use_threads=True,
+        )
+        try:
+            self._client.upload_fileobj(source, self.bucket, self._key(key), Config=config)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "upload", key) from None
+
+    def list_dir(self, prefix: str) -> Listing:
+        full = self._key(prefix) if prefix else (self.root + "/" if self.root else "")
+        files: list[str] = []
+        dirs: list[str] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            )
+            for page in pages:
+                files.extend(o["Key"][len(full):] for o in page.get("Contents", ()))
+                dirs.extend(p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", ()))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "LIST", prefix) from None
+        return Listing(tuple(sorted(f for f in files if f)), tuple(sorted(dirs)))
+
+    def open_range(self, key: str, start: int, length: int) -> RangeReader:
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "GET", key) from None
+        return _Body(response["Body"])
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "DELETE", key) from None
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        try:
+            self._client.copy_object(
+                Bucket=self.bucket, Key=self._key(dst_key),
+                CopySource={"Bucket": self.bucket, "Key": self._key(src_key)},
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "COPY", src_key) from None
+
+    def close(self) -> None:
+        self._client.close()
