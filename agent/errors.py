@@ -41,6 +41,10 @@ class StoreError(AgentError, OSError):
     exit_code = EXIT_STORE
 
 
+class TransientError(StoreError):
+    """A failure worth retrying: reset, truncated or stalled body, 5xx, throttling."""
+
+
 class IntegrityError(AgentError):
     """Data or a manifest does not match what was committed: never hand it to the trainer."""
 

@@ -123,7 +123,9 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     if not isinstance(obj, dict):
         raise IntegrityError(f"{where}: manifest is not a JSON object")
     if obj.get("format") != FORMAT:
-        raise IntegrityError(f"{where}: unknown manifest format {obj.get('format')!r} (this agent reads {FORMAT}); upgrade ckpt-agent")
+        raise IntegrityError(
+            f"{where}: unknown manifest format {obj.get('format')!r} (this agent reads {FORMAT}); upgrade ckpt-agent"
+        )
     algorithm = _require(obj, "algorithm", str, where)
     if algorithm != ALGORITHM:
         raise IntegrityError(f"{where}: unknown checksum algorithm {algorithm!r}")

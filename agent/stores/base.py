@@ -74,5 +74,5 @@ class Store(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections; the default has none."""

@@ -13,12 +13,13 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from agent.errors import NotFoundError, StoreError
+from agent.errors import NotFoundError, StoreError, TransientError
 from agent.stores.base import Listing, RangeReader, Store
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
            "InvalidToken", "ExpiredToken", "TokenRefreshRequired"}
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError"}
 
 
 class _Body:
@@ -29,10 +30,21 @@ class _Body:
         self._raw = body._raw_stream
 
     def readinto(self, buffer: memoryview) -> int:
-        return self._raw.readinto(buffer)
+        try:
+            return self._raw.readinto(buffer)
+        except Exception as exc:  # noqa: BLE001 - urllib3 and socket errors alike are retryable
+            raise TransientError(f"connection failed mid-body ({type(exc).__name__})") from None
 
     def close(self) -> None:
         self._body.close()
+
+
+class _Empty:
+    def readinto(self, buffer: memoryview) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 class S3Store(Store):
@@ -67,10 +79,11 @@ class S3Store(Store):
                 return StoreError(
                     f"{where}: access denied ({code}) on {action}; check the AWS credentials and their permissions"
                 )
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return StoreError(f"{where}: {action} failed with {code or status}")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            kind = TransientError if status >= 500 or code in _THROTTLED else StoreError
+            return kind(f"{where}: {action} failed with {code or status}")
         name = type(exc).__name__
-        return StoreError(f"{where}: {action} failed ({name}); check AWS_ENDPOINT_URL and the network")
+        return TransientError(f"{where}: {action} failed ({name}); check AWS_ENDPOINT_URL and the network")
 
     def read_bytes(self, key: str) -> bytes:
         try:
@@ -111,6 +124,11 @@ class S3Store(Store):
 
     def open_range(self, key: str, start: int, length: int) -> RangeReader:
         try:
+            if length <= 0:
+                # S3 answers an invalid range such as "bytes=3-2" with the whole object, so
+                # only check that the key exists (a missing one is still NotFoundError).
+                self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return _Empty()
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
             )

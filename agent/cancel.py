@@ -1,0 +1,41 @@
+"""One cancellation token shared by every worker: a signal or the overall deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from agent.errors import Interrupted, LoadTimeoutError
+
+
+class Cancel:
+    def __init__(self, timeout: float | None = None) -> None:
+        self._event = threading.Event()
+        self._signum: int | None = None
+        self._deadline = time.monotonic() + timeout if timeout else None
+        self._timeout = timeout
+
+    def signal(self, signum: int) -> None:
+        """Safe to call from a signal handler."""
+        self._signum = signum
+        self._event.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set() or self._expired()
+
+    def _expired(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def check(self) -> None:
+        if self._signum is not None:
+            raise Interrupted(self._signum)
+        if self._expired():
+            raise LoadTimeoutError(f"BT_LOAD_TIMEOUT: {self._timeout:g} s passed")
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep that wakes at once when cancelled; raises if it was."""
+        if self._deadline is not None:
+            seconds = max(0.0, min(seconds, self._deadline - time.monotonic()))
+        self._event.wait(seconds)
+        self.check()

@@ -1,0 +1,101 @@
+"""Manifests + what is already on disk -> the work to do; skips are values, not branches.
+
+Pure except for stat calls: nothing is written here, so an unsafe manifest path or a planted
+symlink is refused before the first byte lands.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import layout
+from agent.errors import IntegrityError
+from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
+from agent.manifest import FileEntry, Manifest, checksum
+
+
+@dataclass(frozen=True)
+class FileTask:
+    key: str
+    dest: Path
+    rel: str
+    entry: FileEntry
+    part_size: int
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the committed content, so a re-committed checkpoint is not mistaken for intact."""
+        return f"{self.entry.size}:{checksum(','.join(self.entry.parts).encode()):08x}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    root: Path
+    fetch: tuple[FileTask, ...]
+    intact: tuple[FileTask, ...]
+    manifests: tuple[Manifest, ...]
+
+    @property
+    def fetch_bytes(self) -> int:
+        return sum(t.entry.size for t in self.fetch)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fetch_bytes + sum(t.entry.size for t in self.intact)
+
+    @property
+    def total_files(self) -> int:
+        return len(self.fetch) + len(self.intact)
+
+
+def _check_no_symlinks(root: Path, rel: str) -> None:
+    """Refuse a symlink (or a non-folder) planted anywhere between the root and the file."""
+    current = root
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise IntegrityError(
+                f"{current}: is a symlink inside the download folder; remove it (ckpt-agent never writes through links)"
+            )
+        last = i == len(parts) - 1
+        if not last and not stat.S_ISDIR(st.st_mode):
+            raise IntegrityError(f"{current}: is a file where a folder is needed; remove it")
+        if last and not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{current}: is not a regular file; remove it")
+
+
+def make_plan(root: Path, manifests: tuple[Manifest, ...], rank: int, index: VerifiedIndex) -> Plan:
+    fetch: list[FileTask] = []
+    intact: list[FileTask] = []
+    for m in manifests:
+        folder = layout.local_checkpoint_dir(rank, m.checkpoint_name)
+        for entry in m.files:
+            rel = f"{folder}/{entry.path}"
+            _check_no_symlinks(root, rel)
+            _check_no_symlinks(root, rel + INCOMPLETE_SUFFIX)
+            dest = root / rel
+            if not os.path.normpath(dest).startswith(os.path.normpath(root) + os.sep):
+                raise IntegrityError(
+                    f"{m.job_id}/{m.checkpoint_name}: path {entry.path!r} lands outside the download folder"
+                )
+            task = FileTask(layout.file_key(m.job_id, m.checkpoint_name, m.rank, entry.path),
+                            dest, rel, entry, m.part_size)
+            try:
+                st = os.stat(dest)
+            except FileNotFoundError:
+                fetch.append(task)
+                continue
+            if index.is_intact(rel, task.fingerprint, st):
+                intact.append(task)
+            else:
+                fetch.append(task)
+    return Plan(root, tuple(fetch), tuple(intact), manifests)
+

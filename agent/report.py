@@ -1,0 +1,94 @@
+"""Everything the agent tells a person: one-line events, progress, and the final summary.
+
+A tqdm bar when stderr is a terminal; otherwise a progress line every few seconds, so container
+logs get a heartbeat without a flood.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+PROGRESS_INTERVAL = 5.0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class Reporter:
+    def __init__(self, stream: TextIO | None = None, interval: float = PROGRESS_INTERVAL) -> None:
+        self.stream = stream or sys.stderr
+        self.interval = interval
+
+    def info(self, message: str) -> None:
+        print(f"ckpt-agent: {message}", file=self.stream, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"ckpt-agent: WARNING: {message}", file=self.stream, flush=True)
+
+    def error(self, message: str) -> None:
+        print(f"ckpt-agent: error: {message}", file=self.stream, flush=True)
+
+    def progress(self, total: int, label: str) -> ProgressSink:
+        if self.stream.isatty():
+            return _BarSink(total, label, self.stream)
+        return _LineSink(total, label, self)
+
+
+class ProgressSink:
+    """A callable that takes byte counts from many threads; close() ends the display."""
+
+    def __call__(self, n: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Nothing to tidy by default."""
+
+
+class _BarSink(ProgressSink):
+    def __init__(self, total: int, label: str, stream: TextIO) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, file=stream,
+                         mininterval=0.2, leave=False)
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class _LineSink(ProgressSink):
+    def __init__(self, total: int, label: str, reporter: Reporter,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._total, self._label, self._reporter, self._clock = total, label, reporter, clock
+        self._done = 0
+        self._start = self._last = clock()
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+            now = self._clock()
+            if now - self._last < self._reporter.interval:
+                return
+            self._last = now
+            done, elapsed = self._done, now - self._start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        pct = 100.0 * done / self._total if self._total else 100.0
+        eta = f", ETA {(self._total - done) / rate:.0f} s" if rate > 0 else ""
+        self._reporter.info(
+            f"{self._label}: {pct:.0f}% {human_bytes(done)} of {human_bytes(self._total)}, "
+            f"{human_bytes(rate)}/s{eta}"
+        )

@@ -1,0 +1,133 @@
+"""Uploads a checkpoint folder and commits it: files first, the manifest last.
+
+Used by `ckpt-agent save` and by the sidecar. A file that changes while it is being uploaded
+aborts the commit (CheckpointChanged), so a manifest only ever describes bytes that are in the
+store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import layout
+from agent.cancel import Cancel
+from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError
+from agent.manifest import (
+    DEFAULT_PART_SIZE,
+    FileEntry,
+    JobRecord,
+    Manifest,
+    checksum,
+    format_checksum,
+    utc_now,
+)
+from agent.pool import run_tasks
+from agent.resolve import read_job
+from agent.stores.base import Store
+from agent.transfer import Progress
+
+
+class CheckpointChanged(AgentError):
+    """A file changed while the checkpoint was uploaded; the commit was not written."""
+
+    exit_code = EXIT_LOCAL
+
+
+@dataclass(frozen=True)
+class CheckpointId:
+    project_name: str | None
+    job_id: str
+    name: str
+    rank: int = 0
+    num_nodes: int = 1
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    rel: str
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def scan_folder(folder: Path) -> list[LocalFile]:
+    """Regular files under `folder` (links to files are read through), sorted by path."""
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: not a folder; give the checkpoint folder to upload")
+    found: list[LocalFile] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in filenames:
+            path = Path(dirpath) / name
+            st = path.stat()
+            rel = path.relative_to(folder).as_posix()
+            found.append(LocalFile(rel, path, st.st_size, st.st_mtime_ns))
+    return sorted(found, key=lambda f: f.rel)
+
+
+def file_checksums(path: Path, part_size: int, buffer_size: int = 8 << 20) -> tuple[str, ...]:
+    parts: list[str] = []
+    buf = memoryview(bytearray(min(buffer_size, part_size)))
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            crc, filled = 0, 0
+            while filled < part_size:
+                n = f.readinto(buf[: min(len(buf), part_size - filled)])
+                if not n:
+                    break
+                crc = checksum(buf[:n], crc)
+                filled += n
+            if filled == 0 and parts:
+                break
+            parts.append(format_checksum(crc))
+            if filled < part_size:
+                break
+    return tuple(parts)
+
+
+def ensure_job(store: Store, ident: CheckpointId) -> None:
+    """job.json and the project index entry come before the first commit of a job."""
+    job = read_job(store, ident.job_id)
+    if job is None:
+        job = JobRecord(ident.job_id, ident.project_name, utc_now(), ident.num_nodes)
+        store.write_bytes(layout.job_record_key(ident.job_id), job.to_json().encode())
+    elif ident.project_name and job.project_name not in (None, ident.project_name):
+        raise ConfigError(
+            f"--project {ident.project_name}: job {ident.job_id} already belongs to project {job.project_name}"
+        )
+    if ident.project_name:
+        key = layout.project_job_key(ident.project_name, ident.job_id)
+        try:
+            store.read_bytes(key)
+        except NotFoundError:
+            entry = f'{{"job_id": "{ident.job_id}", "created_at": "{job.created_at}"}}'
+            store.write_bytes(key, entry.encode())
+
+
+def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: int,
+                      progress: Progress, cancel: Cancel,
+                      part_size: int = DEFAULT_PART_SIZE) -> Manifest:
+    files = scan_folder(folder)
+    ensure_job(store, ident)
+    sums: dict[str, tuple[str, ...]] = {}
+
+    def upload(f: LocalFile) -> None:
+        sums[f.rel] = file_checksums(f.path, part_size)
+        with open(f.path, "rb") as source:
+            store.upload_file(layout.file_key(ident.job_id, ident.name, ident.rank, f.rel), source, f.size)
+        progress(f.size)
+
+    run_tasks(((lambda f=f: upload(f)) for f in files), workers, cancel)
+    for f in files:
+        st = f.path.stat()
+        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise CheckpointChanged(f"{f.path}: changed while uploading; checkpoint {ident.name} not committed")
+    manifest = Manifest(
+        project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,
+        rank=ident.rank, committed_at=utc_now(), part_size=part_size,
+        files=tuple(FileEntry(f.rel, f.size, sums[f.rel]) for f in files),
+    )
+    store.write_bytes(layout.manifest_key(ident.job_id, ident.name, ident.rank), manifest.to_json().encode())
+    return manifest

@@ -1,0 +1,92 @@
+"""Everything the agent is told by its environment, parsed once into a frozen Settings.
+
+A pure function of a mapping, so tests pass dicts and only cli.py touches os.environ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agent.errors import ConfigError
+from agent.spec import (
+    CONFIG_VAR,
+    LoadSpec,
+    StoreLocation,
+    check_name,
+    parse_load_spec,
+    parse_start_commands,
+    parse_store_location,
+)
+
+DEFAULT_STORE = "/tmp/ckpt-store"
+DEFAULT_CHUNK_MB = 32
+
+
+def default_workers() -> int:
+    """Transfers wait on the network, not the CPU: many requests per core keep the pipe full."""
+    return min(64, 16 * (os.cpu_count() or 2))
+
+
+@dataclass(frozen=True)
+class Settings:
+    spec: LoadSpec
+    store: StoreLocation
+    project_name: str | None
+    job_id: str | None
+    node_rank: int
+    num_nodes: int
+    required: bool
+    start_commands: tuple[str, ...]
+    workers: int
+    chunk_size: int
+    load_timeout: float | None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name}: expected 1 or 0, got {raw!r}")
+
+
+def settings_from_env(env: Mapping[str, str], workers: int | None = None,
+                      chunk_mb: int | None = None) -> Settings:
+    timeout = env.get("BT_LOAD_TIMEOUT", "").strip()
+    try:
+        load_timeout = float(timeout) if timeout else None
+    except ValueError:
+        raise ConfigError(f"BT_LOAD_TIMEOUT: expected seconds, got {timeout!r}") from None
+    if load_timeout is not None and load_timeout <= 0:
+        raise ConfigError("BT_LOAD_TIMEOUT: must be a positive number of seconds")
+    project = env.get("BT_TRAINING_PROJECT_NAME") or None
+    job_id = env.get("BT_TRAINING_JOB_ID") or None
+    return Settings(
+        spec=parse_load_spec(env.get(CONFIG_VAR)),
+        store=parse_store_location(env.get("BT_CHECKPOINT_STORE") or DEFAULT_STORE),
+        project_name=check_name(project, "BT_TRAINING_PROJECT_NAME", nullable=True),
+        job_id=check_name(job_id, "BT_TRAINING_JOB_ID", nullable=True),
+        node_rank=_int(env, "BT_NODE_RANK", 0, 0),
+        num_nodes=_int(env, "BT_NUM_NODES", 1, 1),
+        required=_flag(env, "BT_LOAD_CHECKPOINT_REQUIRED"),
+        start_commands=parse_start_commands(env.get("BT_START_COMMANDS")),
+        workers=workers or _int(env, "CKPT_AGENT_WORKERS", default_workers(), 1),
+        chunk_size=(chunk_mb or _int(env, "CKPT_AGENT_CHUNK_MB", DEFAULT_CHUNK_MB, 1)) << 20,
+        load_timeout=load_timeout,
+    )

@@ -1,0 +1,230 @@
+"""Runs a plan: ranged GETs on one bounded pool, every part verified before it counts.
+
+Each file is written with `os.pwrite` into `<name>.ckpt-incomplete` next to its destination and
+renamed into place only when all of its parts match the manifest. A temporary file left by an
+earlier, killed run is kept: its parts are checked locally and only the bad ones are fetched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from agent.cancel import Cancel
+from agent.errors import AgentError, IntegrityError, LoadTimeoutError, TransientError
+from agent.localstate import VerifiedIndex, incomplete_path
+from agent.manifest import checksum, format_checksum
+from agent.plan import FileTask, Plan
+from agent.pool import run_tasks
+from agent.stores.base import Store
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    workers: int = 32
+    chunk_size: int = 32 << 20
+    buffer_size: int = 1 << 20
+    attempts: int = 6
+    backoff_base: float = 0.2
+    backoff_cap: float = 5.0
+
+
+@dataclass
+class TransferStats:
+    files_fetched: int = 0
+    files_reused: int = 0
+    bytes_fetched: int = 0
+    seconds: float = 0.0
+
+
+class _ChecksumMismatch(TransientError):
+    """A part did not match: retried once more in case the wire, not the store, was at fault."""
+
+
+@dataclass
+class _FileState:
+    task: FileTask
+    units_left: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    prepared: bool = False
+    resumed: bool = False
+
+
+class _Engine:
+    def __init__(self, store: Store, plan: Plan, options: TransferOptions, progress: Progress,
+                 cancel: Cancel, index: VerifiedIndex) -> None:
+        self.store, self.plan, self.options = store, plan, options
+        self.progress, self.cancel, self.index = progress, cancel, index
+        self.stats = TransferStats()
+        self._stats_lock = threading.Lock()
+        self._local = threading.local()
+
+    def _buffer(self) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(bytearray(self.options.buffer_size))
+        return buf
+
+    def units(self) -> Iterator[Callable[[], None]]:
+        """Large files are split into chunk-sized ranges, aligned to checksum parts."""
+        for task in self.plan.fetch:
+            parts = len(task.entry.parts)
+            per_unit = max(1, self.options.chunk_size // task.part_size)
+            starts = range(0, parts, per_unit)
+            state = _FileState(task, len(starts))
+            for first in starts:
+                last = min(parts, first + per_unit)
+                yield lambda s=state, a=first, b=last: self._run_unit(s, a, b)
+
+    def _prepare(self, state: _FileState) -> None:
+        """Create or adopt the temporary file; an existing destination is adopted for re-checking."""
+        task = state.task
+        tmp = incomplete_path(task.dest)
+        task.dest.parent.mkdir(parents=True, exist_ok=True)
+        if task.dest.exists():
+            os.replace(task.dest, tmp)
+        state.resumed = tmp.exists()
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            if os.fstat(fd).st_size != task.entry.size:
+                os.ftruncate(fd, task.entry.size)
+        finally:
+            os.close(fd)
+        state.prepared = True
+
+    def _run_unit(self, state: _FileState, first: int, last: int) -> None:
+        self.cancel.check()
+        task = state.task
+        with state.lock:
+            if not state.prepared:
+                self._prepare(state)
+        fd = os.open(incomplete_path(task.dest), os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            todo = [p for p in range(first, last) if not (state.resumed and self._part_ok(fd, task, p))]
+            for run_start, run_end in _runs(todo):
+                self._fetch_parts(fd, task, run_start, run_end)
+        finally:
+            os.close(fd)
+        with state.lock:
+            state.units_left -= 1
+            finished = state.units_left == 0
+        if finished:
+            self._finish(state)
+
+    def _part_bounds(self, task: FileTask, part: int) -> tuple[int, int]:
+        start = part * task.part_size
+        return start, min(task.entry.size, start + task.part_size)
+
+    def _part_ok(self, fd: int, task: FileTask, part: int) -> bool:
+        start, end = self._part_bounds(task, part)
+        buf = self._buffer()
+        crc, offset = 0, start
+        while offset < end:
+            n = os.preadv(fd, [buf[: min(len(buf), end - offset)]], offset)
+            if n <= 0:
+                return False
+            crc = checksum(buf[:n], crc)
+            offset += n
+        if format_checksum(crc) == task.entry.parts[part]:
+            self.progress(end - start)
+            return True
+        return False
+
+    def _fetch_parts(self, fd: int, task: FileTask, first: int, last: int) -> None:
+        """Fetch parts [first, last) as one ranged GET, resuming at the first unverified part."""
+        attempt = 0
+        while first < last:
+            try:
+                first = self._stream(fd, task, first, last)
+            except TransientError as exc:
+                attempt += 1
+                if attempt >= self.options.attempts:
+                    if isinstance(exc, _ChecksumMismatch):
+                        raise IntegrityError(
+                            f"{task.key}: {exc}; the object changed in the store or is corrupt"
+                        ) from None
+                    raise TransientError(f"{exc} (gave up after {attempt} attempts)") from None
+                delay = min(self.options.backoff_cap, self.options.backoff_base * 2 ** attempt)
+                self.cancel.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _stream(self, fd: int, task: FileTask, first: int, last: int) -> int:
+        """Returns the first part not yet verified; raises TransientError with progress kept."""
+        start, _ = self._part_bounds(task, first)
+        _, end = self._part_bounds(task, last - 1)
+        if end == start:
+            return last
+        reader = self.store.open_range(task.key, start, end - start)
+        buf = self._buffer()
+        part = first
+        try:
+            while part < last:
+                self.cancel.check()
+                p_start, p_end = self._part_bounds(task, part)
+                crc, offset, fetched = 0, p_start, 0
+                while offset < p_end:
+                    n = reader.readinto(buf[: min(len(buf), p_end - offset)])
+                    if not n:
+                        raise TransientError(f"{task.key}: body ended {p_end - offset} bytes early")
+                    chunk = buf[:n]
+                    crc = checksum(chunk, crc)
+                    os.pwrite(fd, chunk, offset)
+                    offset += n
+                    fetched += n
+                if format_checksum(crc) != task.entry.parts[part]:
+                    raise _ChecksumMismatch(f"part {part} checksum mismatch")
+                with self._stats_lock:
+                    self.stats.bytes_fetched += fetched
+                self.progress(fetched)
+                part += 1
+        except TransientError:
+            raise
+        except AgentError:
+            raise
+        except OSError as exc:
+            raise TransientError(f"{task.key}: read failed ({type(exc).__name__})") from None
+        finally:
+            reader.close()
+        return part
+
+    def _finish(self, state: _FileState) -> None:
+        task = state.task
+        tmp = incomplete_path(task.dest)
+        os.replace(tmp, task.dest)
+        self.index.record(task.rel, task.fingerprint, os.stat(task.dest))
+        with self._stats_lock:
+            self.stats.files_fetched += 1
+
+
+def _runs(parts: list[int]) -> Iterator[tuple[int, int]]:
+    """Contiguous runs [a, b) of part numbers, so a resumed file needs few ranged GETs."""
+    i = 0
+    while i < len(parts):
+        j = i
+        while j + 1 < len(parts) and parts[j + 1] == parts[j] + 1:
+            j += 1
+        yield parts[i], parts[j] + 1
+        i = j + 1
+
+
+def run_plan(store: Store, plan: Plan, options: TransferOptions, progress: Progress,
+             cancel: Cancel, index: VerifiedIndex) -> TransferStats:
+    """Download and verify everything in `plan.fetch`; intact files are only counted."""
+    started = time.monotonic()
+    engine = _Engine(store, plan, options, progress, cancel, index)
+    engine.stats.files_reused = len(plan.intact)
+    try:
+        run_tasks(engine.units(), options.workers, cancel)
+    except LoadTimeoutError as exc:
+        missing = [t.rel for t in plan.fetch if not t.dest.exists()]
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise LoadTimeoutError(f"{exc}; still missing {len(missing)} files: {shown}") from None
+    finally:
+        index.save()
+    engine.stats.seconds = time.monotonic() - started
+    return engine.stats
