@@ -1,0 +1,74 @@
+"""`ckpt-agent run` hands the process to the trainer: same PID, its exit status, start commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+AGENT = str(Path(sys.executable).parent / "ckpt-agent")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_"))}
+    return {**env, **extra}
+
+
+def test_run_execs_the_command_keeping_pid_and_exit_status():
+    proc = subprocess.Popen([AGENT, "run", "--", "sh", "-c", "echo $$; exit 7"], env=clean_env(),
+                            stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 7
+    assert int(out.strip()) == proc.pid
+
+
+def test_disabled_loading_does_not_set_load_dir_or_import_boto3():
+    code = "import os, sys; print(os.environ.get('BT_LOAD_CHECKPOINT_DIR'))"
+    spec = json.dumps({"enabled": False, "checkpoints": []})
+    result = subprocess.run([AGENT, "run", "--", sys.executable, "-c", code],
+                            env=clean_env(BT_LOAD_CHECKPOINT_CONFIG=spec), capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "None"
+    probe = ("import sys; from agent.cli import main; "
+             "sys.argv=['ckpt-agent','load']; main(); print('boto3' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_start_commands_run_in_order_and_first_failure_stops_the_rest(tmp_path):
+    cmds = [f"echo one >> {tmp_path}/log", "exit 4", f"echo three >> {tmp_path}/log"]
+    result = subprocess.run([AGENT, "run"], env=clean_env(BT_START_COMMANDS=json.dumps(cmds)))
+    assert result.returncode == 4
+    assert (tmp_path / "log").read_text() == "one\n"
+
+
+def test_all_start_commands_run_when_they_succeed(tmp_path):
+    cmds = [f"echo one >> {tmp_path}/log", f"echo two >> {tmp_path}/log"]
+    result = subprocess.run([AGENT, "run"], env=clean_env(BT_START_COMMANDS=json.dumps(cmds)))
+    assert result.returncode == 0
+    assert (tmp_path / "log").read_text() == "one\ntwo\n"
+
+
+def test_command_line_wins_over_start_commands(tmp_path):
+    env = clean_env(BT_START_COMMANDS=json.dumps([f"touch {tmp_path}/from-env"]))
+    result = subprocess.run([AGENT, "run", "--", "touch", str(tmp_path / "from-argv")], env=env)
+    assert result.returncode == 0
+    assert (tmp_path / "from-argv").exists() and not (tmp_path / "from-env").exists()
+
+
+def test_missing_command_is_a_one_line_error_with_exit_127():
+    result = subprocess.run([AGENT, "run", "--", "no-such-trainer-binary"], env=clean_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 127
+    assert result.stderr.strip().count("\n") == 0 and "no-such-trainer-binary" in result.stderr
+
+
+def test_malformed_spec_is_refused_before_the_command_with_exit_2(tmp_path):
+    env = clean_env(BT_LOAD_CHECKPOINT_CONFIG='{"enabled": true, "checkpoints": [{"typ": "bogus"}]}')
+    result = subprocess.run([AGENT, "run", "--", "touch", str(tmp_path / "ran")], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "typ" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "ran").exists()
