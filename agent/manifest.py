@@ -40,7 +40,7 @@ def utc_now() -> str:
 
 def natural_key(name: str) -> tuple:
     """checkpoint-100 sorts after checkpoint-20."""
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+    return tuple((0, int(t), "") if t.isdecimal() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
 
 
 @dataclass(frozen=True)
