@@ -27,9 +27,12 @@ class Cancel:
     def _expired(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
-    def check(self) -> None:
+    def check_signal(self) -> None:
         if self._signum is not None:
             raise Interrupted(self._signum)
+
+    def check(self) -> None:
+        self.check_signal()
         if self._expired():
             raise LoadTimeoutError(f"BT_LOAD_TIMEOUT: {self._timeout:g} s passed")
 

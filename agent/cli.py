@@ -51,6 +51,7 @@ def _load(settings: Settings, reporter: Reporter) -> None:
     load_checkpoints(settings, reporter, cancel)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    cancel.check_signal()
 
 
 def cmd_load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
@@ -94,7 +95,7 @@ def cmd_save(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporte
     total = sum(f.size for f in scan_folder(folder))
     cancel = Cancel()
     _install_signal_handlers(cancel)
-    store = open_store(settings.store, max_connections=settings.workers)
+    store = open_store(settings.store, settings.workers, settings.read_timeout)
     sink = reporter.progress(total, "upload")
     try:
         manifest = commit_checkpoint(store, folder, ident, settings.workers, sink, cancel)

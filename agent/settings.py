@@ -22,6 +22,7 @@ from agent.spec import (
 
 DEFAULT_STORE = "/tmp/ckpt-store"
 DEFAULT_CHUNK_MB = 32
+DEFAULT_READ_TIMEOUT = 20
 
 
 def default_workers() -> int:
@@ -42,6 +43,7 @@ class Settings:
     workers: int
     chunk_size: int
     load_timeout: float | None
+    read_timeout: float
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -75,6 +77,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         raise ConfigError(f"BT_LOAD_TIMEOUT: expected seconds, got {timeout!r}") from None
     if load_timeout is not None and load_timeout <= 0:
         raise ConfigError("BT_LOAD_TIMEOUT: must be a positive number of seconds")
+    read_timeout = _int(env, "CKPT_AGENT_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, 1)
     project = env.get("BT_TRAINING_PROJECT_NAME") or None
     job_id = env.get("BT_TRAINING_JOB_ID") or None
     return Settings(
@@ -89,4 +92,5 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         workers=workers or _int(env, "CKPT_AGENT_WORKERS", default_workers(), 1),
         chunk_size=(chunk_mb or _int(env, "CKPT_AGENT_CHUNK_MB", DEFAULT_CHUNK_MB, 1)) << 20,
         load_timeout=load_timeout,
+        read_timeout=read_timeout,
     )

@@ -8,11 +8,12 @@ from agent.stores.base import Listing, RangeReader, Store
 __all__ = ["Listing", "RangeReader", "Store", "open_store"]
 
 
-def open_store(location: StoreLocation, max_connections: int = 32) -> Store:
+def open_store(location: StoreLocation, max_connections: int = 32, read_timeout: float = 20) -> Store:
+    """`read_timeout`: seconds without a byte before a request counts as stalled and is retried."""
     if location.scheme == "s3":
         from agent.stores.s3 import S3Store
 
-        return S3Store(location.bucket, location.root, max_connections=max_connections)
+        return S3Store(location.bucket, location.root, max_connections, read_timeout)
     from agent.stores.local import LocalStore
 
     return LocalStore(location.root)

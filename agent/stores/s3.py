@@ -48,7 +48,7 @@ class _Empty:
 
 
 class S3Store(Store):
-    def __init__(self, bucket: str, root: str, max_connections: int = 32) -> None:
+    def __init__(self, bucket: str, root: str, max_connections: int = 32, read_timeout: float = 20) -> None:
         self.bucket = bucket
         self.root = root.strip("/")
         self._max_connections = max_connections
@@ -56,7 +56,7 @@ class S3Store(Store):
             max_pool_connections=max_connections,
             retries={"mode": "standard", "max_attempts": 5},
             connect_timeout=10,
-            read_timeout=30,
+            read_timeout=read_timeout,
             tcp_keepalive=True,
         )
         self._client = boto3.session.Session().client("s3", config=config)

@@ -1,0 +1,327 @@
+"""The container packaging: Dockerfile, .dockerignore and entrypoint.sh.
+
+There is no Docker engine here, so the image is checked by construction: both files are linted,
+the Dockerfile's COPY + `pip install` steps are replayed into a fresh venv, and entrypoint.sh is
+run against that venv's `ckpt-agent` to prove it execs all the way down to the training command.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+ENTRYPOINT = REPO / "entrypoint.sh"
+DOCKERIGNORE = REPO / ".dockerignore"
+
+
+def _tool(name: str) -> str:
+    """A binary from the test extras: beside this interpreter first (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found: install the test extras (pip install -e '.[test]')")
+    return found
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("timeout", 60)
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
+
+
+def _explain(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"{proc.args!r} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+# --- Dockerfile parsing (the subset this Dockerfile uses) ----------------------------------------
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, rest = (pending + line).partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+        pending = ""
+    assert not pending, "Dockerfile ends inside a line continuation"
+    return out
+
+
+def _shell_commands(run_args: str) -> list[list[str]]:
+    """A RUN's shell form split into simple commands at && and ; (no subshells here)."""
+    commands: list[list[str]] = [[]]
+    lexer = shlex.shlex(run_args, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    for token in lexer:
+        if token in ("&&", ";", "||"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def _command_args(keyword: str, prefix: tuple[str, ...]) -> list[list[str]]:
+    """The arguments after `prefix` of every command starting with it in RUN instructions."""
+    found = []
+    for kw, rest in _instructions():
+        if kw != keyword:
+            continue
+        for command in _shell_commands(rest):
+            if tuple(command[: len(prefix)]) == prefix:
+                found.append(command[len(prefix) :])
+    return found
+
+
+PIP_INSTALL = (("pip", "install"), ("pip3", "install"), ("python", "-m", "pip", "install"))
+
+
+def _is_pip_install(command: list[str]) -> bool:
+    return any(tuple(command[: len(prefix)]) == prefix for prefix in PIP_INSTALL)
+
+
+def _pip_install_args() -> list[str]:
+    found = [args for prefix in PIP_INSTALL for args in _command_args("RUN", prefix)]
+    assert len(found) == 1, f"expected exactly one `RUN pip install` in the Dockerfile: {found}"
+    return found[0]
+
+
+def _dockerignore_patterns() -> list[str]:
+    lines = DOCKERIGNORE.read_text().splitlines()
+    return [ln.strip().lstrip("/") for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore excludes `rel` (a context-relative path) or a folder above it."""
+    parts = PurePosixPath(rel).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pat in patterns:
+        assert not pat.startswith("!"), "negated .dockerignore patterns are not emulated"
+        tail = pat.removeprefix("**/")
+        for prefix in prefixes:
+            if fnmatch.fnmatchcase(prefix, pat):
+                return True
+            if tail != pat and fnmatch.fnmatchcase(PurePosixPath(prefix).name, tail):
+                return True
+    return False
+
+
+@dataclass
+class BuildContext:
+    root: Path  # stands for the image's /
+    workdir: PurePosixPath  # WORKDIR in force at the `RUN pip install`
+
+    def host(self, path: PurePosixPath) -> Path:
+        return self.root / path.relative_to("/")
+
+
+def _replay_copies_until_pip(root: Path) -> BuildContext:
+    """Replays WORKDIR and COPY (honouring .dockerignore) up to the `RUN pip install` step."""
+    patterns = _dockerignore_patterns()
+    ctx = BuildContext(root, PurePosixPath("/"))
+
+    def copy_one(src_rel: str, dest: Path, into_dir: bool) -> None:
+        src = REPO / src_rel
+        rel = src.relative_to(REPO).as_posix()
+        assert src.exists(), f"COPY source {src_rel} is missing from the repo (build would fail)"
+        assert not _ignored(rel, patterns), f"COPY source {src_rel} is excluded by .dockerignore"
+        if src.is_dir():  # Docker copies a folder's contents, minus ignored files
+            for path in sorted(src.rglob("*")):
+                sub = path.relative_to(REPO).as_posix()
+                if path.is_file() and not _ignored(sub, patterns):
+                    target = dest / path.relative_to(src)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, target)
+        else:
+            target = dest / src.name if into_dir else dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+    for keyword, rest in _instructions():
+        if keyword == "WORKDIR":
+            ctx.workdir = ctx.workdir / rest
+            ctx.host(ctx.workdir).mkdir(parents=True, exist_ok=True)
+        elif keyword == "COPY":
+            words = [w for w in shlex.split(rest) if not w.startswith("--chown")]
+            assert not any(w.startswith("--") for w in words), f"unemulated COPY flag: {rest}"
+            *sources, dest_word = words
+            dest = ctx.host(ctx.workdir / dest_word)
+            into_dir = dest_word.endswith("/") or len(sources) > 1
+            for src in sources:
+                copy_one(src, dest, into_dir)
+        elif keyword == "RUN" and any(_is_pip_install(c) for c in _shell_commands(rest)):
+            return ctx
+    pytest.fail("the Dockerfile has no `RUN pip install` step")
+
+
+# --- lint -----------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    proc = _run([_tool("hadolint"), "--no-color", str(DOCKERFILE)])
+    assert proc.returncode == 0, _explain(proc)
+
+
+def test_entrypoint_is_executable_posix_sh_and_passes_shellcheck() -> None:
+    assert ENTRYPOINT.read_text().startswith("#!/bin/sh\n")
+    assert os.access(ENTRYPOINT, os.X_OK), "entrypoint.sh must be executable"
+    proc = _run([_tool("shellcheck"), "--shell=sh", str(ENTRYPOINT)])
+    assert proc.returncode == 0, _explain(proc)
+
+
+def test_image_enters_through_tini_and_entrypoint_as_non_root_user() -> None:
+    instructions = _instructions()
+    entrypoints = [rest for kw, rest in instructions if kw == "ENTRYPOINT"]
+    assert [json.loads(e) for e in entrypoints] == [["tini", "--", "/entrypoint.sh"]]
+    assert ("COPY", "entrypoint.sh /entrypoint.sh") in instructions
+    users = [rest for kw, rest in instructions if kw == "USER"]
+    assert users, "the image must switch away from root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), f"final USER is root: {users[-1]}"
+    keywords = [kw for kw, _ in instructions]
+    last = {kw: len(keywords) - 1 - keywords[::-1].index(kw) for kw in ("USER", "RUN")}
+    assert last["USER"] > last["RUN"], "USER must come after the root-only install steps"
+    assert any(kw == "CMD" for kw, _ in instructions), "the image needs a default CMD"
+
+
+def test_pinned_tini_resolves_on_debian_bookworm_like_the_base_image() -> None:
+    """The apt pin is checked against the same Debian release as the base image, if this is it."""
+    base = next(rest for kw, rest in _instructions() if kw == "FROM")
+    assert base.startswith("python:3.11") and "-slim" in base, base
+    os_release = Path("/etc/os-release")
+    if "bookworm" not in base or not os_release.exists():
+        pytest.skip("apt pin can only be checked on a host of the base image's Debian release")
+    if "VERSION_CODENAME=bookworm" not in os_release.read_text() or not shutil.which("apt-get"):
+        pytest.skip("host is not Debian bookworm")
+    installs = _command_args("RUN", ("apt-get", "install"))
+    assert len(installs) == 1, installs
+    args = installs[0]
+    assert "--no-install-recommends" in args
+    packages = [a for a in args if not a.startswith("-")]
+    assert packages and all("=" in p for p in packages), f"apt packages must be pinned: {packages}"
+    names = [p.split("=")[0] for p in packages]
+    policy = _run(["apt-cache", "policy", *names]).stdout
+    if not policy.strip() or "Candidate: (none)" in policy:
+        pytest.skip("this host has no apt package lists (run apt-get update)")
+    proc = _run(["apt-get", "install", "-s", *args])  # -s: simulate only, installs nothing
+    assert proc.returncode == 0, _explain(proc)
+    for name in names:
+        assert f"Inst {name} " in proc.stdout, _explain(proc)
+
+
+# --- the install step, replayed -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstalledVenv:
+    bin: Path
+    python: Path
+    site_packages: Path
+    neutral_cwd: Path  # not the repo, so `python -m agent` cannot pick up the source tree
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> InstalledVenv:
+    """A fresh venv with the package installed by the Dockerfile's own `pip install` arguments.
+
+    `--no-deps` is added: the runtime dependencies are not fetched again but made visible from
+    the test interpreter's site-packages through a .pth line (appended after the venv's own
+    site-packages, and without running that folder's .pth files, so the editable install of the
+    repo stays out of the picture). The build itself keeps pip's build isolation, exactly as
+    `docker build` runs it, so it fetches the `[build-system]` requirements from the index.
+    """
+    base = tmp_path_factory.mktemp("packaging")
+    ctx = _replay_copies_until_pip(base / "image")
+    venv = base / "venv"
+    proc = _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    assert proc.returncode == 0, _explain(proc)
+    python = venv / "bin" / "python"
+    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    (site / "zz_outer_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    args = _pip_install_args()
+    assert any(not a.startswith("-") for a in args), f"pip install has no target: {args}"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_USER")}
+    proc = _run(
+        [str(python), "-m", "pip", "install", "--no-deps", *args],
+        cwd=ctx.host(ctx.workdir),
+        env=env,
+        timeout=180,
+    )
+    assert proc.returncode == 0, _explain(proc)
+    neutral = base / "elsewhere"
+    neutral.mkdir()
+    return InstalledVenv(venv / "bin", python, site, neutral)
+
+
+def _clean_env(installed: InstalledVenv) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BT_LOAD_CHECKPOINT_CONFIG", "VIRTUAL_ENV")}
+    env["PATH"] = f"{installed.bin}{os.pathsep}/usr/local/bin{os.pathsep}/usr/bin{os.pathsep}/bin"
+    return env
+
+
+def test_dockerfile_pip_install_step_gives_working_ckpt_agent_and_python_m_agent(
+    installed: InstalledVenv,
+) -> None:
+    env = _clean_env(installed)
+    where = _run(
+        [str(installed.python), "-c", "import agent; print(agent.__file__)"],
+        cwd=installed.neutral_cwd,
+        env=env,
+    )
+    assert where.returncode == 0, _explain(where)
+    assert Path(where.stdout.strip()).is_relative_to(installed.site_packages), (
+        f"agent was imported from {where.stdout.strip()}, not from the installed copy"
+    )
+
+    script = installed.bin / "ckpt-agent"
+    assert script.exists(), "the install did not create the ckpt-agent console script"
+    for cmd in ([str(script), "--help"], [str(installed.python), "-m", "agent", "--help"]):
+        proc = _run(cmd, cwd=installed.neutral_cwd, env=env)
+        assert proc.returncode == 0, _explain(proc)
+        assert "run" in proc.stdout, _explain(proc)
+
+
+def test_entrypoint_execs_command_in_place_keeping_pid_and_exit_status(
+    installed: InstalledVenv,
+) -> None:
+    """PID equality proves every hop (sh -> ckpt-agent -> command) exec'd, none forked."""
+    proc = subprocess.Popen(
+        [str(ENTRYPOINT), "sh", "-c", "echo $$; exit 7"],
+        cwd=installed.neutral_cwd,
+        env=_clean_env(installed),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 7, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    assert out.split() == [str(proc.pid)], f"stdout:\n{out}\nstderr:\n{err}"
+
+
+def test_entrypoint_passes_arguments_through_verbatim(installed: InstalledVenv) -> None:
+    awkward = ["two words", "", "--", "$HOME", "it's", "*", "-x"]
+    proc = _run(
+        [str(ENTRYPOINT), "python", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"] + awkward,
+        cwd=installed.neutral_cwd,
+        env=_clean_env(installed),
+    )
+    assert proc.returncode == 0, _explain(proc)
+    assert json.loads(proc.stdout) == awkward, _explain(proc)
