@@ -95,7 +95,7 @@ def cmd_save(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporte
     total = sum(f.size for f in scan_folder(folder))
     cancel = Cancel()
     _install_signal_handlers(cancel)
-    store = open_store(settings.store, settings.workers, settings.read_timeout)
+    store = open_store(settings)
     sink = reporter.progress(total, "upload")
     try:
         manifest = commit_checkpoint(store, folder, ident, settings.workers, sink, cancel)

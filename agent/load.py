@@ -69,7 +69,7 @@ def _record(root: Path, result: LoadResult, started: float) -> None:
 def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> LoadResult:
     started = time.monotonic()
     root = Path(settings.spec.download_folder)
-    store = open_store(settings.store, settings.workers, settings.read_timeout)
+    store = open_store(settings)
     try:
         resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,
                              settings.project_name, settings.required)

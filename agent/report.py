@@ -6,6 +6,7 @@ logs get a heartbeat without a flood.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -28,19 +29,63 @@ class Reporter:
         self.stream = stream or sys.stderr
         self.interval = interval
 
-    def info(self, message: str) -> None:
+    # `event` and `fields` name what happened for machines (JsonReporter); the human form shows only `message`.
+    def info(self, message: str, event: str = "info", **fields: object) -> None:
         print(f"ckpt-agent: {message}", file=self.stream, flush=True)
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str, event: str = "warning", **fields: object) -> None:
         print(f"ckpt-agent: WARNING: {message}", file=self.stream, flush=True)
 
-    def error(self, message: str) -> None:
+    def error(self, message: str, event: str = "error", **fields: object) -> None:
         print(f"ckpt-agent: error: {message}", file=self.stream, flush=True)
 
     def progress(self, total: int, label: str) -> ProgressSink:
         if self.stream.isatty():
             return _BarSink(total, label, self.stream)
         return _LineSink(total, label, self)
+
+
+LOG_FORMATS = ("human", "json")
+
+
+class JsonReporter(Reporter):
+    """BT_LOG_FORMAT=json: one JSON object per line, {timestamp, level, event, message, fields},
+    for every line the human Reporter would print, progress and errors included. Never a tqdm bar."""
+
+    def __init__(self, stream: TextIO | None = None, interval: float = PROGRESS_INTERVAL) -> None:
+        super().__init__(stream, interval)
+        self._write_lock = threading.Lock()
+
+    def _emit(self, level: str, event: str, message: str, fields: dict[str, object]) -> None:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        line = json.dumps({"timestamp": stamp, "level": level, "event": event, "message": message,
+                           "fields": fields}, default=str)
+        with self._write_lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def info(self, message: str, event: str = "info", **fields: object) -> None:
+        self._emit("info", event, message, fields)
+
+    def warn(self, message: str, event: str = "warning", **fields: object) -> None:
+        self._emit("warning", event, message, fields)
+
+    def error(self, message: str, event: str = "error", **fields: object) -> None:
+        self._emit("error", event, message, fields)
+
+    def progress(self, total: int, label: str) -> ProgressSink:
+        return _LineSink(total, label, self)
+
+
+def make_reporter(log_format: str | None, stream: TextIO | None = None) -> Reporter:
+    """The Reporter for BT_LOG_FORMAT: unset or `human` (the default), or `json`."""
+    from agent.errors import ConfigError
+
+    fmt = (log_format or "").strip().lower() or "human"
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"BT_LOG_FORMAT: expected {' or '.join(LOG_FORMATS)}, got {log_format!r}")
+    return JsonReporter(stream) if fmt == "json" else Reporter(stream)
 
 
 class ProgressSink:
@@ -90,5 +135,8 @@ class _LineSink(ProgressSink):
         eta = f", ETA {(self._total - done) / rate:.0f} s" if rate > 0 else ""
         self._reporter.info(
             f"{self._label}: {pct:.0f}% {human_bytes(done)} of {human_bytes(self._total)}, "
-            f"{human_bytes(rate)}/s{eta}"
+            f"{human_bytes(rate)}/s{eta}",
+            event="progress", label=self._label, percent=round(pct, 1), bytes_done=done,
+            bytes_total=self._total, bytes_per_second=round(rate),
+            eta_seconds=round((self._total - done) / rate) if rate > 0 else None,
         )

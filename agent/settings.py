@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.errors import ConfigError
 from agent.spec import (
@@ -44,6 +44,8 @@ class Settings:
     chunk_size: int
     load_timeout: float | None
     read_timeout: float
+    s3_engine: str = "http"
+    aws_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -78,6 +80,9 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
     if load_timeout is not None and load_timeout <= 0:
         raise ConfigError("BT_LOAD_TIMEOUT: must be a positive number of seconds")
     read_timeout = _int(env, "CKPT_AGENT_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, 1)
+    engine = env.get("CKPT_AGENT_S3_ENGINE", "").strip() or "http"
+    if engine not in ("http", "boto3"):
+        raise ConfigError(f"CKPT_AGENT_S3_ENGINE: expected http or boto3, got {engine!r}")
     project = env.get("BT_TRAINING_PROJECT_NAME") or None
     job_id = env.get("BT_TRAINING_JOB_ID") or None
     return Settings(
@@ -93,4 +98,6 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         chunk_size=(chunk_mb or _int(env, "CKPT_AGENT_CHUNK_MB", DEFAULT_CHUNK_MB, 1)) << 20,
         load_timeout=load_timeout,
         read_timeout=read_timeout,
+        s3_engine=engine,
+        aws_env={k: v for k, v in env.items() if k.startswith("AWS_")},
     )

@@ -138,18 +138,23 @@ class _Engine:
 
     def _fetch_parts(self, fd: int, task: FileTask, first: int, last: int) -> None:
         """Fetch parts [first, last) as one ranged GET, resuming at the first unverified part."""
-        attempt = 0
+        attempt = mismatches = 0
         while first < last:
             try:
                 first = self._stream(fd, task, first, last)
             except TransientError as exc:
+                resumed_at = getattr(exc, "next_part", first)
+                if resumed_at > first:  # parts arrived before the fault: the budget starts again
+                    first, attempt, mismatches = resumed_at, 0, 0
                 attempt += 1
+                mismatches += isinstance(exc, _ChecksumMismatch)
+                if mismatches >= 2:  # once may be the wire; twice is the store
+                    raise IntegrityError(
+                        f"{task.key}: {exc}; the object changed in the store or is corrupt"
+                    ) from None
                 if attempt >= self.options.attempts:
-                    if isinstance(exc, _ChecksumMismatch):
-                        raise IntegrityError(
-                            f"{task.key}: {exc}; the object changed in the store or is corrupt"
-                        ) from None
-                    raise TransientError(f"{exc} (gave up after {attempt} attempts)") from None
+                    where = "" if task.key in str(exc) else f"{task.key}: "
+                    raise TransientError(f"{where}{exc} (gave up after {attempt} attempts)") from None
                 delay = min(self.options.backoff_cap, self.options.backoff_base * 2 ** attempt)
                 self.cancel.sleep(delay * random.uniform(0.5, 1.0))
 
@@ -182,12 +187,15 @@ class _Engine:
                     self.stats.bytes_fetched += fetched
                 self.progress(fetched)
                 part += 1
-        except TransientError:
+        except TransientError as exc:
+            exc.next_part = part  # the parts before it are verified and on disk
             raise
         except AgentError:
             raise
         except OSError as exc:
-            raise TransientError(f"{task.key}: read failed ({type(exc).__name__})") from None
+            error = TransientError(f"{task.key}: read failed ({type(exc).__name__})")
+            error.next_part = part
+            raise error from None
         finally:
             reader.close()
         return part
