@@ -15,17 +15,35 @@ from pathlib import Path
 from agent import __version__
 from agent.cancel import Cancel
 from agent.errors import AgentError, ConfigError
-from agent.report import Reporter
+from agent.report import Reporter, make_reporter
 from agent.settings import Settings, settings_from_env
 from agent.spec import check_name
 
+EPILOG_MAIN = """examples:
+  ckpt-agent ls                                  # every job in BT_CHECKPOINT_STORE
+  ckpt-agent load --dry-run                      # what BT_LOAD_CHECKPOINT_CONFIG would load
+  ckpt-agent run -- python train.py              # load, then exec the trainer
+  ckpt-agent verify /tmp/loaded_checkpoints      # re-check what a load left on disk
+  ckpt-agent COMMAND --help                      # each command's flags and examples"""
 EPILOG_RUN = """examples:
   ckpt-agent run -- python train.py --epochs 3
-  BT_START_COMMANDS='["./run.sh"]' ckpt-agent run"""
-EPILOG_LOAD = """example:
+  BT_START_COMMANDS='["./run.sh"]' ckpt-agent run
+  ckpt-agent run --dry-run -- python train.py    # print the plan and the command; run nothing"""
+EPILOG_LOAD = """examples:
   export BT_LOAD_CHECKPOINT_CONFIG='{"enabled": true, "checkpoints": [
     {"typ": "baseten_latest_checkpoint", "project_name": "demo", "job_id": null}]}'
-  ckpt-agent load"""
+  ckpt-agent load
+  ckpt-agent load --dry-run                      # which checkpoint each reference picks, and why
+  ckpt-agent load --ready-file /shared/ready     # for a neighbour container that waits on it"""
+EPILOG_LS = """examples:
+  ckpt-agent ls                                  # every job: project, job, created, nodes
+  ckpt-agent ls --project demo                   # that project's jobs, newest first
+  ckpt-agent ls --job-id job1                    # job1's checkpoints, newest first
+  BT_CHECKPOINT_STORE=s3://bucket/prefix ckpt-agent ls --json | jq '.jobs[].job_id'"""
+EPILOG_VERIFY = """examples:
+  ckpt-agent verify                              # the spec's download_folder
+  ckpt-agent verify /tmp/loaded_checkpoints --json
+exit status: 0 when every file is ok, 5 when any is missing, changed or extra."""
 EPILOG_SAVE = """example:
   ckpt-agent save ./checkpoint-20 --project demo --job-id job1 --name checkpoint-20"""
 
@@ -43,6 +61,13 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
                              chunk_mb=getattr(args, "chunk_mb", None))
 
 
+def _dry_run(settings: Settings, reporter: Reporter) -> None:
+    """Print what a load would do; downloads nothing, takes no lock, creates no folder."""
+    from agent.load import plan_load, render_plan
+
+    print(render_plan(plan_load(settings, reporter)), flush=True)
+
+
 def _load(settings: Settings, reporter: Reporter) -> None:
     from agent.load import load_checkpoints
 
@@ -56,10 +81,23 @@ def _load(settings: Settings, reporter: Reporter) -> None:
 
 def cmd_load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
     settings = _settings(args, env)
+    ready = Path(args.ready_file) if getattr(args, "ready_file", None) and not args.dry_run else None
+    if ready is not None:
+        from agent.load import clear_ready_file
+
+        clear_ready_file(ready)
     if not settings.spec.enabled:
         reporter.info("checkpoint loading is disabled (BT_LOAD_CHECKPOINT_CONFIG enabled=false or unset)")
+    elif getattr(args, "dry_run", False):
+        _dry_run(settings, reporter)
         return 0
-    _load(settings, reporter)
+    else:
+        _load(settings, reporter)
+    if ready is not None:
+        from agent.load import write_ready_file
+
+        write_ready_file(ready, Path(settings.spec.download_folder) if settings.spec.enabled else None)
+        reporter.info(f"wrote ready file {ready}", event="ready_file", path=str(ready))
     return 0
 
 
@@ -71,6 +109,15 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter
     if argv is None:
         raise ConfigError("no training command: give one after `--` or set BT_START_COMMANDS")
     child_env = dict(env)
+    if getattr(args, "dry_run", False):
+        import shlex
+
+        if settings.spec.enabled:
+            _dry_run(settings, reporter)
+        else:
+            print("checkpoint loading is disabled: nothing to load")
+        print(f"would exec: {shlex.join(argv)}", flush=True)
+        return 0
     if settings.spec.enabled:
         _load(settings, reporter)
         child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
@@ -107,10 +154,42 @@ def cmd_save(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporte
     return 0
 
 
+def cmd_ls(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
+    from agent.inspect import list_job_checkpoints, list_jobs, render
+    from agent.stores import open_store
+
+    project = check_name(args.project, "--project", nullable=True)
+    job_id = check_name(args.job_id, "--job-id", nullable=True)
+    store = open_store(_settings(args, env))
+    try:
+        data = list_job_checkpoints(store, job_id, project) if job_id else list_jobs(store, project)
+    finally:
+        store.close()
+    print(render(data, as_json=args.json), flush=True)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
+    from agent.errors import IntegrityError
+    from agent.spec import CONFIG_VAR, parse_load_spec
+    from agent.verify import render_verify, summary, verify_folder
+
+    root = Path(args.folder or parse_load_spec(env.get(CONFIG_VAR)).download_folder)
+    report = verify_folder(root, workers=os.cpu_count() or 2)
+    print(render_verify(report, as_json=args.json), flush=True)
+    counts = report.counts()
+    if report.problems:
+        raise IntegrityError(f"{summary(report)}; run `ckpt-agent load` to restore missing or changed "
+                             "files, and remove extra ones before training from this folder")
+    reporter.info(f"verified {summary(report)}", event="verified", download_folder=str(root), **counts)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt-agent",
         description="Load verified training checkpoints before training starts; upload new ones.",
+        epilog=EPILOG_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ckpt-agent {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -122,12 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="load checkpoints, then exec the training command",
                          epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     transfer_flags(run)
+    run.add_argument("--dry-run", action="store_true",
+                     help="print what would be loaded and executed; download and run nothing")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command after `--`")
     run.set_defaults(func=cmd_run)
 
     load = sub.add_parser("load", help="load checkpoints, then exit",
                           epilog=EPILOG_LOAD, formatter_class=argparse.RawDescriptionHelpFormatter)
     transfer_flags(load)
+    load.add_argument("--dry-run", action="store_true",
+                      help="resolve every reference and print the plan; download nothing")
+    load.add_argument("--ready-file", metavar="PATH",
+                      help="write PATH once every file is verified and in place (removed at start)")
     load.set_defaults(func=cmd_load)
 
     save = sub.add_parser("save", help="upload a checkpoint folder and commit it",
@@ -140,6 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--rank", type=int, help="node rank (env BT_NODE_RANK, default 0)")
     save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_NUM_NODES, default 1)")
     save.set_defaults(func=cmd_save)
+
+    ls = sub.add_parser("ls", help="list jobs, or one job's checkpoints, in the store",
+                        epilog=EPILOG_LS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.add_argument("--project", help="only this project's jobs")
+    ls.add_argument("--job-id", help="this job's checkpoints instead of jobs")
+    ls.add_argument("--json", action="store_true", help="JSON for machines instead of a table")
+    ls.set_defaults(func=cmd_ls)
+
+    verify = sub.add_parser("verify", help="re-check a download folder against the manifests it came from",
+                            epilog=EPILOG_VERIFY, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("folder", nargs="?", metavar="DIR",
+                        help="the download folder (default: the spec's download_folder, /tmp/loaded_checkpoints)")
+    verify.add_argument("--json", action="store_true", help="JSON for machines instead of one line per file")
+    verify.set_defaults(func=cmd_verify)
+
+    for command in sub.choices.values():  # `--version` works after every command too
+        if "--version" not in command._option_string_actions:
+            command.add_argument("--version", action="version", version=f"ckpt-agent {__version__}")
     return parser
 
 
@@ -147,14 +250,19 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]
-    reporter = Reporter()
+    env = os.environ if env is None else env
     try:
-        return args.func(args, os.environ if env is None else env, reporter)
+        reporter = make_reporter(env.get("BT_LOG_FORMAT"))
+    except ConfigError as exc:
+        Reporter().error(str(exc))
+        return exc.exit_code
+    try:
+        return args.func(args, env, reporter)
     except AgentError as exc:
-        reporter.error(str(exc))
+        reporter.error(str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
         return exc.exit_code
     except KeyboardInterrupt:
-        reporter.error("interrupted")
+        reporter.error("interrupted", exit_code=130)
         return 130
 
 

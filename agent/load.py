@@ -5,20 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import __version__
+from agent import __version__, layout
 from agent.cancel import Cancel
-from agent.errors import LocalError
+from agent.errors import IntegrityError, LocalError
 from agent.localstate import VerifiedIndex, folder_lock, incomplete_path, prepare_root, state_dir, write_json_atomic
-from agent.plan import Plan, make_plan
+from agent.manifest import Manifest, checksum, format_checksum, natural_key, parse_manifest
+from agent.plan import FileTask, Plan, make_plan
 from agent.report import Reporter, human_bytes
-from agent.resolve import Resolution, resolve
+from agent.resolve import Resolution, Resolved, resolve
 from agent.settings import Settings
 from agent.stores import open_store
 from agent.transfer import TransferOptions, TransferStats, run_plan
+from agent.verify import LOADED_RECORD
 
 
 @dataclass(frozen=True)
@@ -50,19 +53,97 @@ def check_free_space(plan: Plan) -> None:
         )
 
 
-def _record(root: Path, result: LoadResult, started: float) -> None:
-    write_json_atomic(state_dir(root) / "loaded.json", {
+MANIFESTS_DIR = "manifests"
+
+
+class _ManifestTap:
+    """Passes every call through to the store and keeps the bytes of each manifest it reads, so the
+    load record holds the manifests exactly as the store served them (and their crc32c)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self._seen: dict[str, list[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def read_bytes(self, key: str) -> bytes:
+        data = self._store.read_bytes(key)
+        if layout.manifest_rank(key.rpartition("/")[2]) is not None:
+            with self._lock:
+                self._seen.setdefault(key, []).append(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def raw_manifest(self, m: Manifest) -> bytes:
+        """The bytes `m` was parsed from (the latest read that parses to it if the key was read twice)."""
+        key = layout.manifest_key(m.job_id, m.checkpoint_name, m.rank)
+        with self._lock:
+            candidates = list(reversed(self._seen.get(key, [])))
+        for data in candidates:
+            with contextlib.suppress(IntegrityError):
+                if parse_manifest(data, key) == m:
+                    return data
+        return m.to_json().encode()
+
+
+def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
+    """Position of each checkpoint in the store's latest order (committed_at, then natural name); 0 = newest."""
+    newest_first = sorted(resolved, key=lambda r: (r.manifest.committed_at, natural_key(r.manifest.checkpoint_name)),
+                          reverse=True)
+    return {r.key: i for i, r in enumerate(newest_first)}
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _forget_last_load(root: Path) -> None:
+    """Before any file is touched: a record must only ever describe a load that completed."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state_dir(root) / LOADED_RECORD)
+
+
+def _record(root: Path, result: LoadResult, started: float, tap: _ManifestTap, rank: int) -> None:
+    """loaded.json, plus the manifests it names under .ckpt-agent/manifests/rank-<r>/<checkpoint>.json
+    (written first, so the record never names a manifest that is not on disk)."""
+    state = state_dir(root)
+    order = store_order(result.resolution.checkpoints)
+    entries, written = [], set()
+    for r in result.resolution.checkpoints:
+        m = r.manifest
+        raw = tap.raw_manifest(m)
+        manifest_rel = f"{MANIFESTS_DIR}/rank-{rank}/{m.checkpoint_name}.json"
+        _write_bytes_atomic(state / manifest_rel, raw)
+        written.add(state / manifest_rel)
+        entries.append({
+            "reference": r.reference.describe(), "job_id": m.job_id, "project_name": m.project_name,
+            "checkpoint_name": m.checkpoint_name, "rank": m.rank, "committed_at": m.committed_at,
+            "files": len(m.files), "bytes": m.total_bytes, "reason": r.reason,
+            "path": layout.local_checkpoint_dir(rank, m.checkpoint_name),
+            "manifest": manifest_rel, "manifest_crc32c": format_checksum(checksum(raw)),
+            "order": order[r.key],
+        })
+    for stale in state.glob(f"{MANIFESTS_DIR}/*/*.json"):
+        if stale not in written:
+            stale.unlink()
+    stats, plan = result.stats, result.plan
+    write_json_atomic(state / LOADED_RECORD, {
         "agent_version": __version__,
         "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.monotonic() - started, 3),
-        "bytes_fetched": result.stats.bytes_fetched,
-        "checkpoints": [
-            {"reference": r.reference.describe(), "job_id": r.manifest.job_id,
-             "project_name": r.manifest.project_name, "checkpoint_name": r.manifest.checkpoint_name,
-             "rank": r.manifest.rank, "committed_at": r.manifest.committed_at,
-             "files": len(r.manifest.files), "bytes": r.manifest.total_bytes, "reason": r.reason}
-            for r in result.resolution.checkpoints
-        ],
+        "download_folder": str(root.absolute()),
+        "node_rank": rank,
+        "files_total": plan.total_files,
+        "bytes_total": plan.total_bytes,
+        "files_fetched": stats.files_fetched,
+        "bytes_fetched": stats.bytes_fetched,
+        "files_reused": stats.files_reused,
+        "warnings": list(result.resolution.warnings),
+        "checkpoints": entries,
     })
 
 
@@ -70,21 +151,26 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
     started = time.monotonic()
     root = Path(settings.spec.download_folder)
     store = open_store(settings)
+    tap = _ManifestTap(store)
     try:
-        resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,
+        resolution = resolve(tap, settings.spec.checkpoints, settings.node_rank,
                              settings.project_name, settings.required)
         for warning in resolution.warnings:
-            reporter.warn(warning)
+            reporter.warn(warning, event="no_checkpoint")
         for r in resolution.checkpoints:
             m = r.manifest
             reporter.info(f"{r.reference.describe()} -> job {m.job_id} checkpoint {m.checkpoint_name} "
-                          f"(rank {m.rank}): {len(m.files)} files, {human_bytes(m.total_bytes)}")
+                          f"(rank {m.rank}): {len(m.files)} files, {human_bytes(m.total_bytes)}",
+                          event="resolved", reference=r.reference.describe(), job_id=m.job_id,
+                          checkpoint_name=m.checkpoint_name, rank=m.rank, files=len(m.files),
+                          bytes=m.total_bytes, reason=r.reason)
         prepare_root(root)
         with folder_lock(root, reporter.info, cancel.check):
             index = VerifiedIndex(root)
             plan = make_plan(root, tuple(r.manifest for r in resolution.checkpoints),
                              settings.node_rank, index)
             check_free_space(plan)
+            _forget_last_load(root)
             sink = reporter.progress(plan.fetch_bytes, "download")
             try:
                 options = TransferOptions(workers=settings.workers, chunk_size=settings.chunk_size)
@@ -92,7 +178,7 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
             finally:
                 sink.close()
             result = LoadResult(resolution, plan, stats)
-            _record(root, result, started)
+            _record(root, result, started, tap, settings.node_rank)
     finally:
         store.close()
     seconds = time.monotonic() - started
@@ -100,6 +186,128 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
     reporter.info(
         f"loaded {plan.total_files} files, {human_bytes(plan.total_bytes)} into {root}: "
         f"fetched {stats.files_fetched} files ({human_bytes(stats.bytes_fetched)}), "
-        f"{stats.files_reused} already intact, {seconds:.2f} s, {rate:.0f} MB/s"
+        f"{stats.files_reused} already intact, {seconds:.2f} s, {rate:.0f} MB/s",
+        event="loaded", download_folder=str(root), files=plan.total_files, bytes=plan.total_bytes,
+        files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
+        seconds=round(seconds, 3),
     )
     return result
+
+
+# --- dry run -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    resolved: Resolved
+    folder: str
+    intact: tuple[FileTask, ...]
+    fetch: tuple[FileTask, ...]
+
+
+@dataclass(frozen=True)
+class DryRun:
+    root: Path
+    root_exists: bool
+    resolution: Resolution
+    plan: Plan
+    checkpoints: tuple[CheckpointPlan, ...]
+    needed_bytes: int
+    free_bytes: int
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def plan_load(settings: Settings, reporter: Reporter) -> DryRun:
+    """What `load` would do, doing none of it: resolves and plans exactly as a load does, but takes
+    no lock, creates no folder and writes nothing, here or in the store."""
+    root = Path(settings.spec.download_folder)
+    if root.exists() and not root.is_dir():
+        raise LocalError(f"download_folder {root}: exists and is not a folder; choose another download_folder")
+    store = open_store(settings)
+    try:
+        resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,
+                             settings.project_name, settings.required)
+    finally:
+        store.close()
+    for warning in resolution.warnings:
+        reporter.warn(warning, event="no_checkpoint")
+    plan = make_plan(root, tuple(r.manifest for r in resolution.checkpoints), settings.node_rank,
+                     VerifiedIndex(root))
+    per_checkpoint = []
+    for r in resolution.checkpoints:
+        folder = layout.local_checkpoint_dir(settings.node_rank, r.manifest.checkpoint_name)
+        per_checkpoint.append(CheckpointPlan(r, folder,
+                                             tuple(t for t in plan.intact if t.rel.startswith(folder + "/")),
+                                             tuple(t for t in plan.fetch if t.rel.startswith(folder + "/"))))
+    dry = DryRun(root, root.is_dir(), resolution, plan, tuple(per_checkpoint), _bytes_needed(plan),
+                 shutil.disk_usage(_nearest_existing(root)).free)
+    reporter.info(
+        f"dry run: would download {len(plan.fetch)} files ({human_bytes(plan.fetch_bytes)}), "
+        f"{len(plan.intact)} already intact; nothing was downloaded",
+        event="dry_run", download_folder=str(root), files_to_fetch=len(plan.fetch), bytes_to_fetch=plan.fetch_bytes,
+        files_intact=len(plan.intact), bytes_needed=dry.needed_bytes, bytes_free=dry.free_bytes,
+        checkpoints=[{"reference": c.resolved.reference.describe(), "job_id": c.resolved.manifest.job_id,
+                      "checkpoint_name": c.resolved.manifest.checkpoint_name, "reason": c.resolved.reason,
+                      "files": len(c.resolved.manifest.files), "bytes": c.resolved.manifest.total_bytes,
+                      "files_intact": len(c.intact), "files_to_fetch": len(c.fetch),
+                      "bytes_to_fetch": sum(t.entry.size for t in c.fetch)} for c in dry.checkpoints],
+    )
+    return dry
+
+
+def render_plan(dry: DryRun) -> str:
+    """The dry run for a person: per reference, what it chose and why, and what is already here."""
+    state = "" if dry.root_exists else " (does not exist yet; a load creates it)"
+    lines = [f"download folder: {dry.root.absolute()}{state}"]
+    for c in dry.checkpoints:
+        r, m = c.resolved, c.resolved.manifest
+        fetch_bytes = sum(t.entry.size for t in c.fetch)
+        lines += [
+            f"{r.reference.describe()} -> job {m.job_id}, checkpoint {m.checkpoint_name} (rank {m.rank})",
+            f"  why:          {r.reason}",
+            f"  committed at: {m.committed_at}",
+            f"  into:         {dry.root.absolute() / c.folder}",
+            f"  files:        {len(m.files)}, {human_bytes(m.total_bytes)}",
+            f"  present:      {len(c.intact)} files intact, {human_bytes(m.total_bytes - fetch_bytes)}",
+            f"  to download:  {len(c.fetch)} files, {human_bytes(fetch_bytes)}",
+        ]
+    if not dry.checkpoints:
+        lines.append("nothing to load")
+    lines += [f"warning: {w}" for w in dry.resolution.warnings]
+    enough = "" if dry.needed_bytes <= dry.free_bytes else "  NOT ENOUGH: a load would fail"
+    lines.append(f"total: {dry.plan.total_files} files, {human_bytes(dry.plan.total_bytes)}; "
+                 f"to download {len(dry.plan.fetch)} files, {human_bytes(dry.plan.fetch_bytes)}; "
+                 f"free space {human_bytes(dry.free_bytes)}{enough}")
+    return "\n".join(lines)
+
+
+# --- ready file ----------------------------------------------------------------------------------
+
+
+def clear_ready_file(path: Path) -> None:
+    """A ready file left by an earlier run must not tell a neighbour this load is done."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise LocalError(f"--ready-file {path}: cannot remove the old one ({exc.strerror})") from None
+
+
+def write_ready_file(path: Path, root: Path | None) -> None:
+    """Written last and atomically (rename): it exists only once every file is verified and in place."""
+    record = str(state_dir(root).absolute() / LOADED_RECORD) if root is not None else None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"ready": True, "agent_version": __version__,
+                                 "download_folder": str(root.absolute()) if root is not None else None,
+                                 "loaded_record": record,
+                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    except OSError as exc:
+        raise LocalError(f"--ready-file {path}: cannot write it ({exc.strerror})") from None

@@ -8,12 +8,13 @@ store.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import layout
 from agent.cancel import Cancel
-from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError
+from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError
 from agent.manifest import (
     DEFAULT_PART_SIZE,
     FileEntry,
@@ -27,6 +28,9 @@ from agent.pool import run_tasks
 from agent.resolve import read_job
 from agent.stores.base import Store
 from agent.transfer import Progress
+
+# S3 copies at most 5 GiB in one CopyObject; bigger files are uploaded again.
+MAX_STORE_COPY = 5 << 30
 
 
 class CheckpointChanged(AgentError):
@@ -50,6 +54,8 @@ class LocalFile:
     path: Path
     size: int
     mtime_ns: int
+    ino: int = 0
+    ctime_ns: int = 0
 
 
 def scan_folder(folder: Path) -> list[LocalFile]:
@@ -63,7 +69,7 @@ def scan_folder(folder: Path) -> list[LocalFile]:
             path = Path(dirpath) / name
             st = path.stat()
             rel = path.relative_to(folder).as_posix()
-            found.append(LocalFile(rel, path, st.st_size, st.st_mtime_ns))
+            found.append(LocalFile(rel, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
     return sorted(found, key=lambda f: f.rel)
 
 
@@ -106,24 +112,75 @@ def ensure_job(store: Store, ident: CheckpointId) -> None:
             store.write_bytes(key, entry.encode())
 
 
+def _difference(before: Sequence[LocalFile], after: Sequence[LocalFile]) -> str | None:
+    """The first path that differs between two scans (size, mtime, ctime, inode, added or removed)."""
+    old, new = {f.rel: f for f in before}, {f.rel: f for f in after}
+    for rel in sorted(old.keys() | new.keys()):
+        if old.get(rel) != new.get(rel):
+            return rel
+    return None
+
+
+def _copies_server_side(store: Store) -> bool:
+    """Only a backend that overrides copy() copies inside the store; the default reads and rewrites."""
+    return type(store).copy is not Store.copy
+
+
 def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: int,
                       progress: Progress, cancel: Cancel,
-                      part_size: int = DEFAULT_PART_SIZE) -> Manifest:
-    files = scan_folder(folder)
+                      part_size: int = DEFAULT_PART_SIZE, *,
+                      previous: Manifest | None = None,
+                      expected: Sequence[LocalFile] | None = None,
+                      copied: list[str] | None = None) -> Manifest:
+    """Upload `folder` and write its manifest last.
+
+    `previous`: the job's previous manifest; a file with the same path, size and part checksums
+    there is copied inside the store instead of uploaded, where the store copies server-side
+    (the paths copied are appended to `copied`). `expected`: the scan the caller judged stable;
+    any difference from it, or any change during the upload, raises CheckpointChanged before
+    the manifest is written.
+    """
+    try:
+        files = scan_folder(folder)
+    except FileNotFoundError as exc:
+        raise CheckpointChanged(f"{exc.filename}: vanished while scanning; checkpoint {ident.name} not committed") \
+            from None
+    if expected is not None and (rel := _difference(expected, files)) is not None:
+        raise CheckpointChanged(f"{folder / rel}: changed since it was judged stable; checkpoint {ident.name} "
+                                "not committed")
     ensure_job(store, ident)
     sums: dict[str, tuple[str, ...]] = {}
+    same_as_before: dict[str, tuple[int, tuple[str, ...]]] = {}
+    if previous is not None and previous.part_size == part_size and _copies_server_side(store):
+        same_as_before = {e.path: (e.size, e.parts) for e in previous.files if e.size <= MAX_STORE_COPY}
 
     def upload(f: LocalFile) -> None:
         sums[f.rel] = file_checksums(f.path, part_size)
+        key = layout.file_key(ident.job_id, ident.name, ident.rank, f.rel)
+        if same_as_before.get(f.rel) == (f.size, sums[f.rel]):
+            try:
+                store.copy(layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, f.rel), key)
+            except (StoreError, NotFoundError):
+                pass  # e.g. the previous object is gone or too big to copy: upload it instead
+            else:
+                if copied is not None:
+                    copied.append(f.rel)
+                progress(f.size)
+                return
         with open(f.path, "rb") as source:
-            store.upload_file(layout.file_key(ident.job_id, ident.name, ident.rank, f.rel), source, f.size)
+            store.upload_file(key, source, f.size)
         progress(f.size)
 
-    run_tasks(((lambda f=f: upload(f)) for f in files), workers, cancel)
-    for f in files:
-        st = f.path.stat()
-        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
-            raise CheckpointChanged(f"{f.path}: changed while uploading; checkpoint {ident.name} not committed")
+    try:
+        run_tasks(((lambda f=f: upload(f)) for f in files), workers, cancel)
+        after = scan_folder(folder) if folder.is_dir() else []
+    except FileNotFoundError as exc:
+        if isinstance(exc, AgentError):
+            raise
+        raise CheckpointChanged(f"{exc.filename}: vanished while uploading; checkpoint {ident.name} not committed") \
+            from None
+    if (rel := _difference(files, after)) is not None:
+        raise CheckpointChanged(f"{folder / rel}: changed while uploading; checkpoint {ident.name} not committed")
     manifest = Manifest(
         project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,
         rank=ident.rank, committed_at=utc_now(), part_size=part_size,

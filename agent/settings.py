@@ -23,6 +23,7 @@ from agent.spec import (
 DEFAULT_STORE = "/tmp/ckpt-store"
 DEFAULT_CHUNK_MB = 32
 DEFAULT_READ_TIMEOUT = 20
+DEFAULT_CHECKPOINT_DIR = "/tmp/training_checkpoints"
 
 
 def default_workers() -> int:
@@ -46,6 +47,8 @@ class Settings:
     read_timeout: float
     s3_engine: str = "http"
     aws_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    checkpoint_dir: str = DEFAULT_CHECKPOINT_DIR
+    checkpointing_enabled: bool = False
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -100,4 +103,6 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         read_timeout=read_timeout,
         s3_engine=engine,
         aws_env={k: v for k, v in env.items() if k.startswith("AWS_")},
+        checkpoint_dir=env.get("BT_CHECKPOINT_DIR", "").strip() or DEFAULT_CHECKPOINT_DIR,
+        checkpointing_enabled=_flag(env, "BT_CHECKPOINTING_ENABLED"),
     )

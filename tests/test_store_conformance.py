@@ -8,6 +8,7 @@ on moto and on the real SeaweedFS server (where the root is a prefix unique to t
 from __future__ import annotations
 
 import io
+import os
 import random
 import traceback
 import uuid
@@ -18,6 +19,7 @@ from agent.errors import NotFoundError, StoreError
 from agent.stores.base import Listing, Store
 from agent.stores.local import LocalStore
 from agent.stores.s3 import S3Store
+from agent.stores.s3http import S3HttpStore
 
 MIB = 1 << 20
 BIG_UPLOAD_SIZE = 65 * MIB + 1  # over S3Store's 64 MiB multipart threshold: two parts
@@ -273,12 +275,18 @@ class TestS3StoreOnMoto(StoreContract, S3ErrorContract):
 
 @pytest.mark.seaweed
 class TestS3StoreOnSeaweed(StoreContract, BigUploadContract, S3ErrorContract):
+    """The boto3 engine (CKPT_AGENT_S3_ENGINE=boto3)."""
+
+    @staticmethod
+    def make(bucket: str, root: str) -> Store:
+        return S3Store(bucket, root)
+
     @pytest.fixture
     def s3_store_for(self, s3_env, s3_prefix):
         stores = []
 
-        def make(bucket: str, root: str = s3_prefix) -> S3Store:
-            stores.append(S3Store(bucket, root))
+        def make(bucket: str, root: str = s3_prefix) -> Store:
+            stores.append(self.make(bucket, root))
             return stores[-1]
 
         yield make
@@ -325,7 +333,7 @@ class TestS3StoreOnSeaweed(StoreContract, BigUploadContract, S3ErrorContract):
         self, s3_env, s3_prefix, monkeypatch, operation
     ) -> None:
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", self.FAKE_SECRET)
-        store = S3Store(s3_env.bucket, s3_prefix)
+        store = self.make(s3_env.bucket, s3_prefix)
         try:
             with pytest.raises(StoreError) as info:
                 operation(store)
@@ -338,7 +346,7 @@ class TestS3StoreOnSeaweed(StoreContract, BigUploadContract, S3ErrorContract):
     ) -> None:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHACCESSKEY0000")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", self.FAKE_SECRET)
-        store = S3Store(s3_env.bucket, s3_prefix)
+        store = self.make(s3_env.bucket, s3_prefix)
         try:
             with pytest.raises(StoreError) as info:
                 store.read_bytes("k")
@@ -350,3 +358,12 @@ class TestS3StoreOnSeaweed(StoreContract, BigUploadContract, S3ErrorContract):
 def test_payload_is_deterministic_and_distinct_per_seed() -> None:
     assert payload(1000, "x") == payload(1000, "x")
     assert payload(1000, "x") != payload(1000, "y")
+
+
+@pytest.mark.seaweed
+class TestS3HttpStoreOnSeaweed(TestS3StoreOnSeaweed):
+    """The native engine, the default: held to exactly the boto3 engine's contract."""
+
+    @staticmethod
+    def make(bucket: str, root: str) -> Store:
+        return S3HttpStore(bucket, root, dict(os.environ))

@@ -226,7 +226,11 @@ class _Slice:
         if self._left <= 0:
             return b""
         n = self._left if n < 0 else min(n, self._left)
-        data = os.pread(self._source.fileno(), n, self._pos)
+        try:
+            data = os.pread(self._source.fileno(), n, self._pos)
+        except (OSError, AttributeError):
+            self._source.seek(self._pos)
+            data = self._source.read(n)
         self._pos += len(data)
         self._left -= len(data)
         return data
