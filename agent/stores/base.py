@@ -20,6 +20,52 @@ class RangeReader(Protocol):
     def close(self) -> None: ...
 
 
+class Upload(ABC):
+    """One object written in parts, possibly from many threads; invisible until complete()."""
+
+    part_size: int
+
+    @abstractmethod
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        """Store bytes [start, start+length) of `source` as part `index` (0-based, part_size each)."""
+
+    @abstractmethod
+    def complete(self) -> None:
+        """Make the object visible, all parts at once."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop what was stored; safe to call after a failure."""
+
+
+class _WholeUpload(Upload):
+    """For stores without parallel parts: one part, handed to upload_file."""
+
+    def __init__(self, store: Store, key: str, size: int) -> None:
+        self.store, self.key, self.size, self.part_size = store, key, size, max(1, size)
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        source.seek(start)
+        self.store.upload_file(self.key, source, length)
+
+    def complete(self) -> None:
+        """upload_file already made the object visible."""
+
+    def abort(self) -> None:
+        """Nothing half-written is visible."""
+
+
+def upload_in_parts(upload: Upload, source: BinaryIO, size: int) -> None:
+    """Sequential use of an Upload, for callers that have one file object and no pool."""
+    try:
+        for index, start in enumerate(range(0, max(size, 1), upload.part_size)):
+            upload.put_part(index, source, start, min(upload.part_size, size - start))
+        upload.complete()
+    except BaseException:
+        upload.abort()
+        raise
+
+
 @dataclass(frozen=True)
 class Listing:
     """Immediate children of a prefix: object names and sub-folder names, both sorted."""
@@ -54,6 +100,10 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove an object; removing a missing one is not an error."""
+
+    def start_upload(self, key: str, size: int) -> Upload:
+        """Begin a parallel upload; backends that can write parts concurrently override this."""
+        return _WholeUpload(self, key, size)
 
     def copy(self, src_key: str, dst_key: str) -> None:
         """Copy inside the store; backends override where the store can do it server-side."""

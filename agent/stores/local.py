@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import NotFoundError, StoreError
-from agent.stores.base import Listing, RangeReader, Store
+from agent.stores.base import Listing, RangeReader, Store, Upload, upload_in_parts
 
 
 class _FileRange:
@@ -27,6 +27,45 @@ class _FileRange:
 
     def close(self) -> None:
         self._file.close()
+
+
+class _LocalUpload(Upload):
+    """Parts are copied in the kernel into a hidden temporary file, renamed into place at the end."""
+
+    part_size = 64 << 20
+
+    def __init__(self, path: Path, key: str, size: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".incomplete")
+        os.ftruncate(fd, size)
+        self._fd, self._tmp, self._path, self._key = fd, tmp, path, key
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        offset = index * self.part_size
+        try:
+            try:
+                src = source.fileno()
+            except (OSError, AttributeError):
+                source.seek(start)
+                os.pwrite(self._fd, source.read(length), offset)
+                return
+            while length > 0:
+                n = os.copy_file_range(src, self._fd, min(length, 1 << 30), start, offset)
+                if n == 0:
+                    raise StoreError(f"{self._key}: source ended early")
+                start, offset, length = start + n, offset + n, length - n
+        except OSError as exc:
+            raise StoreError(f"{self._key}: cannot write to the local store: {exc.strerror}") from None
+
+    def complete(self) -> None:
+        os.close(self._fd)
+        os.replace(self._tmp, self._path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
 
 
 class LocalStore(Store):
@@ -66,7 +105,13 @@ class LocalStore(Store):
         self._atomic_write(key, lambda out: out.write(data))
 
     def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
-        self._atomic_write(key, lambda out: shutil.copyfileobj(source, out, 8 << 20))
+        upload_in_parts(self.start_upload(key, size), source, size)
+
+    def start_upload(self, key: str, size: int) -> Upload:
+        try:
+            return _LocalUpload(self._path(key), key, size)
+        except OSError as exc:
+            raise StoreError(f"{key}: cannot write to {self.describe()}: {exc.strerror}") from None
 
     def list_dir(self, prefix: str) -> Listing:
         try:

@@ -24,7 +24,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from agent.errors import AgentError, NotFoundError, StoreError, TransientError
-from agent.stores.base import Listing, RangeReader, Store
+from agent.stores.base import Listing, RangeReader, Store, Upload, upload_in_parts
 from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, Credentials, canonical_query, sign, uri_encode
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -190,11 +190,14 @@ class S3Http:
 
     def call(self, method: str, key: str, action: str, **kw) -> bytes:
         """A whole small request with its body read, retried with backoff on transient errors."""
+        return self.call_with_etag(method, key, action, **kw)[0]
+
+    def call_with_etag(self, method: str, key: str, action: str, **kw) -> tuple[bytes, str]:
         for attempt in range(ATTEMPTS):
             try:
                 response = self.request(method, key, action, **kw)
                 try:
-                    return response._response.read()
+                    return response._response.read(), response._response.getheader("ETag", "")
                 except (OSError, http.client.HTTPException) as exc:
                     raise TransientError(f"{self.where(key)}: {action} body failed ({type(exc).__name__})") from None
                 finally:
@@ -237,6 +240,51 @@ class _Slice:
 
     def seek(self, offset: int) -> None:
         self._pos, self._left = self._start + offset, self._length - offset
+
+
+class _SingleUpload(Upload):
+    def __init__(self, http: S3Http, key: str, size: int) -> None:
+        self._http, self._key, self.part_size = http, key, max(1, size)
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        self._http.call("PUT", self._key, "PUT", body=_Slice(source, start, length), length=length)
+
+    def complete(self) -> None:
+        """The single PUT already made the object visible."""
+
+    def abort(self) -> None:
+        """A failed PUT leaves nothing behind."""
+
+
+class _MultipartUpload(Upload):
+    """S3 multipart upload; parts may be sent from many threads at once."""
+
+    part_size = UPLOAD_PART_SIZE
+
+    def __init__(self, http: S3Http, key: str) -> None:
+        self._http, self._key = http, key
+        created = ET.fromstring(http.call("POST", key, "upload", params={"uploads": ""}))
+        self._upload_id = _text(created, "UploadId")
+        self._etags: dict[int, str] = {}
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        params = {"partNumber": str(index + 1), "uploadId": self._upload_id}
+        _, etag = self._http.call_with_etag("PUT", self._key, "upload part", params=params,
+                                            body=_Slice(source, start, length), length=length)
+        self._etags[index + 1] = etag
+
+    def complete(self) -> None:
+        parts = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>"
+                        for n, e in sorted(self._etags.items()))
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        answer = self._http.call("POST", self._key, "complete upload", params={"uploadId": self._upload_id},
+                                 body=body)
+        if b"<Error>" in answer:
+            raise TransientError(f"{self._http.where(self._key)}: completing the upload failed")
+
+    def abort(self) -> None:
+        with contextlib.suppress(AgentError):
+            self._http.call("DELETE", self._key, "abort upload", params={"uploadId": self._upload_id})
 
 
 class S3HttpStore(Store):
@@ -285,32 +333,12 @@ class S3HttpStore(Store):
                                   headers={"range": f"bytes={start}-{start + length - 1}"})
 
     def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
-        full = self._key(key)
+        upload_in_parts(self.start_upload(key, size), source, size)
+
+    def start_upload(self, key: str, size: int) -> Upload:
         if size < MULTIPART_THRESHOLD:
-            self._http.call("PUT", full, "PUT", body=_Slice(source, 0, size), length=size)
-            return
-        created = ET.fromstring(self._http.call("POST", full, "upload", params={"uploads": ""}))
-        upload_id = _text(created, "UploadId")
-        try:
-            etags = []
-            for number, start in enumerate(range(0, size, UPLOAD_PART_SIZE), 1):
-                length = min(UPLOAD_PART_SIZE, size - start)
-                response = self._http.request("PUT", full, "upload part", body=_Slice(source, start, length),
-                                              length=length,
-                                              params={"partNumber": str(number), "uploadId": upload_id})
-                etags.append(response._response.getheader("ETag", ""))
-                response._response.read()
-                response.close()
-            parts = "".join(f"<Part><PartNumber>{i}</PartNumber><ETag>{e}</ETag></Part>"
-                            for i, e in enumerate(etags, 1))
-            body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
-            answer = self._http.call("POST", full, "complete upload", params={"uploadId": upload_id}, body=body)
-            if b"<Error>" in answer:
-                raise TransientError(f"{self._http.where(full)}: completing the upload failed")
-        except BaseException:
-            with contextlib.suppress(AgentError):
-                self._http.call("DELETE", full, "abort upload", params={"uploadId": upload_id})
-            raise
+            return _SingleUpload(self._http, self._key(key), size)
+        return _MultipartUpload(self._http, self._key(key))
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(NotFoundError):
