@@ -2,6 +2,7 @@
 
     jobs/<job>/job.json
     jobs/<job>/checkpoints/<name>/rank-<r>/<path>
+    jobs/<job>/checkpoints/<name>/rank-<r>.packs/<n>         small files again, concatenated
     jobs/<job>/checkpoints/<name>/rank-<r>.manifest.json    (written last: the commit)
     projects/<project>/jobs/<job>.json
 """
@@ -32,6 +33,11 @@ def file_key(job_id: str, name: str, rank: int, path: str) -> str:
 
 def rank_prefix(job_id: str, name: str, rank: int) -> str:
     return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}/"
+
+
+def pack_key(job_id: str, name: str, rank: int, pack: int) -> str:
+    """Beside the rank's folder, never inside it, so a pack can never shadow a checkpoint file."""
+    return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}.packs/{pack}"
 
 
 def manifest_key(job_id: str, name: str, rank: int) -> str:

@@ -45,9 +45,27 @@ def natural_key(name: str) -> tuple:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """`pack`/`offset`: where a small file's bytes also sit inside one of the checkpoint's packs."""
+
     path: str
     size: int
     parts: tuple[str, ...]
+    pack: int | None = None
+    offset: int = 0
+
+    def to_dict(self) -> dict:
+        body = {"path": self.path, "size": self.size, "parts": list(self.parts)}
+        if self.pack is not None:
+            body.update(pack=self.pack, offset=self.offset)
+        return body
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    """Small files concatenated into one object, so loading them takes a few ranged GETs."""
+
+    id: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,7 @@ class Manifest:
     part_size: int
     files: tuple[FileEntry, ...]
     algorithm: str = ALGORITHM
+    packs: tuple[PackEntry, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -77,8 +96,10 @@ class Manifest:
             "committed_at": self.committed_at,
             "algorithm": self.algorithm,
             "part_size": self.part_size,
-            "files": [{"path": f.path, "size": f.size, "parts": list(f.parts)} for f in self.files],
+            "files": [f.to_dict() for f in self.files],
         }
+        if self.packs:
+            body["packs"] = [{"id": p.id, "size": p.size} for p in self.packs]
         return json.dumps(body, indent=1)
 
 
@@ -133,6 +154,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     if part_size <= 0:
         raise IntegrityError(f"{where}: part_size must be positive")
     raw_files = _require(obj, "files", list, where)
+    packs = _parse_packs(obj.get("packs", []), where)
     files: list[FileEntry] = []
     seen: set[str] = set()
     for i, raw in enumerate(raw_files):
@@ -149,7 +171,10 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         if path in seen:
             raise IntegrityError(f"{fw}: duplicate path {path!r}")
         seen.add(path)
-        files.append(FileEntry(path, size, tuple(parts)))
+        pack, offset = raw.get("pack"), raw.get("offset", 0)
+        if pack is not None and not _fits_pack(pack, offset, size, len(parts), packs):
+            raise IntegrityError(f"{fw}: pack {pack!r} offset {offset!r} does not fit a pack of the manifest")
+        files.append(FileEntry(path, size, tuple(parts), pack, offset if pack is not None else 0))
     for path in seen:
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
         while parent:
@@ -157,7 +182,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
                 raise IntegrityError(f"{where}: {parent!r} is both a file and a folder")
             parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
     known = {"format", "project_name", "job_id", "checkpoint_name", "rank", "committed_at",
-             "algorithm", "part_size", "files"}
+             "algorithm", "part_size", "files", "packs"}
     return Manifest(
         project_name=obj.get("project_name"),
         job_id=_require(obj, "job_id", str, where),
@@ -167,8 +192,27 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         part_size=part_size,
         files=tuple(files),
         algorithm=algorithm,
+        packs=tuple(PackEntry(i, s) for i, s in sorted(packs.items())),
         extra={k: v for k, v in obj.items() if k not in known},
     )
+
+
+def _fits_pack(pack: object, offset: object, size: int, parts: int, packs: dict[int, int]) -> bool:
+    """A packed file is a single part lying wholly inside a pack the manifest lists."""
+    return (isinstance(pack, int) and pack in packs and isinstance(offset, int) and offset >= 0
+            and offset + size <= packs[pack] and parts == 1)
+
+
+def _parse_packs(raw: object, where: str) -> dict[int, int]:
+    if not isinstance(raw, list):
+        raise IntegrityError(f"{where}: packs must be a list")
+    packs: dict[int, int] = {}
+    for i, entry in enumerate(raw):
+        valid = isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("size"), int)
+        if not valid or entry["size"] < 0 or entry["id"] in packs:
+            raise IntegrityError(f"{where}: packs[{i}] needs a unique integer id and a size")
+        packs[entry["id"]] = entry["size"]
+    return packs
 
 
 def parse_job_record(text: str | bytes, where: str) -> JobRecord:

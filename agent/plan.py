@@ -24,6 +24,7 @@ class FileTask:
     rel: str
     entry: FileEntry
     part_size: int
+    pack_key: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -86,8 +87,9 @@ def make_plan(root: Path, manifests: tuple[Manifest, ...], rank: int, index: Ver
                 raise IntegrityError(
                     f"{m.job_id}/{m.checkpoint_name}: path {entry.path!r} lands outside the download folder"
                 )
+            pack_key = None if entry.pack is None else layout.pack_key(m.job_id, m.checkpoint_name, m.rank, entry.pack)
             task = FileTask(layout.file_key(m.job_id, m.checkpoint_name, m.rank, entry.path),
-                            dest, rel, entry, m.part_size)
+                            dest, rel, entry, m.part_size, pack_key)
             try:
                 st = os.stat(dest)
             except FileNotFoundError:

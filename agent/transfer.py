@@ -64,6 +64,7 @@ class _Engine:
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
         self._local = threading.local()
+        self._made: set = set()
 
     def _buffer(self) -> memoryview:
         buf = getattr(self._local, "buf", None)
@@ -72,8 +73,17 @@ class _Engine:
         return buf
 
     def units(self) -> Iterator[Callable[[], None]]:
-        """Large files are split into chunk-sized ranges, aligned to checksum parts."""
+        """Packed small files go as spans of their pack; large files as chunk-sized ranges."""
+        packs: dict[str, list[FileTask]] = {}
         for task in self.plan.fetch:
+            if task.pack_key is not None:
+                packs.setdefault(task.pack_key, []).append(task)
+        for key, members in packs.items():
+            for span in _spans(sorted(members, key=lambda t: t.entry.offset), self.options.chunk_size):
+                yield lambda k=key, s=span: self._retrying(k, 0, len(s), lambda a, _b: self._stream_span(k, s, a))
+        for task in self.plan.fetch:
+            if task.pack_key is not None:
+                continue
             parts = len(task.entry.parts)
             per_unit = max(1, self.options.chunk_size // task.part_size)
             starts = range(0, parts, per_unit)
@@ -138,10 +148,17 @@ class _Engine:
 
     def _fetch_parts(self, fd: int, task: FileTask, first: int, last: int) -> None:
         """Fetch parts [first, last) as one ranged GET, resuming at the first unverified part."""
+        self._retrying(task.key, first, last, lambda a, b: self._stream(fd, task, a, b))
+
+    def _retrying(self, key: str, first: int, last: int, step: Callable[[int, int], int]) -> None:
+        """Run `step(first, last) -> next position` to the end, retrying transient failures with backoff.
+
+        A failure carries `next_part`, the position reached before it; progress resets the budget.
+        """
         attempt = mismatches = 0
         while first < last:
             try:
-                first = self._stream(fd, task, first, last)
+                first = step(first, last)
             except TransientError as exc:
                 resumed_at = getattr(exc, "next_part", first)
                 if resumed_at > first:  # parts arrived before the fault: the budget starts again
@@ -150,10 +167,10 @@ class _Engine:
                 mismatches += isinstance(exc, _ChecksumMismatch)
                 if mismatches >= 2:  # once may be the wire; twice is the store
                     raise IntegrityError(
-                        f"{task.key}: {exc}; the object changed in the store or is corrupt"
+                        f"{key}: {exc}; the object changed in the store or is corrupt"
                     ) from None
                 if attempt >= self.options.attempts:
-                    where = "" if task.key in str(exc) else f"{task.key}: "
+                    where = "" if key in str(exc) else f"{key}: "
                     raise TransientError(f"{where}{exc} (gave up after {attempt} attempts)") from None
                 delay = min(self.options.backoff_cap, self.options.backoff_base * 2 ** attempt)
                 self.cancel.sleep(delay * random.uniform(0.5, 1.0))
@@ -200,13 +217,95 @@ class _Engine:
             reader.close()
         return part
 
+    def _stream_span(self, key: str, members: list[FileTask], first: int) -> int:
+        """Stream a pack range, writing and verifying each member; returns the first member not placed."""
+        start = members[first].entry.offset
+        end = members[-1].entry.offset + members[-1].entry.size
+        if end == start:
+            for task in members[first:]:
+                self._write_member(task, None)
+            return len(members)
+        reader = self.store.open_range(key, start, end - start)
+        position, index = start, first
+        try:
+            while index < len(members):
+                self.cancel.check()
+                task = members[index]
+                self._read_exactly(reader, key, task.entry.offset - position, None)
+                self._write_member(task, reader)
+                position = task.entry.offset + task.entry.size
+                index += 1
+        except TransientError as exc:
+            exc.next_part = index
+            raise
+        except AgentError:
+            raise
+        except OSError as exc:
+            error = TransientError(f"{key}: read failed ({type(exc).__name__})")
+            error.next_part = index
+            raise error from None
+        finally:
+            reader.close()
+        return index
+
+    def _read_exactly(self, reader, key: str, count: int, sink: Callable[[memoryview], None] | None) -> None:
+        buf = self._buffer()
+        while count > 0:
+            n = reader.readinto(buf[: min(len(buf), count)])
+            if not n:
+                raise TransientError(f"{key}: body ended {count} bytes early")
+            if sink is not None:
+                sink(buf[:n])
+            count -= n
+
+    def _write_member(self, task: FileTask, reader) -> None:
+        """One packed file: written whole to its temporary name, checked, then renamed into place."""
+        parent = task.dest.parent
+        if parent not in self._made:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(parent)
+        fd = os.open(incomplete_path(task.dest), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        crc = 0
+
+        def sink(chunk: memoryview) -> None:
+            nonlocal crc
+            crc = checksum(chunk, crc)
+            os.write(fd, chunk)
+
+        try:
+            if reader is not None:
+                self._read_exactly(reader, task.pack_key or task.key, task.entry.size, sink)
+        finally:
+            os.close(fd)
+        if format_checksum(crc) != task.entry.parts[0]:
+            raise _ChecksumMismatch(f"{task.rel} checksum mismatch in its pack")
+        with self._stats_lock:
+            self.stats.bytes_fetched += task.entry.size
+        self.progress(task.entry.size)
+        self._place(task)
+
     def _finish(self, state: _FileState) -> None:
-        task = state.task
-        tmp = incomplete_path(task.dest)
-        os.replace(tmp, task.dest)
+        self._place(state.task)
+
+    def _place(self, task: FileTask) -> None:
+        os.replace(incomplete_path(task.dest), task.dest)
         self.index.record(task.rel, task.fingerprint, os.stat(task.dest))
         with self._stats_lock:
             self.stats.files_fetched += 1
+
+
+def _spans(members: list[FileTask], max_bytes: int, max_gap: int = 1 << 20) -> Iterator[list[FileTask]]:
+    """Group members in offset order into ranges of about `max_bytes`, splitting at large gaps."""
+    span: list[FileTask] = []
+    for task in members:
+        if span:
+            gap = task.entry.offset - (span[-1].entry.offset + span[-1].entry.size)
+            if gap > max_gap or task.entry.offset + task.entry.size - span[0].entry.offset > max_bytes:
+                yield span
+                span = []
+        span.append(task)
+    if span:
+        yield span
 
 
 def _runs(parts: list[int]) -> Iterator[tuple[int, int]]:
