@@ -1,0 +1,88 @@
+"""Which small files go into which pack, and a reader that streams a pack from its members.
+
+A checkpoint of thousands of small files costs thousands of requests, and per-request CPU is
+what limits loading them. At save time small files are also written, concatenated, as a few
+pack objects (the individual objects stay, so other tools still see every file); a load then
+fetches each pack with a few ranged GETs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+PACK_MAX_FILE = 1 << 20
+PACK_SIZE = 16 << 20
+PACK_MIN_FILES = 16
+
+
+@dataclass(frozen=True)
+class Member:
+    rel: str
+    path: Path
+    size: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Pack:
+    id: int
+    members: tuple[Member, ...]
+
+    @property
+    def size(self) -> int:
+        last = self.members[-1]
+        return last.offset + last.size
+
+
+def assign_packs(files: Sequence[tuple[str, Path, int]], max_file: int = PACK_MAX_FILE,
+                 pack_size: int = PACK_SIZE, min_files: int = PACK_MIN_FILES) -> list[Pack]:
+    """Packs of the files no larger than `max_file`, in path order; none when there are few."""
+    small = [(rel, path, size) for rel, path, size in files if size <= max_file]
+    if len(small) < min_files:
+        return []
+    packs: list[Pack] = []
+    members: list[Member] = []
+    offset = 0
+    for rel, path, size in small:
+        if members and offset + size > pack_size:
+            packs.append(Pack(len(packs), tuple(members)))
+            members, offset = [], 0
+        members.append(Member(rel, path, size, offset))
+        offset += size
+    if members:
+        packs.append(Pack(len(packs), tuple(members)))
+    return packs
+
+
+class PackReader:
+    """A file-like view of a pack: the members' bytes one after another, read from disk."""
+
+    def __init__(self, pack: Pack) -> None:
+        self._members = pack.members
+        self.seek(0)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if offset != 0 or whence != 0:
+            raise OSError("a pack can only be rewound")
+        self._index, self._within = 0, 0
+        return 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunks: list[bytes] = []
+        want = n if n >= 0 else float("inf")
+        while want > 0 and self._index < len(self._members):
+            member = self._members[self._index]
+            take = int(min(want, member.size - self._within))
+            with open(member.path, "rb") as f:
+                data = os.pread(f.fileno(), take, self._within) if take else b""
+            if len(data) != take:
+                raise OSError(f"{member.path}: changed while packing")
+            chunks.append(data)
+            self._within += take
+            want -= take
+            if self._within >= member.size:
+                self._index, self._within = self._index + 1, 0
+        return b"".join(chunks)
