@@ -46,6 +46,11 @@ EPILOG_VERIFY = """examples:
 exit status: 0 when every file is ok, 5 when any is missing, changed or extra."""
 EPILOG_SAVE = """example:
   ckpt-agent save ./checkpoint-20 --project demo --job-id job1 --name checkpoint-20"""
+EPILOG_SYNC = """examples:
+  BT_TRAINING_PROJECT_NAME=demo BT_TRAINING_JOB_ID=job1 ckpt-agent sync      # watch BT_CHECKPOINT_DIR
+  ckpt-agent sync --once                         # upload what is stable now, then exit
+  ckpt-agent sync --keep-last 3 --quiet-seconds 10
+With `ckpt-agent run` and BT_CHECKPOINTING_ENABLED=1 the same loop runs alongside the trainer."""
 
 
 def _install_signal_handlers(cancel: Cancel) -> None:
@@ -118,9 +123,19 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter
             print("checkpoint loading is disabled: nothing to load")
         print(f"would exec: {shlex.join(argv)}", flush=True)
         return 0
+    # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
+    sidecar = _sidecar(settings, env, None, reporter) if settings.checkpointing_enabled else None
     if settings.spec.enabled:
         _load(settings, reporter)
         child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
+    if sidecar is not None:
+        from agent.supervise import supervise
+
+        child_env.setdefault("BT_CHECKPOINT_DIR", str(sidecar.options.checkpoint_dir))
+        try:
+            return supervise(argv, child_env, sidecar, reporter)
+        finally:
+            sidecar.store.close()
     exec_training(argv, child_env)
 
 
@@ -152,6 +167,37 @@ def cmd_save(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporte
     reporter.info(f"committed {ident.job_id}/{ident.name} rank {ident.rank} to {settings.store}: "
                   f"{len(manifest.files)} files, {manifest.total_bytes} bytes")
     return 0
+
+
+def _sidecar(settings: Settings, env: Mapping[str, str], args: argparse.Namespace | None, reporter: Reporter):
+    """The sync loop for `sync` and for `run` in supervise mode; checks the identity first."""
+    from agent.save import CheckpointId
+    from agent.sidecar import Sidecar, sync_options
+    from agent.stores import open_store
+
+    if not settings.job_id:
+        raise ConfigError("BT_TRAINING_JOB_ID: required to upload checkpoints "
+                          "(`ckpt-agent sync`, or `run` with BT_CHECKPOINTING_ENABLED=1); set it to this job's id")
+    if settings.node_rank >= settings.num_nodes:
+        raise ConfigError(f"BT_NODE_RANK={settings.node_rank}: must be below BT_NUM_NODES={settings.num_nodes}")
+    options = sync_options(
+        env, getattr(args, "checkpoint_dir", None) or settings.checkpoint_dir,
+        quiet_seconds=getattr(args, "quiet_seconds", None), poll_seconds=getattr(args, "poll_seconds", None),
+        grace_seconds=getattr(args, "grace_seconds", None), keep_last=getattr(args, "keep_last", None),
+        complete_file=getattr(args, "complete_file", None),
+    )
+    ident = CheckpointId(settings.project_name, settings.job_id, "", settings.node_rank, settings.num_nodes)
+    return Sidecar(open_store(settings), ident, options, settings.workers, reporter)
+
+
+def cmd_sync(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
+    from agent.sidecar import run_standalone
+
+    sidecar = _sidecar(_settings(args, env), env, args, reporter)
+    try:
+        return run_standalone(sidecar, args.once, reporter)
+    finally:
+        sidecar.store.close()
 
 
 def cmd_ls(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
@@ -225,6 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--rank", type=int, help="node rank (env BT_NODE_RANK, default 0)")
     save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_NUM_NODES, default 1)")
     save.set_defaults(func=cmd_save)
+
+    sync = sub.add_parser("sync", help="upload checkpoints from BT_CHECKPOINT_DIR as training writes them",
+                          epilog=EPILOG_SYNC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    transfer_flags(sync)
+    sync.add_argument("--once", action="store_true", help="upload what is stable now, then exit")
+    sync.add_argument("--checkpoint-dir", metavar="DIR",
+                      help="the folder to watch (env BT_CHECKPOINT_DIR, default /tmp/training_checkpoints)")
+    sync.add_argument("--quiet-seconds", type=float, metavar="S",
+                      help="no change for this long makes a checkpoint stable (env CKPT_AGENT_QUIET_SECONDS, "
+                           "default 5)")
+    sync.add_argument("--poll-seconds", type=float, metavar="S",
+                      help="how often to look (env CKPT_AGENT_POLL_SECONDS, default 2)")
+    sync.add_argument("--grace-seconds", type=float, metavar="S",
+                      help="after SIGTERM, time to finish uploads (env CKPT_AGENT_GRACE_SECONDS, default 25)")
+    sync.add_argument("--keep-last", type=int, metavar="N",
+                      help="delete this job's older committed checkpoints beyond N (env CKPT_AGENT_KEEP_LAST)")
+    sync.add_argument("--complete-file", metavar="PATH",
+                      help="a checkpoint is complete once this file is in it (env CKPT_AGENT_COMPLETE_FILE, "
+                           "default trainer_state.json; '' for quiet alone)")
+    sync.set_defaults(func=cmd_sync)
 
     ls = sub.add_parser("ls", help="list jobs, or one job's checkpoints, in the store",
                         epilog=EPILOG_LS, formatter_class=argparse.RawDescriptionHelpFormatter)

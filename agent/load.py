@@ -153,8 +153,11 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
     store = open_store(settings)
     tap = _ManifestTap(store)
     try:
-        resolution = resolve(tap, settings.spec.checkpoints, settings.node_rank,
-                             settings.project_name, settings.required)
+        refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
+        resolution = cancel.call(
+            lambda: resolve(tap, settings.spec.checkpoints, settings.node_rank, settings.project_name,
+                            settings.required),
+            f"still missing everything: the store did not answer in time to resolve {refs}")
         for warning in resolution.warnings:
             reporter.warn(warning, event="no_checkpoint")
         for r in resolution.checkpoints:
@@ -247,6 +250,10 @@ def plan_load(settings: Settings, reporter: Reporter) -> DryRun:
                                              tuple(t for t in plan.fetch if t.rel.startswith(folder + "/"))))
     dry = DryRun(root, root.is_dir(), resolution, plan, tuple(per_checkpoint), _bytes_needed(plan),
                  shutil.disk_usage(_nearest_existing(root)).free)
+    if dry.needed_bytes > dry.free_bytes:
+        reporter.warn(f"a load would fail: download_folder {root} needs {human_bytes(dry.needed_bytes)} but only "
+                      f"{human_bytes(dry.free_bytes)} is free", event="dry_run_no_space",
+                      bytes_needed=dry.needed_bytes, bytes_free=dry.free_bytes)
     reporter.info(
         f"dry run: would download {len(plan.fetch)} files ({human_bytes(plan.fetch_bytes)}), "
         f"{len(plan.intact)} already intact; nothing was downloaded",

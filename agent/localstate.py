@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agent.errors import LocalError
+from agent.errors import IntegrityError, LocalError
 
 STATE_DIR = ".ckpt-agent"
 INCOMPLETE_SUFFIX = ".ckpt-incomplete"
@@ -62,16 +62,33 @@ class VerifiedIndex:
         os.replace(tmp, self._path)
 
 
+def _refuse_link(path: Path) -> None:
+    raise IntegrityError(
+        f"{path}: is a symlink inside the download folder; remove it (ckpt-agent never writes through links)"
+    )
+
+
+def _check_state_dir(state: Path) -> None:
+    """Our own bookkeeping is written too: a link planted anywhere in it would be written through."""
+    for dirpath, dirnames, filenames in os.walk(state):
+        for name in (*dirnames, *filenames):
+            if os.path.islink(os.path.join(dirpath, name)):
+                _refuse_link(Path(dirpath, name))
+
+
 def prepare_root(root: Path) -> None:
     """Create the download folder (following it if it is a symlink the user made)."""
     if root.exists() and not root.is_dir():
         raise LocalError(f"download_folder {root}: exists and is not a folder; choose another download_folder")
+    if state_dir(root).is_symlink():
+        _refuse_link(state_dir(root))
     try:
         state_dir(root).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LocalError(
             f"download_folder {root}: cannot create it ({exc.strerror}); choose a writable download_folder"
         ) from None
+    _check_state_dir(state_dir(root))
     if not os.access(root, os.W_OK | os.X_OK):
         raise LocalError(f"download_folder {root}: not writable; choose a writable download_folder")
 
@@ -80,7 +97,7 @@ def prepare_root(root: Path) -> None:
 def folder_lock(root: Path, on_wait: Callable[[str], None], check_cancel: Callable[[], None]) -> Iterator[None]:
     """One agent per download folder: a second one waits, so writes never interleave."""
     path = state_dir(root) / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         told = False
         while True:

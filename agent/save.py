@@ -121,6 +121,14 @@ def _difference(before: Sequence[LocalFile], after: Sequence[LocalFile]) -> str 
     return None
 
 
+def _rescan(folder: Path) -> list[LocalFile]:
+    """scan_folder, with a folder that vanished (or a file that vanished mid-scan) as no files."""
+    try:
+        return scan_folder(folder) if folder.is_dir() else []
+    except (FileNotFoundError, ConfigError):
+        return []
+
+
 def _copies_server_side(store: Store) -> bool:
     """Only a backend that overrides copy() copies inside the store; the default reads and rewrites."""
     return type(store).copy is not Store.copy
@@ -173,13 +181,12 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
 
     try:
         run_tasks(((lambda f=f: upload(f)) for f in files), workers, cancel)
-        after = scan_folder(folder) if folder.is_dir() else []
-    except FileNotFoundError as exc:
-        if isinstance(exc, AgentError):
-            raise
-        raise CheckpointChanged(f"{exc.filename}: vanished while uploading; checkpoint {ident.name} not committed") \
-            from None
-    if (rel := _difference(files, after)) is not None:
+    except OSError:  # StoreError too: a file that shrank or vanished mid-upload looks like a failed upload
+        if (rel := _difference(files, _rescan(folder))) is not None:
+            raise CheckpointChanged(f"{folder / rel}: changed while uploading; checkpoint {ident.name} "
+                                    "not committed") from None
+        raise
+    if (rel := _difference(files, _rescan(folder))) is not None:
         raise CheckpointChanged(f"{folder / rel}: changed while uploading; checkpoint {ident.name} not committed")
     manifest = Manifest(
         project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,

@@ -13,7 +13,10 @@ is ready:
 
 A file that changes during the upload makes commit_checkpoint refuse to write the manifest;
 the checkpoint waits to be quiet again and starts over. Checkpoints are committed one at a
-time in natural name order, so "latest" (by commit time) follows the training steps.
+time in natural name order, so "latest" (by commit time) follows the training steps; for the
+same reason a folder older than one this job has already committed (`checkpoint-20` once
+`checkpoint-30` is in the store, e.g. after --keep-last deleted it and the sidecar restarted)
+is never uploaded: it would become "latest".
 
 The loop never reads os.environ: SyncOptions come from cli.py.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -54,7 +58,7 @@ EMPTY = "empty folder"
 FAILED = "upload failed"
 CUT = "grace period ended during the upload"
 NOT_STARTED = "grace period ended before its upload"
-_MAY_STILL_FINISH = {WRITING, OPEN, CHANGED}
+_MAY_STILL_FINISH = (WRITING, OPEN, CHANGED)  # reasons start with these
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,11 @@ class SyncResult:
     failed: AgentError | None = None
 
 
+def _shape(name: str) -> str:
+    """checkpoint-20 and checkpoint-300 have one shape, so their steps can be compared."""
+    return re.sub(r"\d+", "#", name)
+
+
 def _snapshot(folder: Path) -> tuple[tuple[LocalFile, ...], int] | None:
     """The folder's files and the newest ctime of any file or folder in it; None if it vanished."""
     try:
@@ -186,7 +195,8 @@ class Sidecar:
         self.result = SyncResult()
         self._seen: dict[str, _Seen] = {}
         self._checked: set[str] = set()  # looked up in the store once: not committed before we started
-        self._done: set[str] = set()  # committed, by us or before a restart
+        self._done: set[str] = set()  # committed (by us or before a restart), or superseded
+        self._newest: dict[str, tuple] | None = None  # name shape -> natural key of the newest committed
         self._previous: Manifest | None = None
         self._warned_loose = self._warned_missing = False
         self._lock = threading.Lock()
@@ -244,15 +254,27 @@ class Sidecar:
         if once:
             self.finish(None, wait_for_writers=False)
         pending: dict[str, str] = {}
+        store_failures = 0
         try:
             while True:
                 with self._lock:
                     finishing, waiting = self._finishing, self._wait_for_writers
-                pending = self._pass(finishing)
+                try:
+                    pending = self._pass(finishing)
+                    store_failures = 0
+                except StoreError as exc:  # listing or looking up the store: the network, not a checkpoint
+                    store_failures += 1
+                    if finishing and store_failures >= FLUSH_ATTEMPTS:
+                        raise
+                    self.reporter.warn(f"sync: the store did not answer ({exc}); trying again")
+                    self._wake.wait(min(60.0, o.poll_seconds * 2 ** store_failures))
+                    continue
+                if self._expired:
+                    break
                 if finishing:
-                    if self._expired or not waiting:
+                    if not waiting:
                         break
-                    if not any(why in _MAY_STILL_FINISH or self._retry(name, why)
+                    if not any(why.startswith(_MAY_STILL_FINISH) or self._retry(name, why)
                                for name, why in pending.items()):
                         break
                 self._wake.wait(o.poll_seconds)
@@ -273,7 +295,8 @@ class Sidecar:
 
     def _summary(self) -> None:
         for name, why in sorted(self.result.not_committed.items(), key=lambda kv: natural_key(kv[0])):
-            self.reporter.warn(f"sync: {name} NOT committed: {why}")
+            self.reporter.warn(f"sync: {name} NOT committed: {why}", event="sync_not_committed",
+                               checkpoint=name, reason=why)
         done = ", ".join(self.result.committed) or "none"
         self.reporter.info(f"sync: stopped; committed this run: {done}; "
                            f"not committed: {len(self.result.not_committed)}")
@@ -310,6 +333,8 @@ class Sidecar:
                 if self._already_committed(name):
                     continue
                 self._checked.add(name)
+            if self._superseded(name):
+                continue
             folder = self.options.checkpoint_dir / name
             snap = _snapshot(folder)
             if snap is None:  # deleted (e.g. the trainer's own rotation)
@@ -339,11 +364,29 @@ class Sidecar:
         if not self.store.exists(key):
             return False
         self._done.add(name)
-        self.reporter.info(f"sync: {name} is already committed; not uploading it again")
+        self.reporter.info(f"sync: {name} is already committed; not uploading it again",
+                           event="sync_already_committed", checkpoint=name)
         with contextlib.suppress(AgentError):
             manifest = read_manifest(self.store, self.ident.job_id, name, self.ident.rank)
             if self._previous is None or natural_key(name) > natural_key(self._previous.checkpoint_name):
                 self._previous = manifest
+        return True
+
+    def _superseded(self, name: str) -> bool:
+        """True (and reported once) for a folder older than a checkpoint of the same shape already committed."""
+        if self._newest is None:
+            self._newest = {}
+            job_id, rank = self.ident.job_id, self.ident.rank
+            for other in sorted(self.store.list_dir(layout.checkpoints_prefix(job_id)).dirs,
+                                key=natural_key, reverse=True):
+                if _shape(other) not in self._newest and self.store.exists(layout.manifest_key(job_id, other, rank)):
+                    self._newest[_shape(other)] = natural_key(other)
+        newest = self._newest.get(_shape(name))
+        if newest is None or natural_key(name) >= newest:
+            return False
+        self._done.add(name)
+        self.reporter.warn(f"sync: {name} is older than a checkpoint this job already committed; not uploading it "
+                           "(it would become the latest)", event="sync_superseded", checkpoint=name)
         return True
 
     def _quiet(self, seen: _Seen, now: float) -> bool:
@@ -403,7 +446,7 @@ class Sidecar:
             return CUT
         except StoreError as exc:
             seen.failures += 1
-            seen.retry_at = time.monotonic() + min(60.0, 2.0 ** seen.failures)
+            seen.retry_at = time.monotonic() + min(60.0, 2.0 ** (seen.failures - 1))
             self.reporter.warn(f"sync: {name}: upload failed ({exc}); will retry")
             return f"{FAILED}: {exc}"
         finally:
@@ -415,9 +458,14 @@ class Sidecar:
         self._seen.pop(name, None)
         self._previous = manifest
         self.result.committed.append(name)
+        if self._newest is not None:
+            shape = _shape(name)
+            self._newest[shape] = max(self._newest.get(shape, ()), natural_key(name))
         extra = f", {len(copied)} copied inside the store" if copied else ""
         self.reporter.info(f"sync: committed {name}: {len(manifest.files)} files, "
-                           f"{human_bytes(manifest.total_bytes)} in {seconds:.1f} s{extra}")
+                           f"{human_bytes(manifest.total_bytes)} in {seconds:.1f} s{extra}",
+                           event="sync_committed", checkpoint=name, files=len(manifest.files),
+                           bytes=manifest.total_bytes, seconds=round(seconds, 3), copied=len(copied))
         if self.options.keep_last:
             self._retain(name)
         return None
@@ -438,9 +486,12 @@ class Sidecar:
             committed.sort(reverse=True)
             for _, _, name in committed[self.options.keep_last - 1:]:
                 self.store.delete(layout.manifest_key(job_id, name, rank))
-                for key in self.store.list_recursive(layout.rank_prefix(job_id, name, rank)):
-                    self.store.delete(key)
-                self.reporter.info(f"sync: keep-last {self.options.keep_last}: deleted {name} (rank {rank})")
+                packs = layout.pack_key(job_id, name, rank, 0).rsplit("/", 1)[0] + "/"
+                for prefix in (layout.rank_prefix(job_id, name, rank), packs):
+                    for key in self.store.list_recursive(prefix):
+                        self.store.delete(key)
+                self.reporter.info(f"sync: keep-last {self.options.keep_last}: deleted {name} (rank {rank})",
+                                   event="sync_deleted", checkpoint=name)
         except AgentError as exc:
             self.reporter.warn(f"sync: keep-last: could not delete older checkpoints ({exc}); will try again")
 
@@ -468,17 +519,14 @@ def run_standalone(sidecar: Sidecar, once: bool, reporter: Reporter) -> int:
         signal.signal(signum, handler)
     worker = threading.Thread(target=work, name="ckpt-sync", daemon=True)
     worker.start()
-    handled = 0
     hard_stop: float | None = None
     while worker.is_alive():
         worker.join(0.1)
-        if len(signals) > handled:
-            handled = len(signals)
-            if hard_stop is None:
-                grace = sidecar.options.grace_seconds
-                reporter.info(f"sync: {signal.Signals(signals[0]).name}: finishing what is ready within {grace:g} s")
-                sidecar.finish(time.monotonic() + grace, wait_for_writers=False)
-                hard_stop = time.monotonic() + grace + 5
+        if signals and hard_stop is None:
+            grace = sidecar.options.grace_seconds
+            reporter.info(f"sync: {signal.Signals(signals[0]).name}: finishing what is ready within {grace:g} s")
+            sidecar.finish(time.monotonic() + grace, wait_for_writers=False)
+            hard_stop = time.monotonic() + grace + 5
         if hard_stop is not None and time.monotonic() > hard_stop:
             reporter.warn("sync: the upload did not stop in time; exiting")
             return 0

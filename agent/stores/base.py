@@ -13,7 +13,11 @@ from typing import BinaryIO, Protocol
 
 
 class RangeReader(Protocol):
-    """A readable stream over one byte range of an object."""
+    """A readable stream over one byte range of an object.
+
+    Readers may also offer `object_size`: the whole object's size as the store reports it (None if
+    unknown), so the loader can tell an object that changed after its manifest was written.
+    """
 
     def readinto(self, buffer: memoryview) -> int: ...
 

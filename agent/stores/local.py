@@ -17,6 +17,7 @@ class _FileRange:
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
         self._file.seek(start)
         self._left = length
+        self.object_size = os.fstat(self._file.fileno()).st_size
 
     def readinto(self, buffer: memoryview) -> int:
         if self._left <= 0:

@@ -6,6 +6,8 @@ of ours with a message built here from the error code, the operation and the key
 
 from __future__ import annotations
 
+import random
+import time
 from typing import BinaryIO
 
 import boto3
@@ -13,21 +15,24 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from agent.errors import NotFoundError, StoreError, TransientError
+from agent.errors import IntegrityError, NotFoundError, StoreError, TransientError
 from agent.stores.base import Listing, RangeReader, Store
+from agent.stores.s3http import content_range_size
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
            "InvalidToken", "ExpiredToken", "TokenRefreshRequired"}
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError"}
+_BODY_ATTEMPTS = 5
 
 
 class _Body:
     """readinto straight from the HTTP response, so bytes are not copied through Python."""
 
-    def __init__(self, body) -> None:
+    def __init__(self, body, content_range: str | None = None) -> None:
         self._body = body
         self._raw = body._raw_stream
+        self.object_size = content_range_size(content_range)
 
     def readinto(self, buffer: memoryview) -> int:
         try:
@@ -75,6 +80,10 @@ class S3Store(Store):
                 return NotFoundError(f"{where}: not found")
             if code == "NoSuchBucket":
                 return StoreError(f"s3://{self.bucket}: bucket does not exist; check BT_CHECKPOINT_STORE")
+            if code == "InvalidRange":
+                return IntegrityError(
+                    f"{where}: shorter than the range asked for; the object changed after it was committed"
+                )
             if code in _DENIED:
                 return StoreError(
                     f"{where}: access denied ({code}) on {action}; check the AWS credentials and their permissions"
@@ -86,10 +95,19 @@ class S3Store(Store):
         return TransientError(f"{where}: {action} failed ({name}); check AWS_ENDPOINT_URL and the network")
 
     def read_bytes(self, key: str) -> bytes:
-        try:
-            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error(exc, "GET", key) from None
+        for attempt in range(_BODY_ATTEMPTS):
+            try:
+                body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error(exc, "GET", key) from None
+            try:
+                return body.read()
+            except (BotoCoreError, OSError) as exc:
+                # botocore retries a request, not a body cut short after the headers arrived
+                if attempt == _BODY_ATTEMPTS - 1:
+                    raise self._error(exc, "GET", key) from None
+                time.sleep(min(2.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
 
     def write_bytes(self, key: str, data: bytes) -> None:
         try:
@@ -134,7 +152,7 @@ class S3Store(Store):
             )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "GET", key) from None
-        return _Body(response["Body"])
+        return _Body(response["Body"], response.get("ContentRange"))
 
     def delete(self, key: str) -> None:
         try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from agent.errors import AgentError, NotFoundError, StoreError, TransientError
+from agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, TransientError
 from agent.stores.base import Listing, RangeReader, Store, Upload, upload_in_parts
 from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, Credentials, canonical_query, sign, uri_encode
 
@@ -45,12 +45,20 @@ def store_error(code: str, status: int, where: str, action: str, bucket: str) ->
         return NotFoundError(f"{where}: not found")
     if code == "NoSuchBucket":
         return StoreError(f"s3://{bucket}: bucket does not exist; check BT_CHECKPOINT_STORE")
+    if code == "InvalidRange" or status == 416:
+        return IntegrityError(f"{where}: shorter than the range asked for; the object changed after it was committed")
     if code in _DENIED or status == 403:
         return StoreError(
             f"{where}: access denied ({code or status}) on {action}; check the AWS credentials and their permissions"
         )
     kind = TransientError if status >= 500 or code in _THROTTLED else StoreError
     return kind(f"{where}: {action} failed with {code or status}")
+
+
+def content_range_size(header: str | None) -> int | None:
+    """`bytes 0-99/1234` -> 1234; None when absent or the size is unknown (`*`)."""
+    total = (header or "").rpartition("/")[2].strip()
+    return int(total) if total.isdecimal() else None
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,17 @@ class _Response:
             self._conn.close()
             raise TransientError(f"connection failed mid-body ({type(exc).__name__})") from None
 
+    @property
+    def object_size(self) -> int | None:
+        """The whole object's size from `Content-Range: bytes a-b/size`, so a caller can tell that the
+        object is not the one it expects even when the bytes it asked for are there."""
+        return content_range_size(self._response.getheader("Content-Range"))
+
     def close(self) -> None:
-        if self._response.isclosed() and not self._response.will_close:
+        # http.client also marks a body cut short (EOF before Content-Length) as closed, with
+        # `length` still > 0: that connection is dead and must not serve the next request.
+        complete = self._response.isclosed() and not self._response.length
+        if complete and not self._response.will_close:
             self._client._release(self._conn)
         else:
             self._conn.close()
