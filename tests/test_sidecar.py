@@ -1,0 +1,505 @@
+"""The save side: `ckpt-agent sync` and `ckpt-agent run` in supervise mode, against the local store and SeaweedFS.
+
+tests/fake_trainer.py writes HF-Trainer-like checkpoints; the installed `ckpt-agent` uploads them;
+a second job's `ckpt-agent load` gets them back. Quiet periods are short so the file runs fast.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent import layout
+from agent.errors import ConfigError
+from agent.report import Reporter
+from agent.save import CheckpointId, commit_checkpoint
+from agent.settings import settings_from_env
+from agent.sidecar import CUT, Sidecar, SyncOptions, open_for_writing, sync_options
+from agent.stores.local import LocalStore
+from tests.seaweed import SeaweedServer
+
+AGENT = str(Path(sys.executable).parent / "ckpt-agent")
+TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
+QUIET = "0.5"
+
+
+@dataclass
+class StoreUnderTest:
+    env: dict[str, str]
+    exists: Callable[[str], bool]
+    read: Callable[[str], bytes]
+
+
+def _local(root: Path) -> StoreUnderTest:
+    return StoreUnderTest({"BT_CHECKPOINT_STORE": f"file://{root}"}, lambda k: (root / k).exists(),
+                          lambda k: (root / k).read_bytes())
+
+
+def _seaweed(server: SeaweedServer, prefix: str) -> StoreUnderTest:
+    client = server.client()
+
+    def exists(key: str) -> bool:
+        return "Contents" in client.list_objects_v2(Bucket=server.bucket, Prefix=f"{prefix}/{key}")
+
+    def read(key: str) -> bytes:
+        return client.get_object(Bucket=server.bucket, Key=f"{prefix}/{key}")["Body"].read()
+
+    return StoreUnderTest({**server.env(), "BT_CHECKPOINT_STORE": f"s3://{server.bucket}/{prefix}"}, exists, read)
+
+
+@pytest.fixture(params=["local", "seaweedfs"])
+def store(request, tmp_path: Path) -> StoreUnderTest:
+    if request.param == "local":
+        return _local(tmp_path / "store")
+    return _seaweed(request.getfixturevalue("seaweed"), request.getfixturevalue("s3_prefix"))
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> StoreUnderTest:
+    return _local(tmp_path / "store")
+
+
+@pytest.fixture
+def procs():
+    """Every process a test starts; any still running at the end is killed (by its own pid)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def env_for(store: StoreUnderTest, ckpts: Path, job: str = "job-1", **extra: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
+    return {**keep, **store.env, "BT_TRAINING_PROJECT_NAME": "proj", "BT_TRAINING_JOB_ID": job,
+            "BT_CHECKPOINT_DIR": str(ckpts), "CKPT_AGENT_QUIET_SECONDS": QUIET,
+            "CKPT_AGENT_POLL_SECONDS": "0.1", **extra}
+
+
+def start(procs: list, argv: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
+    p = subprocess.Popen(argv, env=env, stdout=open(out, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    procs.append(p)
+    return p
+
+
+def trainer(ckpts: Path, *args: object) -> list[str]:
+    return [*TRAINER, "--dir", str(ckpts), *map(str, args)]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def committed(store: StoreUnderTest, name: str, job: str = "job-1") -> bool:
+    return store.exists(layout.manifest_key(job, name, 0))
+
+
+def manifest(store: StoreUnderTest, name: str, job: str = "job-1") -> dict:
+    return json.loads(store.read(layout.manifest_key(job, name, 0)))
+
+
+def load_latest_as_second_job(store: StoreUnderTest, tmp_path: Path) -> Path:
+    """`ckpt-agent load` of latest(project) from another job; returns rank-0 of the download folder."""
+    dl = tmp_path / "dl"
+    spec = {"enabled": True, "download_folder": str(dl),
+            "checkpoints": [{"typ": "baseten_latest_checkpoint", "project_name": "proj", "job_id": None}]}
+    env = {**env_for(store, tmp_path / "unused", job="job-2"), "BT_LOAD_CHECKPOINT_CONFIG": json.dumps(spec)}
+    result = subprocess.run([AGENT, "load"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return dl / "rank-0"
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+
+
+def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    p.send_signal(sig)
+    return p.wait(timeout)
+
+
+# -- ckpt-agent sync --------------------------------------------------------------------------
+
+
+def test_sync_commits_each_checkpoint_and_latest_by_project_loads_the_last_one_byte_for_byte(store, tmp_path, procs):
+    ckpts = tmp_path / "ckpts"
+    env = env_for(store, ckpts)
+    sync = start(procs, [AGENT, "sync"], env, tmp_path / "sync.log")
+    train = start(procs, trainer(ckpts, "--checkpoints", 3, "--every", 0.3), env, tmp_path / "trainer.log")
+    assert train.wait(60) == 0
+    wait_for(lambda: committed(store, "checkpoint-30"), what="checkpoint-30 committed")
+    assert stop(sync) == 0
+    log = (tmp_path / "sync.log").read_text()
+    assert all(f"committed checkpoint-{n}:" in log for n in (10, 20, 30)), log
+    assert "NOT committed" not in log
+    loaded = load_latest_as_second_job(store, tmp_path)
+    assert sorted(p.name for p in loaded.iterdir()) == ["checkpoint-30"]
+    assert same_tree(loaded / "checkpoint-30", ckpts / "checkpoint-30")
+
+
+def test_trainer_killed_mid_checkpoint_never_commits_it_and_latest_is_the_one_before(store, tmp_path, procs):
+    ckpts = tmp_path / "ckpts"
+    env = env_for(store, ckpts)
+    sync = start(procs, [AGENT, "sync"], env, tmp_path / "sync.log")
+    train = start(procs, trainer(ckpts, "--checkpoints", 3, "--every", 0.2, "--stall-at", 20), env,
+                  tmp_path / "trainer.log")
+    wait_for(lambda: "STALLED checkpoint-20" in (tmp_path / "trainer.log").read_text(), what="the stall")
+    train.kill()
+    train.wait()
+    wait_for(lambda: committed(store, "checkpoint-10"), what="checkpoint-10 committed")
+    time.sleep(4 * float(QUIET))  # the half-written checkpoint is now quiet: only its missing trainer_state.json
+    assert stop(sync) == 0        # keeps it from being committed
+    log = (tmp_path / "sync.log").read_text()
+    assert "checkpoint-20 NOT committed: incomplete: no trainer_state.json" in log, log
+    assert not committed(store, "checkpoint-20")
+    loaded = load_latest_as_second_job(store, tmp_path)
+    assert sorted(p.name for p in loaded.iterdir()) == ["checkpoint-10"]
+    assert same_tree(loaded / "checkpoint-10", ckpts / "checkpoint-10")
+
+
+def test_restarted_sync_does_not_upload_committed_checkpoints_again(local_store, tmp_path, procs):
+    ckpts, root = tmp_path / "ckpts", tmp_path / "store"
+    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    assert subprocess.run(trainer(ckpts, "--checkpoints", 2, "--every", 0), capture_output=True).returncode == 0
+    first = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and first.stderr.count("sync: committed checkpoint-") == 2, first.stderr
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    (ckpts / "checkpoint-30").mkdir()
+    for f in (ckpts / "checkpoint-20").iterdir():
+        (ckpts / "checkpoint-30" / f.name).write_bytes(f.read_bytes())
+    second = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert "checkpoint-10 is already committed; not uploading it again" in second.stderr
+    assert "checkpoint-20 is already committed; not uploading it again" in second.stderr
+    assert "committed checkpoint-30:" in second.stderr and second.stderr.count("sync: committed checkpoint-") == 1
+    assert all((p.read_bytes(), p.stat().st_mtime_ns) == v for p, v in before.items())
+
+
+def test_sync_without_a_job_id_is_a_config_error(local_store, tmp_path):
+    env = env_for(local_store, tmp_path / "ckpts")
+    del env["BT_TRAINING_JOB_ID"]
+    result = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "BT_TRAINING_JOB_ID" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fdinfo").is_dir(), reason="needs /proc")
+def test_checkpoint_with_a_file_still_open_for_writing_is_committed_only_after_it_is_closed(
+        local_store, tmp_path, procs):
+    ckpts = tmp_path / "ckpts"
+    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0.3")
+    sync = start(procs, [AGENT, "sync"], env, tmp_path / "sync.log")
+    # Everything, trainer_state.json included, is written and quiet for 2 s while the weights file
+    # is held open; then more bytes are appended. Only the open handle can hold the commit back.
+    train = start(procs, trainer(ckpts, "--checkpoints", 1, "--hold-open", 2), env, tmp_path / "trainer.log")
+    assert train.wait(60) == 0
+    wait_for(lambda: committed(local_store, "checkpoint-10"), what="checkpoint-10 committed")
+    assert stop(sync) == 0
+    entry = next(f for f in manifest(local_store, "checkpoint-10")["files"] if f["path"] == "model.safetensors")
+    assert entry["size"] == (ckpts / "checkpoint-10" / "model.safetensors").stat().st_size
+    assert "open for writing" not in (tmp_path / "sync.log").read_text().split("committed checkpoint-10")[1]
+
+
+# -- ckpt-agent run, supervise mode -------------------------------------------------------------
+
+
+def test_sigterm_to_supervising_run_reaches_the_trainer_flushes_its_final_checkpoint_and_exits_with_its_status(
+        store, tmp_path, procs):
+    ckpts, record = tmp_path / "ckpts", tmp_path / "record"
+    env = env_for(store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    run = start(procs, [AGENT, "run", "--", *trainer(ckpts, "--checkpoints", 100, "--every", 60,
+                                                      "--record", record, "--exit-on-sigterm", 17)],
+                env, tmp_path / "run.log")
+    wait_for(lambda: committed(store, "checkpoint-10"), what="checkpoint-10 committed while training runs")
+    assert run.poll() is None
+    assert stop(run) == 17
+    assert record.read_text() == "got SIGTERM\n"
+    log = (tmp_path / "run.log").read_text()
+    assert "trainer exited with status 17" in log and "committed checkpoint-20:" in log, log
+    assert committed(store, "checkpoint-20")
+    loaded = load_latest_as_second_job(store, tmp_path)
+    assert same_tree(loaded / "checkpoint-20", ckpts / "checkpoint-20")
+
+
+def test_supervised_trainer_killed_mid_checkpoint_exits_137_and_that_checkpoint_stays_uncommitted(
+        local_store, tmp_path, procs):
+    ckpts = tmp_path / "ckpts"
+    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    run = start(procs, [AGENT, "run", "--", *trainer(ckpts, "--checkpoints", 3, "--every", 0.2, "--stall-at", 20)],
+                env, tmp_path / "run.log")
+    wait_for(lambda: "STALLED checkpoint-20" in (tmp_path / "run.log").read_text(), what="the stall")
+    pid = int((tmp_path / "run.log").read_text().split("PID ")[1].split()[0])
+    os.kill(pid, signal.SIGKILL)
+    assert run.wait(60) == 137
+    log = (tmp_path / "run.log").read_text()
+    assert "committed checkpoint-10:" in log
+    assert "checkpoint-20 NOT committed: incomplete: no trainer_state.json" in log, log
+    assert committed(local_store, "checkpoint-10") and not committed(local_store, "checkpoint-20")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fdinfo").is_dir(), reason="needs /proc")
+def test_final_flush_waits_for_a_checkpoint_a_leftover_process_still_holds_open_for_writing(
+        local_store, tmp_path, procs):
+    ckpts, log = tmp_path / "ckpts", tmp_path / "trainer.log"
+    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1", CKPT_AGENT_QUIET_SECONDS="0.3")
+    # The command exits at once while its background trainer still holds the weights file open.
+    script = (f"{' '.join(trainer(ckpts, '--checkpoints', 1, '--hold-open', 2))} > {log} & "
+              f"while ! grep -q HOLDING {log}; do sleep 0.05; done; exit 0")
+    run = start(procs, [AGENT, "run", "--", "sh", "-c", script], env, tmp_path / "run.log")
+    assert run.wait(60) == 0
+    assert "DONE checkpoint-10" in log.read_text()
+    entry = next(f for f in manifest(local_store, "checkpoint-10")["files"] if f["path"] == "model.safetensors")
+    assert entry["size"] == (ckpts / "checkpoint-10" / "model.safetensors").stat().st_size
+
+
+def test_supervise_mode_exits_with_the_trainers_status_or_128_plus_its_signal(local_store, tmp_path):
+    env = env_for(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
+    for command, status in (("exit 3", 3), ("kill -KILL $$", 137), ("true", 0)):
+        result = subprocess.run([AGENT, "run", "--", "sh", "-c", command], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == status, result.stderr
+
+
+def test_checkpointing_without_a_job_id_fails_before_the_trainer_starts(local_store, tmp_path):
+    env = env_for(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
+    del env["BT_TRAINING_JOB_ID"]
+    marker = tmp_path / "trained"
+    result = subprocess.run([AGENT, "run", "--", "touch", str(marker)], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "BT_TRAINING_JOB_ID" in result.stderr
+    assert not marker.exists()
+
+
+# -- the sync loop in-process: retention, changes during upload, grace periods ------------------
+
+
+class RecordingStore(LocalStore):
+    """A local store that records writes and deletes, and can run a hook inside upload_file."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(str(root))
+        self.log: list[tuple[str, str]] = []
+        self.on_upload: Callable[[str], None] | None = None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.log.append(("write", key))
+        super().write_bytes(key, data)
+
+    def upload_file(self, key, source, size) -> None:
+        if self.on_upload:
+            self.on_upload(key)
+        self.log.append(("upload", key))
+        super().upload_file(key, source, size)
+
+    def delete(self, key: str) -> None:
+        self.log.append(("delete", key))
+        super().delete(key)
+
+
+def make_checkpoint(folder: Path, step: int, size: int = 300_000) -> None:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(size))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def sidecar_for(store, ckpts: Path, **options) -> tuple[Sidecar, io.StringIO]:
+    out = io.StringIO()
+    opts = SyncOptions(ckpts, **{"quiet_seconds": 0.2, "poll_seconds": 0.05, "grace_seconds": 5, **options})
+    return Sidecar(store, CheckpointId("proj", "job-1", "", 0, 1), opts, 4, Reporter(out)), out
+
+
+def in_thread(sidecar: Sidecar) -> threading.Thread:
+    thread = threading.Thread(target=sidecar.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_keep_last_deletes_older_checkpoints_manifest_first_and_a_restart_does_not_upload_them_again(tmp_path):
+    ckpts, store = tmp_path / "ckpts", RecordingStore(tmp_path / "store")
+    for step in (10, 20, 30, 40):
+        make_checkpoint(ckpts / f"checkpoint-{step}", step)
+    time.sleep(0.3)
+    sidecar, _ = sidecar_for(store, ckpts, keep_last=2)
+    assert sidecar.run(once=True).committed == [f"checkpoint-{s}" for s in (10, 20, 30, 40)]
+    for gone in ("checkpoint-10", "checkpoint-20"):
+        deletes = [key for op, key in store.log if op == "delete" and f"/{gone}/" in key]
+        assert deletes[0] == layout.manifest_key("job-1", gone, 0) and len(deletes) == 3  # manifest, then 2 files
+        assert store.list_recursive(layout.checkpoint_prefix("job-1", gone)) == []
+    for kept in ("checkpoint-30", "checkpoint-40"):
+        assert store.exists(layout.manifest_key("job-1", kept, 0))
+    restarted, out = sidecar_for(store, ckpts, keep_last=2)
+    assert restarted.run(once=True).committed == []
+    assert "checkpoint-10 is older than a checkpoint this job already committed" in out.getvalue()
+
+
+def test_a_file_changed_during_upload_is_not_committed_in_that_state(tmp_path):
+    ckpts, store = tmp_path / "ckpts", RecordingStore(tmp_path / "store")
+    make_checkpoint(ckpts / "checkpoint-10", 10)
+    weights = ckpts / "checkpoint-10" / "model.safetensors"
+    changed = threading.Event()
+
+    def change_once(key: str) -> None:
+        if key.endswith("model.safetensors") and not changed.is_set():
+            changed.set()
+            with open(weights, "ab") as f:
+                f.write(b"more bytes written while the upload runs")
+
+    store.on_upload = change_once
+    time.sleep(0.3)
+    sidecar, out = sidecar_for(store, ckpts)
+    thread = in_thread(sidecar)
+    wait_for(lambda: "checkpoint-10" in sidecar.result.committed, what="the second attempt")
+    sidecar.finish(None, wait_for_writers=True)
+    thread.join(10)
+    assert changed.is_set() and "changed while uploading" in out.getvalue()
+    manifest_writes = [key for op, key in store.log if op == "write" and key.endswith(layout.MANIFEST_SUFFIX)]
+    assert manifest_writes == [layout.manifest_key("job-1", "checkpoint-10", 0)]
+    committed_entry = json.loads(store.read_bytes(manifest_writes[0]))["files"][0]
+    assert committed_entry["size"] == weights.stat().st_size
+
+
+def test_commit_checkpoint_refuses_to_write_the_manifest_when_a_file_changes_during_upload(tmp_path):
+    from agent.cancel import Cancel
+    from agent.save import CheckpointChanged
+
+    store = RecordingStore(tmp_path / "store")
+    make_checkpoint(tmp_path / "checkpoint-10", 10)
+    store.on_upload = lambda key: (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    with pytest.raises(CheckpointChanged):
+        commit_checkpoint(store, tmp_path / "checkpoint-10", CheckpointId("proj", "job-1", "checkpoint-10"),
+                          1, lambda n: None, Cancel())
+    assert not store.exists(layout.manifest_key("job-1", "checkpoint-10", 0))
+
+
+class SlowStore(RecordingStore):
+    def __init__(self, root: Path, seconds: float) -> None:
+        super().__init__(root)
+        self.started = threading.Event()
+        self.on_upload = lambda key: (self.started.set(), time.sleep(seconds))
+
+
+@pytest.mark.parametrize("grace, is_committed", [(10.0, True), (0.2, False)])
+def test_sigterm_finishes_the_upload_in_flight_only_within_the_grace_period(tmp_path, grace, is_committed):
+    ckpts, store = tmp_path / "ckpts", SlowStore(tmp_path / "store", 1.0)
+    make_checkpoint(ckpts / "checkpoint-10", 10)
+    time.sleep(0.3)
+    sidecar, out = sidecar_for(store, ckpts)
+    thread = in_thread(sidecar)
+    assert store.started.wait(10)
+    sidecar.finish(time.monotonic() + grace, wait_for_writers=False)  # what run_standalone does on SIGTERM
+    thread.join(15)
+    assert store.exists(layout.manifest_key("job-1", "checkpoint-10", 0)) is is_committed
+    if not is_committed:
+        assert sidecar.result.not_committed == {"checkpoint-10": CUT}
+        assert f"checkpoint-10 NOT committed: {CUT}" in out.getvalue()
+
+
+def test_store_errors_while_watching_are_retried_and_do_not_stop_the_sidecar(tmp_path):
+    from agent.errors import TransientError
+
+    class Flaky(RecordingStore):
+        lists = uploads = 0
+
+        def list_dir(self, prefix):
+            Flaky.lists += 1
+            if Flaky.lists <= 2:
+                raise TransientError("connection reset (test)")
+            return super().list_dir(prefix)
+
+        def upload_file(self, key, source, size):
+            Flaky.uploads += 1
+            if Flaky.uploads == 1:
+                raise TransientError("connection reset (test)")
+            super().upload_file(key, source, size)
+
+    ckpts, store = tmp_path / "ckpts", Flaky(tmp_path / "store")
+    make_checkpoint(ckpts / "checkpoint-10", 10)
+    sidecar, out = sidecar_for(store, ckpts)
+    thread = in_thread(sidecar)
+    wait_for(lambda: "checkpoint-10" in sidecar.result.committed, timeout=20, what="the commit after retries")
+    sidecar.finish(None, wait_for_writers=True)
+    thread.join(10)
+    assert "the store did not answer" in out.getvalue() and "upload failed" in out.getvalue()
+    assert store.exists(layout.manifest_key("job-1", "checkpoint-10", 0))
+
+
+def test_loose_files_at_the_top_level_are_ignored_with_one_warning(tmp_path):
+    ckpts, store = tmp_path / "ckpts", RecordingStore(tmp_path / "store")
+    make_checkpoint(ckpts / "checkpoint-10", 10)
+    (ckpts / "notes.txt").write_text("not a checkpoint")
+    sidecar, out = sidecar_for(store, ckpts)
+    thread = in_thread(sidecar)
+    wait_for(lambda: "checkpoint-10" in sidecar.result.committed)
+    time.sleep(0.3)
+    sidecar.finish(None, wait_for_writers=True)
+    thread.join(10)
+    assert out.getvalue().count("notes.txt") == 1 and "ignoring files at the top level" in out.getvalue()
+    assert not any("notes.txt" in key for _, key in store.log)
+
+
+def test_identical_file_is_copied_inside_s3_instead_of_uploaded_again(seaweed, s3_prefix, tmp_path):
+    from agent.stores.s3http import S3HttpStore
+
+    class Counting(S3HttpStore):
+        copies: list[str] = []
+
+        def copy(self, src_key: str, dst_key: str) -> None:
+            self.copies.append(dst_key)
+            super().copy(src_key, dst_key)
+
+    store = Counting(seaweed.bucket, s3_prefix, seaweed.env())
+    ckpts = tmp_path / "ckpts"
+    for step in (10, 20):
+        make_checkpoint(ckpts / f"checkpoint-{step}", step)
+        (ckpts / f"checkpoint-{step}" / "config.json").write_text('{"same": true}')
+    time.sleep(0.3)
+    sidecar, out = sidecar_for(store, ckpts)
+    assert sidecar.run(once=True).committed == ["checkpoint-10", "checkpoint-20"]
+    assert store.copies == [layout.file_key("job-1", "checkpoint-20", 0, "config.json")]
+    assert "1 copied inside the store" in out.getvalue()
+    key = layout.file_key("job-1", "checkpoint-20", 0, "config.json")
+    assert store.read_bytes(key) == b'{"same": true}'
+
+
+# -- small pieces ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/fdinfo").is_dir(), reason="needs /proc")
+def test_open_for_writing_sees_write_handles_and_not_read_handles(tmp_path):
+    (tmp_path / "r").write_bytes(b"x")
+    with open(tmp_path / "w", "wb"), open(tmp_path / "r", "rb"):
+        found = open_for_writing(tmp_path)
+    assert found == {os.path.realpath(tmp_path / "w")}
+    assert open_for_writing(tmp_path) == set()
+
+
+def test_checkpointing_settings_and_sync_flags_are_validated():
+    settings = settings_from_env({})
+    assert settings.checkpoint_dir == "/tmp/training_checkpoints" and settings.checkpointing_enabled is False
+    assert settings_from_env({"BT_CHECKPOINTING_ENABLED": "1", "BT_CHECKPOINT_DIR": "/x"}).checkpoint_dir == "/x"
+    with pytest.raises(ConfigError, match="BT_CHECKPOINTING_ENABLED"):
+        settings_from_env({"BT_CHECKPOINTING_ENABLED": "maybe"})
+    opts = sync_options({"CKPT_AGENT_QUIET_SECONDS": "1.5", "CKPT_AGENT_KEEP_LAST": "2"}, "/d", poll_seconds=0.5)
+    assert (opts.quiet_seconds, opts.poll_seconds, opts.keep_last, opts.complete_file) == \
+        (1.5, 0.5, 2, "trainer_state.json")
+    assert sync_options({}, "/d", complete_file="").complete_file is None
+    for bad in ({"quiet_seconds": -1}, {"poll_seconds": 0}, {"keep_last": 0}, {"complete_file": "../x"}):
+        with pytest.raises(ConfigError):
+            sync_options({}, "/d", **bad)
