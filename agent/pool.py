@@ -29,13 +29,11 @@ def run_tasks(tasks: Iterable[Task], workers: int, cancel: Cancel) -> None:
     def worker() -> None:
         try:
             while (task := next_task()) is not None:
-                try:
-                    task()
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    with lock:
-                        if state["error"] is None:
-                            state["error"] = exc
-                    return
+                task()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, from a task or the task source
+            with lock:
+                if state["error"] is None:
+                    state["error"] = exc
         finally:
             with lock:
                 state["running"] -= 1

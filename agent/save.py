@@ -7,8 +7,11 @@ store.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +23,21 @@ from agent.manifest import (
     FileEntry,
     JobRecord,
     Manifest,
+    PackEntry,
     checksum,
     format_checksum,
     utc_now,
 )
+from agent.packing import Pack, PackReader, assign_packs
 from agent.pool import run_tasks
 from agent.resolve import read_job
-from agent.stores.base import Store
+from agent.stores.base import Store, upload_in_parts
 from agent.transfer import Progress
 
 # S3 copies at most 5 GiB in one CopyObject; bigger files are uploaded again.
 MAX_STORE_COPY = 5 << 30
+# Files are checksummed in regions of this size, so one huge file keeps every core busy.
+CHECKSUM_REGION = 64 << 20
 
 
 class CheckpointChanged(AgentError):
@@ -91,6 +98,71 @@ def file_checksums(path: Path, part_size: int, buffer_size: int = 8 << 20) -> tu
             if filled < part_size:
                 break
     return tuple(parts)
+
+
+def region_checksums(path: Path, start: int, end: int, part_size: int) -> list[str]:
+    """Checksums of the parts in [start, end) of a file; `start` is a multiple of part_size."""
+    parts: list[str] = []
+    buf = memoryview(bytearray(min(1 << 20, part_size)))
+    with open(path, "rb", buffering=0) as f:
+        for p_start in range(start, max(end, start + 1), part_size):
+            p_end = min(end, p_start + part_size)
+            crc, offset = 0, p_start
+            while offset < p_end:
+                n = f.readinto(buf[: min(len(buf), p_end - offset)]) if f.seek(offset) == offset else 0
+                if not n:
+                    raise FileNotFoundError(errno.ENOENT, "shrank while reading", str(path))
+                crc = checksum(buf[:n], crc)
+                offset += n
+            parts.append(format_checksum(crc))
+    return parts
+
+
+def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel: Cancel) -> dict[str, tuple[str, ...]]:
+    """Every file's part checksums, computed in regions on the pool so one huge file uses every core."""
+    region = part_size * max(1, CHECKSUM_REGION // part_size)
+    found: dict[tuple[str, int], list[str]] = {}
+
+    def one(f: LocalFile, start: int) -> None:
+        found[(f.rel, start)] = region_checksums(f.path, start, min(f.size, start + region), part_size)
+
+    run_tasks((lambda f=f, s=s: one(f, s) for f in files for s in range(0, max(f.size, 1), region)), workers, cancel)
+    return {f.rel: tuple(c for s in range(0, max(f.size, 1), region) for c in found[(f.rel, s)]) for f in files}
+
+
+def _upload_tasks(store: Store, key: str, path: Path, size: int, progress: Progress) -> Iterator[Callable[[], None]]:
+    """One task per part of one file, sharing the pool with every other file; the last completes it."""
+    upload = store.start_upload(key, size)
+    left = [len(range(0, max(size, 1), upload.part_size))]
+    lock = threading.Lock()
+
+    def part(index: int) -> None:
+        start = index * upload.part_size
+        length = min(upload.part_size, size - start)
+        try:
+            with open(path, "rb") as source:
+                upload.put_part(index, source, start, length)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
+        progress(length)
+
+    for index in range(left[0]):
+        yield lambda i=index: part(i)
+
+
+def _upload_pack(store: Store, key: str, pack: Pack) -> None:
+    upload = store.start_upload(key, pack.size)
+    if upload.part_size < pack.size:
+        upload.abort()
+        store.upload_file(key, io.BytesIO(PackReader(pack).read()), pack.size)
+        return
+    upload_in_parts(upload, PackReader(pack), pack.size)
 
 
 def ensure_job(store: Store, ident: CheckpointId) -> None:
@@ -157,30 +229,38 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
         raise CheckpointChanged(f"{folder / rel}: changed since it was judged stable; checkpoint {ident.name} "
                                 "not committed")
     ensure_job(store, ident)
-    sums: dict[str, tuple[str, ...]] = {}
+    sums = _checksums(files, part_size, workers, cancel)
     same_as_before: dict[str, tuple[int, tuple[str, ...]]] = {}
     if previous is not None and previous.part_size == part_size and _copies_server_side(store):
         same_as_before = {e.path: (e.size, e.parts) for e in previous.files if e.size <= MAX_STORE_COPY}
 
-    def upload(f: LocalFile) -> None:
-        sums[f.rel] = file_checksums(f.path, part_size)
+    def copy_or_upload(f: LocalFile) -> Iterator[Callable[[], None]]:
         key = layout.file_key(ident.job_id, ident.name, ident.rank, f.rel)
         if same_as_before.get(f.rel) == (f.size, sums[f.rel]):
-            try:
-                store.copy(layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, f.rel), key)
-            except (StoreError, NotFoundError):
-                pass  # e.g. the previous object is gone or too big to copy: upload it instead
-            else:
-                if copied is not None:
-                    copied.append(f.rel)
-                progress(f.size)
-                return
-        with open(f.path, "rb") as source:
-            store.upload_file(key, source, f.size)
-        progress(f.size)
+            def copy() -> None:
+                try:
+                    store.copy(layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, f.rel), key)
+                except (StoreError, NotFoundError):  # e.g. the previous object is gone: upload it instead
+                    run_tasks(_upload_tasks(store, key, f.path, f.size, progress), 1, cancel)
+                else:
+                    if copied is not None:
+                        copied.append(f.rel)
+                    progress(f.size)
+            yield copy
+            return
+        yield from _upload_tasks(store, key, f.path, f.size, progress)
+
+    packs = assign_packs([(f.rel, f.path, f.size) for f in files])
+    pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
+
+    def tasks() -> Iterator[Callable[[], None]]:
+        for pack in packs:
+            yield lambda p=pack: _upload_pack(store, layout.pack_key(ident.job_id, ident.name, ident.rank, p.id), p)
+        for f in files:
+            yield from copy_or_upload(f)
 
     try:
-        run_tasks(((lambda f=f: upload(f)) for f in files), workers, cancel)
+        run_tasks(tasks(), workers, cancel)
     except OSError:  # StoreError too: a file that shrank or vanished mid-upload looks like a failed upload
         if (rel := _difference(files, _rescan(folder))) is not None:
             raise CheckpointChanged(f"{folder / rel}: changed while uploading; checkpoint {ident.name} "
@@ -191,7 +271,8 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
     manifest = Manifest(
         project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,
         rank=ident.rank, committed_at=utc_now(), part_size=part_size,
-        files=tuple(FileEntry(f.rel, f.size, sums[f.rel]) for f in files),
+        files=tuple(FileEntry(f.rel, f.size, sums[f.rel], *pack_of.get(f.rel, (None, 0))) for f in files),
+        packs=tuple(PackEntry(p.id, p.size) for p in packs),
     )
     store.write_bytes(layout.manifest_key(ident.job_id, ident.name, ident.rank), manifest.to_json().encode())
     return manifest

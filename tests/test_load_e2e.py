@@ -226,3 +226,42 @@ def test_required_latest_that_finds_nothing_is_fatal(store, tmp_path):
     assert result.returncode == 3
     assert "BT_LOAD_CHECKPOINT_REQUIRED" in result.stderr
     assert not marker.exists()
+
+
+def many_small_files(folder: Path, count: int = 40) -> Path:
+    for i in range(count):
+        sub = folder / f"shard-{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"tensor-{i:03d}.bin").write_bytes(os.urandom(1000 + 97 * i))
+    (folder / "big.bin").write_bytes(os.urandom(3 << 20))
+    return folder
+
+
+def test_small_files_travel_in_packs_and_still_exist_one_by_one(store, tmp_path):
+    env = base_env(store, tmp_path)
+    src = many_small_files(tmp_path / "src" / "checkpoint-5")
+    save(env, src, "job-p", "checkpoint-5")
+    manifest = json.loads(store.read(layout.manifest_key("job-p", "checkpoint-5", 0)))
+    assert manifest["packs"] and all("pack" in f for f in manifest["files"] if f["path"] != "big.bin")
+    assert store.read(layout.file_key("job-p", "checkpoint-5", 0, "shard-1/tensor-001.bin")) == (
+        src / "shard-1" / "tensor-001.bin").read_bytes()
+    dl = tmp_path / "dl"
+    env["BT_LOAD_CHECKPOINT_CONFIG"] = spec(dl, named("checkpoint-5", "job-p"))
+    result = agent(["load"], env)
+    assert result.returncode == 0, result.stderr
+    assert same_tree(dl / "rank-0" / "checkpoint-5", src)
+
+
+def test_a_changed_byte_in_a_pack_is_caught(store, tmp_path):
+    env = base_env(store, tmp_path)
+    src = many_small_files(tmp_path / "src" / "checkpoint-6")
+    save(env, src, "job-q", "checkpoint-6")
+    key = layout.pack_key("job-q", "checkpoint-6", 0, 0)
+    data = bytearray(store.read(key))
+    data[len(data) // 3] ^= 0x01
+    store.write(key, bytes(data))
+    dl = tmp_path / "dl"
+    env["BT_LOAD_CHECKPOINT_CONFIG"] = spec(dl, named("checkpoint-6", "job-q"))
+    result = agent(["load"], env)
+    assert result.returncode == 5, result.stderr
+    assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr

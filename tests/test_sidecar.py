@@ -291,7 +291,7 @@ def test_checkpointing_without_a_job_id_fails_before_the_trainer_starts(local_st
 
 
 class RecordingStore(LocalStore):
-    """A local store that records writes and deletes, and can run a hook inside upload_file."""
+    """A local store that records writes and deletes, and can run a hook as each upload starts."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(str(root))
@@ -302,11 +302,11 @@ class RecordingStore(LocalStore):
         self.log.append(("write", key))
         super().write_bytes(key, data)
 
-    def upload_file(self, key, source, size) -> None:
+    def start_upload(self, key: str, size: int):
         if self.on_upload:
             self.on_upload(key)
         self.log.append(("upload", key))
-        super().upload_file(key, source, size)
+        return super().start_upload(key, size)
 
     def delete(self, key: str) -> None:
         self.log.append(("delete", key))
@@ -423,11 +423,11 @@ def test_store_errors_while_watching_are_retried_and_do_not_stop_the_sidecar(tmp
                 raise TransientError("connection reset (test)")
             return super().list_dir(prefix)
 
-        def upload_file(self, key, source, size):
+        def start_upload(self, key, size):
             Flaky.uploads += 1
             if Flaky.uploads == 1:
                 raise TransientError("connection reset (test)")
-            super().upload_file(key, source, size)
+            return super().start_upload(key, size)
 
     ckpts, store = tmp_path / "ckpts", Flaky(tmp_path / "store")
     make_checkpoint(ckpts / "checkpoint-10", 10)
