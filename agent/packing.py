@@ -8,6 +8,7 @@ fetches each pack with a few ranged GETs.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,14 +62,16 @@ class PackReader:
     """A file-like view of a pack: the members' bytes one after another, read from disk."""
 
     def __init__(self, pack: Pack) -> None:
-        self._members = pack.members
+        self._members = [m for m in pack.members if m.size]
+        self._starts = [m.offset for m in self._members]
         self.seek(0)
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        if offset != 0 or whence != 0:
-            raise OSError("a pack can only be rewound")
-        self._index, self._within = 0, 0
-        return 0
+        if whence != 0 or offset < 0:
+            raise OSError("a pack reader seeks only to an absolute offset")
+        self._index = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        self._within = offset - self._starts[self._index] if self._members else 0
+        return offset
 
     def read(self, n: int = -1) -> bytes:
         chunks: list[bytes] = []

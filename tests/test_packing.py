@@ -58,3 +58,13 @@ def test_pack_reader_fails_when_a_member_shrank(tmp_path):
     files[1][1].write_bytes(b"short")
     with pytest.raises(OSError, match="changed while packing"):
         PackReader(pack).read()
+
+
+def test_pack_reader_seeks_into_the_middle_of_a_member(tmp_path):
+    files = make_files(tmp_path, [40, 0, 13, 40])
+    (pack,) = assign_packs(files, max_file=100, pack_size=1000, min_files=1)
+    expected = b"".join(path.read_bytes() for _, path, _ in files)
+    reader = PackReader(pack)
+    for offset in (0, 5, 40, 45, 53, 60):
+        reader.seek(offset)
+        assert reader.read(10) == expected[offset:offset + 10]
