@@ -61,6 +61,7 @@ class _SafePaths:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prefix = f"{root}/"
         self._dirs: set[str] = set()
 
     def lstat_file(self, rel: str) -> os.stat_result | None:
@@ -83,7 +84,7 @@ class _SafePaths:
 
     def _lstat(self, rel: str) -> os.stat_result | None:
         try:
-            st = os.lstat(self.root / rel)
+            st = os.lstat(self._prefix + rel)
         except FileNotFoundError:
             return None
         if stat.S_ISLNK(st.st_mode):
