@@ -173,6 +173,12 @@ class StoreContract:
             store.read_bytes("d/gone")
         assert store.list_dir("d/") == Listing(("kept",), ())
 
+    def test_deleting_the_last_object_under_a_prefix_leaves_nothing_under_it(self, store: Store) -> None:
+        store.write_bytes("top/ckpt/rank-0/a", b"1")
+        store.write_bytes("top/other", b"2")
+        store.delete("top/ckpt/rank-0/a")
+        assert store.list_recursive("top/") == ["top/other"]
+
     def test_delete_of_missing_key_is_not_an_error(self, store: Store) -> None:
         store.delete("never/existed")
 
@@ -247,6 +253,13 @@ class TestLocalStore(StoreContract, BigUploadContract):
     @pytest.fixture
     def store(self, tmp_path) -> Store:
         return LocalStore(str(tmp_path / "store"))
+
+    def test_delete_prunes_folders_it_left_empty_as_an_object_store_would(self, store: LocalStore) -> None:
+        store.write_bytes("top/ckpt/rank-0/a", b"1")
+        store.write_bytes("top/other", b"2")
+        store.delete("top/ckpt/rank-0/a")
+        assert store.list_dir("top/") == Listing(("other",), ())
+        assert store.root.is_dir()
 
     def test_list_dir_hides_incomplete_writes(self, store: LocalStore) -> None:
         store.write_bytes("d/done", b"1")

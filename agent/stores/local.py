@@ -55,6 +55,8 @@ class _LocalUpload(Upload):
                 if n == 0:
                     raise StoreError(f"{self._key}: source ended early")
                 start, offset, length = start + n, offset + n, length - n
+        except StoreError:
+            raise
         except OSError as exc:
             raise StoreError(f"{self._key}: cannot write to the local store: {exc.strerror}") from None
 
@@ -132,9 +134,18 @@ class LocalStore(Store):
             raise NotFoundError(f"{key}: not found in {self.describe()}") from None
 
     def delete(self, key: str) -> None:
+        """Also removes folders left empty, as an object store has no folders of its own."""
+        path = self._path(key)
         try:
-            self._path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
-            pass
+            return
         except OSError as exc:
             raise StoreError(f"{key}: cannot delete from {self.describe()}: {exc.strerror}") from None
+        for parent in path.parents:
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
