@@ -15,14 +15,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from agent.errors import IntegrityError, NotFoundError, StoreError, TransientError
+from agent.errors import TransientError
 from agent.stores.base import Listing, RangeReader, Store
-from agent.stores.s3http import content_range_size
+from agent.stores.s3errors import content_range_size, store_error
 
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-           "InvalidToken", "ExpiredToken", "TokenRefreshRequired"}
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError"}
 _BODY_ATTEMPTS = 5
 
 
@@ -76,21 +72,8 @@ class S3Store(Store):
         where = f"s3://{self.bucket}/{self._key(key)}"
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in _NOT_FOUND:
-                return NotFoundError(f"{where}: not found")
-            if code == "NoSuchBucket":
-                return StoreError(f"s3://{self.bucket}: bucket does not exist; check BT_CHECKPOINT_STORE")
-            if code == "InvalidRange":
-                return IntegrityError(
-                    f"{where}: shorter than the range asked for; the object changed after it was committed"
-                )
-            if code in _DENIED:
-                return StoreError(
-                    f"{where}: access denied ({code}) on {action}; check the AWS credentials and their permissions"
-                )
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            kind = TransientError if status >= 500 or code in _THROTTLED else StoreError
-            return kind(f"{where}: {action} failed with {code or status}")
+            return store_error(code, status, where, action, self.bucket)
         name = type(exc).__name__
         return TransientError(f"{where}: {action} failed ({name}); check AWS_ENDPOINT_URL and the network")
 

@@ -23,42 +23,16 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, TransientError
+from agent.errors import AgentError, NotFoundError, StoreError, TransientError
 from agent.stores.base import Listing, RangeReader, Store, Upload, upload_in_parts
+from agent.stores.s3errors import content_range_size, store_error
 from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, Credentials, canonical_query, sign, uri_encode
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
-_NOT_FOUND = {"NoSuchKey", "NotFound"}
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-           "ExpiredToken", "TokenRefreshRequired", "Forbidden"}
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-              "ServiceUnavailable"}
 ATTEMPTS = 6
 MULTIPART_THRESHOLD = 64 << 20
 UPLOAD_PART_SIZE = 64 << 20
-
-
-def store_error(code: str, status: int, where: str, action: str, bucket: str) -> AgentError:
-    """One mapping from an S3 error code to our error family, shared by both S3 engines."""
-    if code in _NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
-        return NotFoundError(f"{where}: not found")
-    if code == "NoSuchBucket":
-        return StoreError(f"s3://{bucket}: bucket does not exist; check BT_CHECKPOINT_STORE")
-    if code == "InvalidRange" or status == 416:
-        return IntegrityError(f"{where}: shorter than the range asked for; the object changed after it was committed")
-    if code in _DENIED or status == 403:
-        return StoreError(
-            f"{where}: access denied ({code or status}) on {action}; check the AWS credentials and their permissions"
-        )
-    kind = TransientError if status >= 500 or code in _THROTTLED else StoreError
-    return kind(f"{where}: {action} failed with {code or status}")
-
-
-def content_range_size(header: str | None) -> int | None:
-    """`bytes 0-99/1234` -> 1234; None when absent or the size is unknown (`*`)."""
-    total = (header or "").rpartition("/")[2].strip()
-    return int(total) if total.isdecimal() else None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,33 @@
+"""Reading S3's answers, shared by both S3 engines: error codes -> our error family, object sizes."""
+
+from __future__ import annotations
+
+from agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, TransientError
+
+_NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+           "ExpiredToken", "TokenRefreshRequired", "Forbidden"}
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+              "ServiceUnavailable"}
+
+
+def store_error(code: str, status: int, where: str, action: str, bucket: str) -> AgentError:
+    """One mapping from an S3 error code to our error family, shared by both S3 engines."""
+    if code in _NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
+        return NotFoundError(f"{where}: not found")
+    if code == "NoSuchBucket":
+        return StoreError(f"s3://{bucket}: bucket does not exist; check BT_CHECKPOINT_STORE")
+    if code == "InvalidRange" or status == 416:
+        return IntegrityError(f"{where}: shorter than the range asked for; the object changed after it was committed")
+    if code in _DENIED or status == 403:
+        return StoreError(
+            f"{where}: access denied ({code or status}) on {action}; check the AWS credentials and their permissions"
+        )
+    kind = TransientError if status >= 500 or code in _THROTTLED else StoreError
+    return kind(f"{where}: {action} failed with {code or status}")
+
+
+def content_range_size(header: str | None) -> int | None:
+    """`bytes 0-99/1234` -> 1234; None when absent or the size is unknown (`*`)."""
+    total = (header or "").rpartition("/")[2].strip()
+    return int(total) if total.isdecimal() else None
