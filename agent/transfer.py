@@ -192,34 +192,26 @@ class _Engine:
         buf = self._buffer()
         part = first
         try:
-            while part < last:
-                self.cancel.check()
-                p_start, p_end = self._part_bounds(task, part)
-                crc, offset, fetched = 0, p_start, 0
-                while offset < p_end:
-                    n = reader.readinto(buf[: min(len(buf), p_end - offset)])
-                    if not n:
-                        raise TransientError(f"{task.key}: body ended {p_end - offset} bytes early")
-                    chunk = buf[:n]
-                    crc = checksum(chunk, crc)
-                    os.pwrite(fd, chunk, offset)
-                    offset += n
-                    fetched += n
-                if format_checksum(crc) != task.entry.parts[part]:
-                    raise _ChecksumMismatch(f"part {part} checksum mismatch")
-                with self._stats_lock:
-                    self.stats.bytes_fetched += fetched
-                self.progress(fetched)
-                part += 1
-        except TransientError as exc:
-            exc.next_part = part  # the parts before it are verified and on disk
-            raise
-        except AgentError:
-            raise
-        except OSError as exc:
-            error = TransientError(f"{task.key}: read failed ({type(exc).__name__})")
-            error.next_part = part
-            raise error from None
+            with _resumes_at(task.key, lambda: part):
+                while part < last:
+                    self.cancel.check()
+                    p_start, p_end = self._part_bounds(task, part)
+                    crc, offset, fetched = 0, p_start, 0
+                    while offset < p_end:
+                        n = reader.readinto(buf[: min(len(buf), p_end - offset)])
+                        if not n:
+                            raise TransientError(f"{task.key}: body ended {p_end - offset} bytes early")
+                        chunk = buf[:n]
+                        crc = checksum(chunk, crc)
+                        os.pwrite(fd, chunk, offset)
+                        offset += n
+                        fetched += n
+                    if format_checksum(crc) != task.entry.parts[part]:
+                        raise _ChecksumMismatch(f"part {part} checksum mismatch")
+                    with self._stats_lock:
+                        self.stats.bytes_fetched += fetched
+                    self.progress(fetched)
+                    part += 1
         finally:
             reader.close()
         return part
@@ -235,22 +227,14 @@ class _Engine:
         reader = self.store.open_range(key, start, end - start)
         position, index = start, first
         try:
-            while index < len(members):
-                self.cancel.check()
-                task = members[index]
-                self._read_exactly(reader, key, task.entry.offset - position, None)
-                self._write_member(task, reader)
-                position = task.entry.offset + task.entry.size
-                index += 1
-        except TransientError as exc:
-            exc.next_part = index
-            raise
-        except AgentError:
-            raise
-        except OSError as exc:
-            error = TransientError(f"{key}: read failed ({type(exc).__name__})")
-            error.next_part = index
-            raise error from None
+            with _resumes_at(key, lambda: index):
+                while index < len(members):
+                    self.cancel.check()
+                    task = members[index]
+                    self._read_exactly(reader, key, task.entry.offset - position, None)
+                    self._write_member(task, reader)
+                    position = task.entry.offset + task.entry.size
+                    index += 1
         finally:
             reader.close()
         return index
@@ -313,6 +297,22 @@ def _spans(members: list[FileTask], max_bytes: int, max_gap: int = 1 << 20) -> I
         span.append(task)
     if span:
         yield span
+
+
+@contextlib.contextmanager
+def _resumes_at(key: str, position: Callable[[], int]) -> Iterator[None]:
+    """Tag a failure with the position reached, so the retry resumes there instead of from the start."""
+    try:
+        yield
+    except TransientError as exc:
+        exc.next_part = position()
+        raise
+    except AgentError:
+        raise
+    except OSError as exc:
+        error = TransientError(f"{key}: read failed ({type(exc).__name__})")
+        error.next_part = position()
+        raise error from None
 
 
 def _preallocate(fd: int, size: int) -> None:

@@ -8,7 +8,6 @@ fault to the test here that proves it.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -29,10 +28,10 @@ from agent.save import CheckpointId, commit_checkpoint
 from agent.stores.s3 import S3Store
 from tests.faultproxy import LOOPBACK, FaultProxy
 from tests.seaweed import SeaweedServer
+from tests.specs import AGENT, spec
 
 pytestmark = pytest.mark.seaweed
 
-AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 KIB, MIB = 1 << 10, 1 << 20
 PART = 256 * KIB  # small checksum parts, so a resumed file skips most of itself
 JOB, NAME = "job-f", "checkpoint-7"
@@ -72,10 +71,6 @@ def put_object(server: SeaweedServer, prefix: str, key: str, data: bytes) -> Non
 
 def get_object(server: SeaweedServer, prefix: str, key: str) -> bytes:
     return server.client().get_object(Bucket=server.bucket, Key=f"{prefix}/{key}")["Body"].read()
-
-
-def spec(folder: Path, *refs: dict) -> str:
-    return json.dumps({"enabled": True, "checkpoints": list(refs), "download_folder": str(folder)})
 
 
 def latest(project: str | None = "proj", job_id: str | None = None) -> dict:

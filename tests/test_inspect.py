@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent import layout
 from agent.inspect import CheckpointListing, CheckpointRow, JobRow, render
-
-AGENT = str(Path(sys.executable).parent / "ckpt-agent")
+from tests.specs import AGENT
 
 
 def agent(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import pytest
 
 from agent import layout
 from tests.seaweed import SeaweedServer
-
-AGENT = str(Path(sys.executable).parent / "ckpt-agent")
+from tests.specs import AGENT, latest, named, spec
 
 
 @dataclass
@@ -86,18 +84,6 @@ def make_checkpoint(folder: Path, step: int, size: int = 3_000_000) -> Path:
 def save(env: dict[str, str], folder: Path, job: str, name: str, project: str = "proj") -> None:
     result = agent(["save", str(folder), "--project", project, "--job-id", job, "--name", name], env)
     assert result.returncode == 0, result.stderr
-
-
-def spec(folder: Path, *refs: dict) -> str:
-    return json.dumps({"enabled": True, "checkpoints": list(refs), "download_folder": str(folder)})
-
-
-def latest(project: str | None = None, job_id: str | None = None) -> dict:
-    return {"typ": "baseten_latest_checkpoint", "project_name": project, "job_id": job_id}
-
-
-def named(name: str, job_id: str) -> dict:
-    return {"typ": "baseten_named_checkpoint", "checkpoint_name": name, "job_id": job_id}
 
 
 def same_tree(a: Path, b: Path) -> bool:

@@ -22,8 +22,7 @@ from agent import layout
 from agent.cli import build_parser
 from agent.localstate import VerifiedIndex
 from agent.report import JsonReporter, Reporter, _LineSink, make_reporter
-
-AGENT = str(Path(sys.executable).parent / "ckpt-agent")
+from tests.specs import AGENT, latest, named, spec
 
 
 def agent(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -45,18 +44,6 @@ def save(env: dict[str, str], tmp_path: Path, job: str, name: str, size: int = 2
     result = agent(["save", str(folder), "--project", "proj", "--job-id", job, "--name", name], env)
     assert result.returncode == 0, result.stderr
     return folder
-
-
-def spec(folder: Path, *refs: dict) -> str:
-    return json.dumps({"enabled": True, "checkpoints": list(refs), "download_folder": str(folder)})
-
-
-def latest(project: str | None = None, job_id: str | None = None) -> dict:
-    return {"typ": "baseten_latest_checkpoint", "project_name": project, "job_id": job_id}
-
-
-def named(name: str, job_id: str) -> dict:
-    return {"typ": "baseten_named_checkpoint", "checkpoint_name": name, "job_id": job_id}
 
 
 def json_lines(text: str) -> list[dict]:

@@ -6,9 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-AGENT = str(Path(sys.executable).parent / "ckpt-agent")
+from tests.specs import AGENT
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -28,8 +28,8 @@ from agent.settings import settings_from_env
 from agent.sidecar import CUT, Sidecar, SyncOptions, open_for_writing, sync_options
 from agent.stores.local import LocalStore
 from tests.seaweed import SeaweedServer
+from tests.specs import AGENT
 
-AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
 QUIET = "0.5"
 

@@ -6,22 +6,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent import layout
-
-AGENT = str(Path(sys.executable).parent / "ckpt-agent")
+from tests.specs import AGENT, spec
 
 
 def agent(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([AGENT, *args], env=env, capture_output=True, text=True, timeout=60)
-
-
-def spec(folder: Path, *refs: dict) -> str:
-    return json.dumps({"enabled": True, "checkpoints": list(refs), "download_folder": str(folder)})
 
 
 def named(name: str) -> dict:
