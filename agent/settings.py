@@ -27,8 +27,12 @@ DEFAULT_CHECKPOINT_DIR = "/tmp/training_checkpoints"
 
 
 def default_workers() -> int:
-    """Transfers wait on the network, not the CPU: many requests per core keep the pipe full."""
-    return min(64, 16 * (os.cpu_count() or 2))
+    """Enough requests per core to keep the pipe full; more only burn kernel time on a small node.
+
+    Measured on 2 cores against SeaweedFS: 16 streams loaded 16 x 128 MiB in 3.4 s, 32 in 4.5 s
+    (system CPU 2.4 s against 4.7 s).
+    """
+    return min(64, 8 * (os.cpu_count() or 2))
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 
 Starts SeaweedFS (127.0.0.1 only) in a temporary folder, fills it with `ckpt-agent save`, then
 times whole processes (wall time and the child's peak RSS from os.wait4), alternating the
-contenders round by round (ABCABC...). Every download is verified afterwards (file set, sizes
-and, by default, crc32c of every byte); a mismatch stops the benchmark with an error.
+contenders round by round, rotating who goes first (ABC BCA CAB ...). Every download is
+verified afterwards (file set, sizes and, by default, crc32c of every byte); a mismatch stops
+the benchmark with an error.
 See bench/README.md.
 """
 
@@ -624,7 +625,8 @@ class Bench:
         timeout = self.timeout(nbytes)
         runs: dict[str, list[dict]] = {c.name: [] for c in contenders}
         for r in range(self.args.runs):
-            for c in contenders:  # ABCABC...: every round runs each contender once, in order
+            shift = r % len(contenders)  # ABC BCA CAB...: no contender always runs right after another's cleanup
+            for c in contenders[shift:] + contenders[:shift]:
                 c.prepare(r)
                 os.sync()  # flush the previous run's dirty pages so they are not billed here
                 argv = c.argv(r)
