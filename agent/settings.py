@@ -21,7 +21,7 @@ from agent.spec import (
 )
 
 DEFAULT_STORE = "/tmp/ckpt-store"
-DEFAULT_CHUNK_MB = 32
+DEFAULT_CHUNK_MB = 64
 DEFAULT_READ_TIMEOUT = 20
 DEFAULT_CHECKPOINT_DIR = "/tmp/training_checkpoints"
 
@@ -30,7 +30,7 @@ def default_workers() -> int:
     """Enough requests per core to keep the pipe full; more only burn kernel time on a small node.
 
     Measured on 2 cores against SeaweedFS: 16 streams loaded 16 x 128 MiB in 3.4 s, 32 in 4.5 s
-    (system CPU 2.4 s against 4.7 s).
+    (system CPU 2.4 s against 4.7 s); 64 MiB ranges beat 32 MiB ones (1.9 s against 2.5 s).
     """
     return min(64, 8 * (os.cpu_count() or 2))
 

@@ -29,7 +29,7 @@ Progress = Callable[[int], None]
 @dataclass(frozen=True)
 class TransferOptions:
     workers: int = 32
-    chunk_size: int = 32 << 20
+    chunk_size: int = 64 << 20
     buffer_size: int = 1 << 20
     attempts: int = 6
     backoff_base: float = 0.2
