@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import __version__, layout
 from agent.cancel import Cancel
-from agent.errors import IntegrityError, LocalError
-from agent.localstate import VerifiedIndex, folder_lock, incomplete_path, prepare_root, state_dir, write_json_atomic
-from agent.manifest import Manifest, checksum, format_checksum, natural_key, parse_manifest
+from agent.errors import LocalError
+from agent.localstate import (
+    VerifiedIndex,
+    folder_lock,
+    incomplete_path,
+    prepare_root,
+    state_dir,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from agent.manifest import checksum, format_checksum, natural_key
 from agent.plan import FileTask, Plan, make_plan
 from agent.report import Reporter, human_bytes
 from agent.resolve import Resolution, Resolved, resolve
@@ -56,49 +63,11 @@ def check_free_space(plan: Plan) -> None:
 MANIFESTS_DIR = "manifests"
 
 
-class _ManifestTap:
-    """Passes every call through to the store and keeps the bytes of each manifest it reads, so the
-    load record holds the manifests exactly as the store served them (and their crc32c)."""
-
-    def __init__(self, store) -> None:
-        self._store = store
-        self._seen: dict[str, list[bytes]] = {}
-        self._lock = threading.Lock()
-
-    def read_bytes(self, key: str) -> bytes:
-        data = self._store.read_bytes(key)
-        if layout.manifest_rank(key.rpartition("/")[2]) is not None:
-            with self._lock:
-                self._seen.setdefault(key, []).append(data)
-        return data
-
-    def __getattr__(self, name: str):
-        return getattr(self._store, name)
-
-    def raw_manifest(self, m: Manifest) -> bytes:
-        """The bytes `m` was parsed from (the latest read that parses to it if the key was read twice)."""
-        key = layout.manifest_key(m.job_id, m.checkpoint_name, m.rank)
-        with self._lock:
-            candidates = list(reversed(self._seen.get(key, [])))
-        for data in candidates:
-            with contextlib.suppress(IntegrityError):
-                if parse_manifest(data, key) == m:
-                    return data
-        return m.to_json().encode()
-
-
 def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
     """Position of each checkpoint in the store's latest order (committed_at, then natural name); 0 = newest."""
     newest_first = sorted(resolved, key=lambda r: (r.manifest.committed_at, natural_key(r.manifest.checkpoint_name)),
                           reverse=True)
     return {r.key: i for i, r in enumerate(newest_first)}
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _forget_last_load(root: Path) -> None:
@@ -107,7 +76,7 @@ def _forget_last_load(root: Path) -> None:
         os.unlink(state_dir(root) / LOADED_RECORD)
 
 
-def _record(root: Path, result: LoadResult, started: float, tap: _ManifestTap, rank: int) -> None:
+def _record(root: Path, result: LoadResult, started: float, rank: int) -> None:
     """loaded.json, plus the manifests it names under .ckpt-agent/manifests/rank-<r>/<checkpoint>.json
     (written first, so the record never names a manifest that is not on disk)."""
     state = state_dir(root)
@@ -115,9 +84,9 @@ def _record(root: Path, result: LoadResult, started: float, tap: _ManifestTap, r
     entries, written = [], set()
     for r in result.resolution.checkpoints:
         m = r.manifest
-        raw = tap.raw_manifest(m)
+        raw = m.raw
         manifest_rel = f"{MANIFESTS_DIR}/rank-{rank}/{m.checkpoint_name}.json"
-        _write_bytes_atomic(state / manifest_rel, raw)
+        write_bytes_atomic(state / manifest_rel, raw)
         written.add(state / manifest_rel)
         entries.append({
             "reference": r.reference.describe(), "job_id": m.job_id, "project_name": m.project_name,
@@ -151,11 +120,10 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
     started = time.monotonic()
     root = Path(settings.spec.download_folder)
     store = open_store(settings)
-    tap = _ManifestTap(store)
     try:
         refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
         resolution = cancel.call(
-            lambda: resolve(tap, settings.spec.checkpoints, settings.node_rank, settings.project_name,
+            lambda: resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
                             settings.required),
             f"still missing everything: the store did not answer in time to resolve {refs}")
         for warning in resolution.warnings:
@@ -181,7 +149,7 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
             finally:
                 sink.close()
             result = LoadResult(resolution, plan, stats)
-            _record(root, result, started, tap, settings.node_rank)
+            _record(root, result, started, settings.node_rank)
     finally:
         store.close()
     seconds = time.monotonic() - started

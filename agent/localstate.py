@@ -57,9 +57,7 @@ class VerifiedIndex:
     def save(self) -> None:
         with self._lock:
             data = json.dumps(self._entries)
-        tmp = self._path.with_name(self._path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(data)
-        os.replace(tmp, self._path)
+        write_bytes_atomic(self._path, data.encode())
 
 
 def _refuse_link(path: Path) -> None:
@@ -120,7 +118,13 @@ def folder_lock(root: Path, on_wait: Callable[[str], None], check_cancel: Callab
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=1).encode())

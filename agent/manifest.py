@@ -80,6 +80,12 @@ class Manifest:
     algorithm: str = ALGORITHM
     packs: tuple[PackEntry, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
+    source: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def raw(self) -> bytes:
+        """The bytes as the store served them (what a load records), or a fresh serialisation."""
+        return self.source or self.to_json().encode()
 
     @property
     def total_bytes(self) -> int:
@@ -194,6 +200,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         algorithm=algorithm,
         packs=tuple(PackEntry(i, s) for i, s in sorted(packs.items())),
         extra={k: v for k, v in obj.items() if k not in known},
+        source=text.encode() if isinstance(text, str) else bytes(text),
     )
 
 

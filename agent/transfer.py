@@ -28,8 +28,10 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class TransferOptions:
-    workers: int = 32
-    chunk_size: int = 64 << 20
+    """`workers` and `chunk_size` come from Settings, the one place their defaults live."""
+
+    workers: int
+    chunk_size: int
     buffer_size: int = 1 << 20
     attempts: int = 6
     backoff_base: float = 0.2
