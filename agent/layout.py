@@ -35,9 +35,13 @@ def rank_prefix(job_id: str, name: str, rank: int) -> str:
     return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}/"
 
 
-def pack_key(job_id: str, name: str, rank: int, pack: int) -> str:
+def packs_prefix(job_id: str, name: str, rank: int) -> str:
     """Beside the rank's folder, never inside it, so a pack can never shadow a checkpoint file."""
-    return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}.packs/{pack}"
+    return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}.packs/"
+
+
+def pack_key(job_id: str, name: str, rank: int, pack: int) -> str:
+    return f"{packs_prefix(job_id, name, rank)}{pack}"
 
 
 def manifest_key(job_id: str, name: str, rank: int) -> str:

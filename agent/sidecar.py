@@ -479,15 +479,13 @@ class Sidecar:
             for name in names:
                 if name == just_committed:
                     continue
-                files = self.store.list_dir(layout.checkpoint_prefix(job_id, name)).files
-                if layout.manifest_key(job_id, name, rank).rsplit("/", 1)[1] in files:
+                if self.store.exists(layout.manifest_key(job_id, name, rank)):
                     manifest = read_manifest(self.store, job_id, name, rank)
                     committed.append((manifest.committed_at, natural_key(name), name))
             committed.sort(reverse=True)
             for _, _, name in committed[self.options.keep_last - 1:]:
                 self.store.delete(layout.manifest_key(job_id, name, rank))
-                packs = layout.pack_key(job_id, name, rank, 0).rsplit("/", 1)[0] + "/"
-                for prefix in (layout.rank_prefix(job_id, name, rank), packs):
+                for prefix in (layout.rank_prefix(job_id, name, rank), layout.packs_prefix(job_id, name, rank)):
                     for key in self.store.list_recursive(prefix):
                         self.store.delete(key)
                 self.reporter.info(f"sync: keep-last {self.options.keep_last}: deleted {name} (rank {rank})",
