@@ -6,7 +6,9 @@ odd in it (unsafe paths, sizes that do not add up) is an IntegrityError before a
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +30,43 @@ def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
 
 def format_checksum(value: int) -> str:
     return f"{value:08x}"
+
+
+def read_checksums(fd: int, start: int, end: int, part_size: int, buf: memoryview) -> list[str] | None:
+    """Checksums of the parts in [start, end) of an open file (`start` a multiple of part_size).
+
+    None when the file ends before `end`. An empty range is one part, the checksum of nothing.
+    """
+    sums: list[str] = []
+    for p_start in range(start, max(end, start + 1), part_size):
+        p_end = min(end, p_start + part_size)
+        crc, offset = 0, p_start
+        while offset < p_end:
+            n = os.preadv(fd, [buf[: min(len(buf), p_end - offset)]], offset)
+            if n <= 0:
+                return None
+            crc = checksum(buf[:n], crc)
+            offset += n
+        sums.append(format_checksum(crc))
+    return sums
+
+
+def region_checksums(path: str | os.PathLike, start: int, end: int, part_size: int,
+                     buffer_size: int = 1 << 20) -> list[str]:
+    """Checksums of the parts in [start, end) of a file; FileNotFoundError if it shrank."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sums = read_checksums(fd, start, end, part_size, memoryview(bytearray(min(buffer_size, part_size))))
+    finally:
+        os.close(fd)
+    if sums is None:
+        raise FileNotFoundError(errno.ENOENT, "shrank while reading", str(path))
+    return sums
+
+
+def file_checksums(path: str | os.PathLike, part_size: int, buffer_size: int = 1 << 20) -> tuple[str, ...]:
+    """Every part checksum of a whole file."""
+    return tuple(region_checksums(path, 0, os.stat(path).st_size, part_size, buffer_size))
 
 
 def part_count(size: int, part_size: int) -> int:

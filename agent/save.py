@@ -7,7 +7,6 @@ store.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import threading
@@ -24,8 +23,7 @@ from agent.manifest import (
     JobRecord,
     Manifest,
     PackEntry,
-    checksum,
-    format_checksum,
+    region_checksums,
     utc_now,
 )
 from agent.packing import Pack, PackReader, assign_packs
@@ -78,44 +76,6 @@ def scan_folder(folder: Path) -> list[LocalFile]:
             rel = path.relative_to(folder).as_posix()
             found.append(LocalFile(rel, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
     return sorted(found, key=lambda f: f.rel)
-
-
-def file_checksums(path: Path, part_size: int, buffer_size: int = 8 << 20) -> tuple[str, ...]:
-    parts: list[str] = []
-    buf = memoryview(bytearray(min(buffer_size, part_size)))
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            crc, filled = 0, 0
-            while filled < part_size:
-                n = f.readinto(buf[: min(len(buf), part_size - filled)])
-                if not n:
-                    break
-                crc = checksum(buf[:n], crc)
-                filled += n
-            if filled == 0 and parts:
-                break
-            parts.append(format_checksum(crc))
-            if filled < part_size:
-                break
-    return tuple(parts)
-
-
-def region_checksums(path: Path, start: int, end: int, part_size: int) -> list[str]:
-    """Checksums of the parts in [start, end) of a file; `start` is a multiple of part_size."""
-    parts: list[str] = []
-    buf = memoryview(bytearray(min(1 << 20, part_size)))
-    with open(path, "rb", buffering=0) as f:
-        for p_start in range(start, max(end, start + 1), part_size):
-            p_end = min(end, p_start + part_size)
-            crc, offset = 0, p_start
-            while offset < p_end:
-                n = f.readinto(buf[: min(len(buf), p_end - offset)]) if f.seek(offset) == offset else 0
-                if not n:
-                    raise FileNotFoundError(errno.ENOENT, "shrank while reading", str(path))
-                crc = checksum(buf[:n], crc)
-                offset += n
-            parts.append(format_checksum(crc))
-    return parts
 
 
 def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel: Cancel) -> dict[str, tuple[str, ...]]:

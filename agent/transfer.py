@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from agent.cancel import Cancel
 from agent.errors import AgentError, IntegrityError, LoadTimeoutError, TransientError
 from agent.localstate import VerifiedIndex, incomplete_path
-from agent.manifest import checksum, format_checksum
+from agent.manifest import checksum, format_checksum, read_checksums
 from agent.plan import FileTask, Plan
 from agent.pool import run_tasks
 from agent.stores.base import Store
@@ -137,15 +137,7 @@ class _Engine:
 
     def _part_ok(self, fd: int, task: FileTask, part: int) -> bool:
         start, end = self._part_bounds(task, part)
-        buf = self._buffer()
-        crc, offset = 0, start
-        while offset < end:
-            n = os.preadv(fd, [buf[: min(len(buf), end - offset)]], offset)
-            if n <= 0:
-                return False
-            crc = checksum(buf[:n], crc)
-            offset += n
-        if format_checksum(crc) == task.entry.parts[part]:
+        if read_checksums(fd, start, end, task.part_size, self._buffer()) == [task.entry.parts[part]]:
             self.progress(end - start)
             return True
         return False

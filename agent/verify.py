@@ -18,7 +18,15 @@ from pathlib import Path
 
 from agent.errors import IntegrityError, NotFoundError
 from agent.localstate import INCOMPLETE_SUFFIX, state_dir
-from agent.manifest import FileEntry, Manifest, check_relative_path, checksum, format_checksum, parse_manifest
+from agent.manifest import (
+    FileEntry,
+    Manifest,
+    check_relative_path,
+    checksum,
+    file_checksums,
+    format_checksum,
+    parse_manifest,
+)
 
 LOADED_RECORD = "loaded.json"  # the same name agent.load writes; kept here so this module stays light
 
@@ -77,8 +85,6 @@ def _scan(folder: Path) -> dict[str, bool]:
 
 
 def _check_file(path: Path, rel: str, entry: FileEntry, part_size: int) -> FileCheck:
-    from agent.save import file_checksums
-
     size = os.lstat(path).st_size
     if size != entry.size:
         return FileCheck(rel, CHANGED, f"{size} bytes, the manifest says {entry.size}")

@@ -16,13 +16,13 @@ from agent.manifest import (
     JobRecord,
     Manifest,
     check_relative_path,
+    file_checksums,
     format_checksum,
     natural_key,
     parse_job_record,
     parse_manifest,
     part_count,
 )
-from agent.save import file_checksums
 
 WHERE = "jobs/j/checkpoints/c/rank-0.manifest.json"
 PART = 4
