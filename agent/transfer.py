@@ -183,23 +183,22 @@ class _Engine:
             reader.close()
             raise IntegrityError(f"{task.key}: is {size} bytes in the store but {task.entry.size} in its manifest; "
                                  "the object changed after it was committed")
-        buf = self._buffer()
+        crc = offset = 0
+
+        def sink(chunk: memoryview) -> None:
+            nonlocal crc, offset
+            crc = checksum(chunk, crc)
+            os.pwrite(fd, chunk, offset)
+            offset += len(chunk)
+
         part = first
         try:
             with _resumes_at(task.key, lambda: part):
                 while part < last:
                     self.cancel.check()
                     p_start, p_end = self._part_bounds(task, part)
-                    crc, offset, fetched = 0, p_start, 0
-                    while offset < p_end:
-                        n = reader.readinto(buf[: min(len(buf), p_end - offset)])
-                        if not n:
-                            raise TransientError(f"{task.key}: body ended {p_end - offset} bytes early")
-                        chunk = buf[:n]
-                        crc = checksum(chunk, crc)
-                        os.pwrite(fd, chunk, offset)
-                        offset += n
-                        fetched += n
+                    crc, offset, fetched = 0, p_start, p_end - p_start
+                    self._read_exactly(reader, task.key, fetched, sink)
                     if format_checksum(crc) != task.entry.parts[part]:
                         raise _ChecksumMismatch(f"part {part} checksum mismatch")
                     with self._stats_lock:
