@@ -14,6 +14,7 @@ from agent.cancel import Cancel
 from agent.errors import LocalError
 from agent.localstate import (
     VerifiedIndex,
+    check_root,
     folder_lock,
     incomplete_path,
     prepare_root,
@@ -198,8 +199,7 @@ def plan_load(settings: Settings, reporter: Reporter) -> DryRun:
     """What `load` would do, doing none of it: resolves and plans exactly as a load does, but takes
     no lock, creates no folder and writes nothing, here or in the store."""
     root = Path(settings.spec.download_folder)
-    if root.exists() and not root.is_dir():
-        raise LocalError(f"download_folder {root}: exists and is not a folder; choose another download_folder")
+    check_root(root)
     store = open_store(settings)
     try:
         resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,

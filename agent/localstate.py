@@ -74,10 +74,15 @@ def _check_state_dir(state: Path) -> None:
                 _refuse_link(Path(dirpath, name))
 
 
-def prepare_root(root: Path) -> None:
-    """Create the download folder (following it if it is a symlink the user made)."""
+def check_root(root: Path) -> None:
+    """The download folder may be missing or a folder (or a link to one the user made), nothing else."""
     if root.exists() and not root.is_dir():
         raise LocalError(f"download_folder {root}: exists and is not a folder; choose another download_folder")
+
+
+def prepare_root(root: Path) -> None:
+    """Create the download folder (following it if it is a symlink the user made)."""
+    check_root(root)
     if state_dir(root).is_symlink():
         _refuse_link(state_dir(root))
     try:
