@@ -1,0 +1,61 @@
+"""DeepSpeed ZeRO stage 1 on the CPU (gloo, one process): `save_checkpoint` writes a
+`global_stepN/` tag folder and then the top-level `latest` file that names it; resume with
+`load_checkpoint` on what agent.latest_local_checkpoint() returns."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import common
+import deepspeed
+import torch
+from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+CONFIG = {
+    "train_micro_batch_size_per_gpu": common.BATCH,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 1},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 10**9,
+}
+
+
+def single_process_group() -> None:
+    """A world of one on loopback: rank 0, a free port. DeepSpeed's shared-memory all-reduce op
+    is switched off (the way DeepSpeed's ops module allows): one process has no peer to share
+    with, and the op is C++ that DeepSpeed would compile at first use (minutes of CPU)."""
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def main() -> None:
+    args = common.parse_args(__doc__)
+    single_process_group()
+    model = common.tiny_model()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=common.LR), config=CONFIG)
+    start = 0
+    if path := common.resume_from(args):
+        _, client = engine.load_checkpoint(str(Path(path).parent), tag=Path(path).name)
+        start = client["step"]
+
+    def train_step(step: int) -> None:
+        engine.backward(common.loss_of(engine, step))
+        engine.step()
+
+    def save(step: int) -> str:
+        engine.save_checkpoint(args.dir, client_state={"step": step})
+        return Path(args.dir, "latest").read_text().strip()
+
+    step = common.run_loop(args, start, train_step, save)
+    common.finish(args, step, engine.module.state_dict())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""A hand-written loop that saves one file per checkpoint with `torch.save` (`ckpt-N.pt`) and
+resumes with `torch.load` of the path agent.latest_local_checkpoint() returns."""
+
+from __future__ import annotations
+
+import os
+
+import common
+import torch
+
+
+def main() -> None:
+    args = common.parse_args(__doc__)
+    model = common.tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=common.LR)
+    start = 0
+    if path := common.resume_from(args):
+        state = torch.load(path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+
+    def train_step(step: int) -> None:
+        optimizer.zero_grad()
+        common.loss_of(model, step).backward()
+        optimizer.step()
+
+    def save(step: int) -> str:
+        name = f"ckpt-{step}.pt"
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+                   os.path.join(args.dir, name))
+        return name
+
+    step = common.run_loop(args, start, train_step, save)
+    common.finish(args, step, model.state_dict())
+
+
+if __name__ == "__main__":
+    main()
