@@ -25,7 +25,10 @@ from agent.errors import ConfigError
 from agent.report import Reporter
 from agent.save import CheckpointId, commit_checkpoint
 from agent.settings import settings_from_env
-from agent.sidecar import CUT, Sidecar, SyncOptions, open_for_writing, sync_options
+from agent.formats import NotReady, Why
+from agent.observe import open_for_writing
+from agent.sidecar import Sidecar
+from agent.syncopts import SyncOptions, sync_options
 from agent.stores.local import LocalStore
 from tests.seaweed import SeaweedServer
 from tests.specs import AGENT
@@ -407,8 +410,8 @@ def test_sigterm_finishes_the_upload_in_flight_only_within_the_grace_period(tmp_
     thread.join(15)
     assert store.exists(layout.manifest_key("job-1", "checkpoint-10", 0)) is is_committed
     if not is_committed:
-        assert sidecar.result.not_committed == {"checkpoint-10": CUT}
-        assert f"checkpoint-10 NOT committed: {CUT}" in out.getvalue()
+        assert sidecar.result.not_committed == {"checkpoint-10": NotReady(Why.CUT)}
+        assert f"checkpoint-10 NOT committed: {Why.CUT.value}" in out.getvalue()
 
 
 def test_store_errors_while_watching_are_retried_and_do_not_stop_the_sidecar(tmp_path):
@@ -440,7 +443,7 @@ def test_store_errors_while_watching_are_retried_and_do_not_stop_the_sidecar(tmp
     assert store.exists(layout.manifest_key("job-1", "checkpoint-10", 0))
 
 
-def test_loose_files_at_the_top_level_are_ignored_with_one_warning(tmp_path):
+def test_a_top_level_file_that_is_not_a_checkpoint_is_reported_once_and_counted(tmp_path):
     ckpts, store = tmp_path / "ckpts", RecordingStore(tmp_path / "store")
     make_checkpoint(ckpts / "checkpoint-10", 10)
     (ckpts / "notes.txt").write_text("not a checkpoint")
@@ -450,7 +453,9 @@ def test_loose_files_at_the_top_level_are_ignored_with_one_warning(tmp_path):
     time.sleep(0.3)
     sidecar.finish(None, wait_for_writers=True)
     thread.join(10)
-    assert out.getvalue().count("notes.txt") == 1 and "ignoring files at the top level" in out.getvalue()
+    assert out.getvalue().count("notes.txt is not uploaded: a file that is not a checkpoint") == 1
+    assert "left out (not checkpoints): 1 (notes.txt)" in out.getvalue()
+    assert sidecar.result.left_out.keys() == {"notes.txt"}
     assert not any("notes.txt" in key for _, key in store.log)
 
 
@@ -486,8 +491,8 @@ def test_open_for_writing_sees_write_handles_and_not_read_handles(tmp_path):
     (tmp_path / "r").write_bytes(b"x")
     with open(tmp_path / "w", "wb"), open(tmp_path / "r", "rb"):
         found = open_for_writing(tmp_path)
-    assert found == {os.path.realpath(tmp_path / "w")}
-    assert open_for_writing(tmp_path) == set()
+    assert found.paths == {os.path.realpath(tmp_path / "w")}
+    assert open_for_writing(tmp_path).paths == set()
 
 
 def test_checkpointing_settings_and_sync_flags_are_validated():
@@ -497,9 +502,11 @@ def test_checkpointing_settings_and_sync_flags_are_validated():
     with pytest.raises(ConfigError, match="BT_CHECKPOINTING_ENABLED"):
         settings_from_env({"BT_CHECKPOINTING_ENABLED": "maybe"})
     opts = sync_options({"CKPT_AGENT_QUIET_SECONDS": "1.5", "CKPT_AGENT_KEEP_LAST": "2"}, "/d", poll_seconds=0.5)
-    assert (opts.quiet_seconds, opts.poll_seconds, opts.keep_last, opts.complete_file) == \
-        (1.5, 0.5, 2, "trainer_state.json")
-    assert sync_options({}, "/d", complete_file="").complete_file is None
-    for bad in ({"quiet_seconds": -1}, {"poll_seconds": 0}, {"keep_last": 0}, {"complete_file": "../x"}):
+    assert (opts.quiet_seconds, opts.poll_seconds, opts.keep_last, opts.rules.markers) == (1.5, 0.5, 2, ())
+    assert sync_options({}, "/d", complete_file=[""]).rules.markers == ()
+    assert sync_options({"CKPT_AGENT_COMPLETE_FILE": "DONE, .metadata"}, "/d").rules.markers == ("DONE", ".metadata")
+    assert sync_options({}, "/d", complete_file=["A,B", "C"]).rules.markers == ("A", "B", "C")
+    assert sync_options({"CKPT_AGENT_COMMIT_ON_QUIET": "1"}, "/d").rules.commit_on_quiet is True
+    for bad in ({"quiet_seconds": -1}, {"poll_seconds": 0}, {"keep_last": 0}, {"complete_file": ["../x"]}):
         with pytest.raises(ConfigError):
             sync_options({}, "/d", **bad)
