@@ -43,7 +43,7 @@ from agent.formats import (
     folder_format,
     readiness,
 )
-from agent.manifest import Manifest, natural_key
+from agent.manifest import FILE_KIND, Manifest, natural_key
 from agent.report import Reporter, human_bytes
 from agent.resolve import read_job, read_manifest
 from agent.save import CheckpointChanged, CheckpointId, LocalFile, UnsafeEntry, commit_checkpoint
@@ -70,7 +70,7 @@ class _Seen:
 class SyncResult:
     committed: list[str] = field(default_factory=list)
     not_committed: dict[str, NotReady] = field(default_factory=dict)
-    left_out: dict[str, str] = field(default_factory=dict)  # top-level entries that are not checkpoints
+    left_out: dict[str, str] = field(default_factory=dict)  # top-level entries not uploaded, and why
     failed: AgentError | None = None
 
 
@@ -92,6 +92,7 @@ class Sidecar:
         self._done: set[str] = set()  # committed (by us or before a restart), or superseded
         self._newest: dict[str, tuple] | None = None  # name shape -> natural key of the newest committed
         self._previous: Manifest | None = None
+        self._committed_files: dict[str, tuple[int, int]] = {}  # single files we committed: (size, mtime)
         self._warned_missing = self._warned_blind = False
         self._trainer = Trainer.UNSUPERVISED
         self._lock = threading.Lock()
@@ -207,7 +208,7 @@ class Sidecar:
         shown = ", ".join(sorted(left, key=natural_key)[:5]) + (" ..." if len(left) > 5 else "")
         self.reporter.info(f"sync: stopped; committed this run: {done}; "
                            f"not committed: {len(self.result.not_committed)}; "
-                           f"left out (not checkpoints): {len(left)}" + (f" ({shown})" if left else ""),
+                           f"left out (not uploaded): {len(left)}" + (f" ({shown})" if left else ""),
                            event="sync_stopped", committed=list(self.result.committed),
                            not_committed=len(self.result.not_committed), left_out=sorted(left))
 
@@ -239,6 +240,7 @@ class Sidecar:
         for entry in self._entries():
             name = entry.name
             if name in self._done:
+                self._rewritten(name)
                 continue
             if self._expired:
                 pending[name] = NotReady(Why.NOT_STARTED)
@@ -275,6 +277,20 @@ class Sidecar:
             if why is not None:
                 pending[name] = why
         return pending
+
+    def _rewritten(self, name: str) -> None:
+        """A single file saved again under a committed name (a `last.ckpt` copy): reported once, not lost silently."""
+        state = self._committed_files.get(name)
+        try:
+            st = os.lstat(self.options.checkpoint_dir / name)
+        except OSError:
+            return
+        if state is not None and (st.st_size, st.st_mtime_ns) != state:
+            del self._committed_files[name]
+            why = "rewritten after it was committed; a name is committed once (save each checkpoint under a new name)"
+            self.result.left_out[name] = why
+            self.reporter.warn(f"sync: {name} is not uploaded again: {why}", event="sync_left_out",
+                               entry=name, reason=why, why="REWRITTEN")
 
     def _unsafe(self, name: str, problem: str) -> NotReady:
         """A link out, a FIFO or a symlinked folder inside: reported once, never read through."""
@@ -393,6 +409,8 @@ class Sidecar:
         self._seen.pop(name, None)
         self._previous = manifest
         self.result.committed.append(name)
+        if manifest.kind == FILE_KIND:
+            self._committed_files[name] = (seen.files[0].size, seen.files[0].mtime_ns)
         if self._newest is not None:
             shape = _shape(name)
             self._newest[shape] = max(self._newest.get(shape, ()), natural_key(name))

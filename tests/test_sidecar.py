@@ -22,14 +22,14 @@ import pytest
 
 from agent import layout
 from agent.errors import ConfigError
+from agent.formats import NotReady, Why
+from agent.observe import open_for_writing
 from agent.report import Reporter
 from agent.save import CheckpointId, commit_checkpoint
 from agent.settings import settings_from_env
-from agent.formats import NotReady, Why
-from agent.observe import open_for_writing
 from agent.sidecar import Sidecar
-from agent.syncopts import SyncOptions, sync_options
 from agent.stores.local import LocalStore
+from agent.syncopts import SyncOptions, sync_options
 from tests.seaweed import SeaweedServer
 from tests.specs import AGENT
 
@@ -454,7 +454,7 @@ def test_a_top_level_file_that_is_not_a_checkpoint_is_reported_once_and_counted(
     sidecar.finish(None, wait_for_writers=True)
     thread.join(10)
     assert out.getvalue().count("notes.txt is not uploaded: a file that is not a checkpoint") == 1
-    assert "left out (not checkpoints): 1 (notes.txt)" in out.getvalue()
+    assert "left out (not uploaded): 1 (notes.txt)" in out.getvalue()
     assert sidecar.result.left_out.keys() == {"notes.txt"}
     assert not any("notes.txt" in key for _, key in store.log)
 
