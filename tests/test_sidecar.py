@@ -510,3 +510,96 @@ def test_checkpointing_settings_and_sync_flags_are_validated():
     for bad in ({"quiet_seconds": -1}, {"poll_seconds": 0}, {"keep_last": 0}, {"complete_file": ["../x"]}):
         with pytest.raises(ConfigError):
             sync_options({}, "/d", **bad)
+
+
+# -- resume: what the agent loads is what the framework's resume call takes ---------------------
+
+
+def test_a_single_file_checkpoint_loads_as_that_file_and_latest_local_checkpoint_returns_it(store, tmp_path):
+    import zipfile
+
+    from agent.verify import latest_local_checkpoint
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    with zipfile.ZipFile(ckpts / "ckpt-5.pt", "w") as z:  # the shape torch.save writes
+        z.writestr("archive/data.pkl", os.urandom(3000))
+    env = env_for(store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    result = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "committed ckpt-5.pt: 1 files" in result.stderr, result.stderr
+    assert manifest(store, "ckpt-5.pt")["kind"] == "file"
+    loaded = load_latest_as_second_job(store, tmp_path)
+    path = latest_local_checkpoint(env={"BT_LOAD_CHECKPOINT_DIR": str(loaded.parent)})
+    assert path == str(loaded / "ckpt-5.pt" / "ckpt-5.pt")
+    assert Path(path).read_bytes() == (ckpts / "ckpt-5.pt").read_bytes()
+
+
+def test_a_folder_checkpoint_still_resumes_from_the_folder(local_store, tmp_path):
+    from agent.verify import latest_local_checkpoint
+
+    ckpts = tmp_path / "ckpts"
+    make_checkpoint(ckpts / "checkpoint-10", 10)
+    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    assert subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, timeout=60).returncode == 0
+    assert "kind" not in manifest(local_store, "checkpoint-10")  # folder manifests are as older agents wrote them
+    loaded = load_latest_as_second_job(local_store, tmp_path)
+    assert latest_local_checkpoint(env={"BT_LOAD_CHECKPOINT_DIR": str(loaded.parent)}) == \
+        str(loaded / "checkpoint-10")
+
+
+# -- run: the sync options, the final flush ----------------------------------------------------
+
+
+def test_run_takes_the_sync_flags_with_checkpointing_and_says_where_they_go_without(local_store, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    script = f"mkdir -p {ckpts}/out && echo w > {ckpts}/out/w.bin && echo done > {ckpts}/out/DONE"
+    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    result = subprocess.run([AGENT, "run", "--complete-file", "DONE", "--quiet-seconds", "0", "--", "sh", "-c",
+                             script], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "committed out:" in result.stderr, result.stderr
+    del env["BT_CHECKPOINTING_ENABLED"]
+    result = subprocess.run([AGENT, "run", "--complete-file", "DONE", "--", "true"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "--complete-file" in result.stderr
+    assert "BT_CHECKPOINTING_ENABLED=1" in result.stderr and result.stderr.count("\n") == 1
+    help_text = subprocess.run([AGENT, "run", "--help"], capture_output=True, text=True).stdout
+    assert "--complete-file" in help_text and "BT_CHECKPOINTING_ENABLED" in help_text
+
+
+def test_final_flush_after_the_trainer_exits_does_not_wait_for_the_quiet_period(local_store, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    # A quiet period of an hour: if the flush waited for it, run would not exit within the timeout.
+    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1", CKPT_AGENT_QUIET_SECONDS="3600")
+    result = subprocess.run([AGENT, "run", "--", *trainer(ckpts, "--checkpoints", 1, "--every", 0)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert committed(local_store, "checkpoint-10")
+
+
+def test_a_supervised_folder_of_no_known_format_is_committed_after_exit_0_not_after_a_failure(
+        local_store, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    for name, status in (("ok", 0), ("bad", 3)):
+        script = f"mkdir -p {ckpts}/{name} && echo w > {ckpts}/{name}/w.npy && exit {status}"
+        result = subprocess.run([AGENT, "run", "--", "sh", "-c", script], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == status, result.stderr
+    assert committed(local_store, "ok") and not committed(local_store, "bad")
+    assert "bad NOT committed: a folder of no known format and the trainer exited with a failure" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/unshare").exists(), reason="needs unshare as root")
+def test_a_sidecar_in_its_own_pid_namespace_says_once_that_it_cannot_see_open_files(local_store, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    make_checkpoint(ckpts / "checkpoint-10", 10)
+    make_checkpoint(ckpts / "checkpoint-20", 20)
+    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    result = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", AGENT, "sync", "--once"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("cannot see any other process's open files") == 1
+    assert committed(local_store, "checkpoint-20")  # the HF rule still decides
+    shared = subprocess.run([AGENT, "sync", "--once"], env={**env, "BT_TRAINING_JOB_ID": "job-2"},
+                            capture_output=True, text=True, timeout=60)
+    assert "committed checkpoint-20" in shared.stderr and "cannot see" not in shared.stderr
