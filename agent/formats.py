@@ -101,7 +101,7 @@ class Skip(Enum):
 
     HIDDEN = "a hidden name (starts with '.')"
     LINK_INSIDE = "a symlink to {detail}, which is uploaded under its own name"
-    LINK_OUTSIDE = "a symlink to outside {detail}; links are never followed out"
+    LINK_OUTSIDE = "a symlink that does not lead to a top-level entry of {detail}; it is not followed"
     DANGLING = "a symlink to nothing"
     SPECIAL = "not a regular file or folder ({detail})"
     DEEPSPEED_FILE = "DeepSpeed's bookkeeping file; its tag folders are the checkpoints"
