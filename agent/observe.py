@@ -124,6 +124,15 @@ def _ancestors() -> set[str]:
     return pids
 
 
+def can_see(pid: int) -> bool:
+    """Whether this process's open files are visible to us (same PID namespace, and permitted)."""
+    try:
+        os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    return True
+
+
 def open_for_writing(root: Path) -> Writers:
     """Files under `root` that a process we may inspect holds open for writing (Linux: /proc/*/fd
     and the flags in /proc/*/fdinfo)."""

@@ -94,6 +94,7 @@ class Sidecar:
         self._previous: Manifest | None = None
         self._committed_files: dict[str, tuple[int, int]] = {}  # single files we committed: (size, mtime)
         self._warned_missing = self._warned_blind = False
+        self._sighted = False  # once another process's open files were visible, they stay visible
         self._trainer = Trainer.UNSUPERVISED
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -113,9 +114,13 @@ class Sidecar:
             raise ConfigError(f"BT_TRAINING_PROJECT_NAME={self.ident.project_name}: job {self.ident.job_id} "
                               f"already belongs to project {job.project_name}")
 
-    def trainer_started(self) -> None:
-        """Supervise mode: from now on the trainer's exit status decides folders of no known format."""
+    def trainer_started(self, pid: int) -> None:
+        """Supervise mode: from now on the trainer's exit status decides folders of no known format.
+
+        Seeing the trainer's open files once means we are not blind, even when, after it exits,
+        no other process is left to see (the fast final flush relies on that)."""
         self._trainer = Trainer.RUNNING
+        self._sighted = observe.can_see(pid)
 
     def finish(self, deadline: float | None, wait_for_writers: bool, trainer_status: int | None = None) -> None:
         """Stop watching and flush. `deadline` (monotonic) bounds the flush and the upload in flight.
@@ -340,7 +345,8 @@ class Sidecar:
         writers = observe.open_for_writing(self.options.checkpoint_dir) if look else None
         held = None
         if writers is not None:
-            if writers.blind and not self._warned_blind:
+            self._sighted = self._sighted or not writers.blind
+            if not self._sighted and not self._warned_blind:
                 self._warned_blind = True
                 self.reporter.warn(
                     "sync: cannot see any other process's open files (a separate container or PID namespace, "
@@ -353,7 +359,7 @@ class Sidecar:
         wanted = {Format.MARKER: self.options.rules.markers, Format.HF: (HF_STATE,),
                   Format.DCP: (DCP_METADATA,)}.get(fmt, ())
         return Facts(
-            format=fmt, files=files, quiet=quiet, writing=held, blind=writers is None or writers.blind,
+            format=fmt, files=files, quiet=quiet, writing=held, blind=not self._sighted,
             markers=observe.markers(path, wanted) if wanted and look else None,
             structure=observe.structure(seen.files[0]) if entry.is_file and seen.files else None,
             deepspeed_latest=latest, name=entry.name)

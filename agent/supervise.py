@@ -60,7 +60,7 @@ def supervise(argv: Sequence[str], env: Mapping[str, str], sidecar: Sidecar, rep
             raise CommandNotFound(f"training command not found: {argv[0]!r}; check the command or PATH") from None
         except PermissionError:
             raise CommandNotFound(f"training command not executable: {argv[0]!r}") from None
-        sidecar.trainer_started()
+        sidecar.trainer_started(child.pid)
         if received:  # arrived while the child was being started
             forward(received[-1][0])
         box: dict = {}

@@ -187,7 +187,7 @@ def run_once(tmp_path: Path, ckpts: Path, trainer_status: int | None = None, **r
     sidecar = Sidecar(LocalStore(str(tmp_path / "store")), CheckpointId("proj", "job-1", "", 0, 1), opts, 2,
                       Reporter(out))
     if trainer_status is not None:
-        sidecar.trainer_started()
+        sidecar.trainer_started(os.getpid())
         sidecar.finish(None, wait_for_writers=False, trainer_status=trainer_status)
         sidecar.run()
     else:
