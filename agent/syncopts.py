@@ -61,6 +61,8 @@ def _keep_last(flag: int | None, env: Mapping[str, str]) -> int | None:
 def _markers(flags: Sequence[str] | None, env: Mapping[str, str]) -> tuple[str, ...]:
     """--complete-file (repeatable, or comma-separated), else CKPT_AGENT_COMPLETE_FILE; '' means none."""
     where = "--complete-file"
+    if isinstance(flags, str):
+        flags = [flags]
     if flags is None:
         flags, where = [env.get("CKPT_AGENT_COMPLETE_FILE", "")], "CKPT_AGENT_COMPLETE_FILE"
     names = tuple(dict.fromkeys(n.strip() for flag in flags for n in flag.split(",") if n.strip()))
