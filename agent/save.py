@@ -1,8 +1,9 @@
-"""Uploads a checkpoint folder and commits it: files first, the manifest last.
+"""Uploads a checkpoint (a folder, or a single file) and commits it: files first, the manifest last.
 
 Used by `ckpt-agent save` and by the sidecar. A file that changes while it is being uploaded
 aborts the commit (CheckpointChanged), so a manifest only ever describes bytes that are in the
-store.
+store. Files are read only through open_regular: never through a link out of the checkpoint,
+never blocking on a FIFO.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def scan_checkpoint(path: Path) -> list[LocalFile]:
     """
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: does not exist; give the checkpoint folder or file to upload") from None
+    except FileNotFoundError:  # a FileNotFoundError: the sidecar takes it as a checkpoint that vanished
+        raise NotFoundError(f"{path}: does not exist; give the checkpoint folder or file to upload") from None
     if stat.S_ISREG(mode):
         return [_entry(os.path.realpath(path.parent), path, path.name)]
     if not stat.S_ISDIR(mode):

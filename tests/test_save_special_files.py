@@ -164,3 +164,9 @@ def test_a_fifo_at_the_top_level_or_as_a_complete_file_never_hangs_the_sidecar(t
     result = sidecar.run(once=True)
     assert result.left_out.keys() == {"pipe.pt"} and "not a regular file or folder (a FIFO)" in out.getvalue()
     assert result.not_committed["checkpoint-5"].why is Why.UNSAFE
+
+
+def test_a_checkpoint_deleted_just_before_its_commit_is_a_change_not_a_crash(tmp_path):
+    with pytest.raises(CheckpointChanged):
+        commit_checkpoint(LocalStore(str(tmp_path / "store")), tmp_path / "checkpoint-5",
+                          CheckpointId("proj", "job-1", "checkpoint-5"), 1, lambda n: None, Cancel())
