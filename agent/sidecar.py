@@ -286,11 +286,13 @@ class Sidecar:
     def _rewritten(self, name: str) -> None:
         """A single file saved again under a committed name (a `last.ckpt` copy): reported once, not lost silently."""
         state = self._committed_files.get(name)
+        if state is None:
+            return
         try:
             st = os.lstat(self.options.checkpoint_dir / name)
         except OSError:
             return
-        if state is not None and (st.st_size, st.st_mtime_ns) != state:
+        if (st.st_size, st.st_mtime_ns) != state:
             del self._committed_files[name]
             why = "rewritten after it was committed; a name is committed once (save each checkpoint under a new name)"
             self.result.left_out[name] = why
