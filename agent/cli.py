@@ -28,7 +28,12 @@ EPILOG_MAIN = """examples:
 EPILOG_RUN = """examples:
   ckpt-agent run -- python train.py --epochs 3
   BT_START_COMMANDS='["./run.sh"]' ckpt-agent run
-  ckpt-agent run --dry-run -- python train.py    # print the plan and the command; run nothing"""
+  ckpt-agent run --dry-run -- python train.py    # print the plan and the command; run nothing
+  BT_CHECKPOINTING_ENABLED=1 BT_TRAINING_JOB_ID=job1 ckpt-agent run --complete-file DONE -- python train.py
+
+checkpointing: with BT_CHECKPOINTING_ENABLED=1 the trainer runs as a child and every checkpoint it
+writes to BT_CHECKPOINT_DIR is uploaded as `ckpt-agent sync` does (the checkpoint flags above), then
+flushed after it exits; run exits with the trainer's status. See docs/sidecar.md for the formats."""
 EPILOG_LOAD = """examples:
   export BT_LOAD_CHECKPOINT_CONFIG='{"enabled": true, "checkpoints": [
     {"typ": "baseten_latest_checkpoint", "project_name": "demo", "job_id": null}]}'
@@ -51,6 +56,12 @@ EPILOG_SYNC = """examples:
   ckpt-agent sync --once                         # upload what is stable now, then exit
   ckpt-agent sync --keep-last 3 --quiet-seconds 10
 With `ckpt-agent run` and BT_CHECKPOINTING_ENABLED=1 the same loop runs alongside the trainer."""
+
+
+# The flags `run` shares with `sync` (flag, argparse dest): they need BT_CHECKPOINTING_ENABLED=1.
+SYNC_FLAGS = (("--quiet-seconds", "quiet_seconds"), ("--poll-seconds", "poll_seconds"),
+              ("--grace-seconds", "grace_seconds"), ("--keep-last", "keep_last"),
+              ("--complete-file", "complete_file"), ("--commit-on-quiet", "commit_on_quiet"))
 
 
 def _install_signal_handlers(cancel: Cancel) -> None:
@@ -113,6 +124,10 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter
     argv = training_argv(args.command, settings.start_commands)
     if argv is None:
         raise ConfigError("no training command: give one after `--` or set BT_START_COMMANDS")
+    given = [flag for flag, dest in SYNC_FLAGS if getattr(args, dest, None) not in (None, False)]
+    if given and not settings.checkpointing_enabled:
+        raise ConfigError(f"{given[0]}: a checkpoint upload option, but checkpointing is off; "
+                          "set BT_CHECKPOINTING_ENABLED=1 (or run `ckpt-agent sync` beside the trainer)")
     child_env = dict(env)
     if getattr(args, "dry_run", False):
         import shlex
@@ -124,7 +139,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter
         print(f"would exec: {shlex.join(argv)}", flush=True)
         return 0
     # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
-    sidecar = _sidecar(settings, env, None, reporter) if settings.checkpointing_enabled else None
+    sidecar = _sidecar(settings, env, args, reporter) if settings.checkpointing_enabled else None
     if settings.spec.enabled:
         _load(settings, reporter)
         child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
@@ -140,21 +155,21 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter
 
 
 def cmd_save(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from agent.save import CheckpointId, commit_checkpoint, scan_folder
+    from agent.save import CheckpointId, commit_checkpoint, scan_checkpoint
     from agent.stores import open_store
 
     settings = _settings(args, env)
     ident = CheckpointId(
         project_name=check_name(args.project or settings.project_name, "--project", nullable=True),
         job_id=check_name(args.job_id or settings.job_id, "--job-id"),
-        name=check_name(args.name or Path(args.folder).name, "--name"),
+        name=check_name(args.name or Path(os.path.abspath(args.folder)).name, "--name"),
         rank=settings.node_rank if args.rank is None else args.rank,
         num_nodes=args.num_nodes or settings.num_nodes,
     )
     if not 0 <= ident.rank < ident.num_nodes:
         raise ConfigError(f"--rank {ident.rank}: must be below --num-nodes {ident.num_nodes}")
-    folder = Path(args.folder)
-    total = sum(f.size for f in scan_folder(folder))
+    folder = Path(os.path.realpath(args.folder))  # the path given is the user's choice; links inside are not
+    total = sum(f.size for f in scan_checkpoint(folder))
     cancel = Cancel()
     _install_signal_handlers(cancel)
     store = open_store(settings)
@@ -172,8 +187,9 @@ def cmd_save(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporte
 def _sidecar(settings: Settings, env: Mapping[str, str], args: argparse.Namespace | None, reporter: Reporter):
     """The sync loop for `sync` and for `run` in supervise mode; checks the identity first."""
     from agent.save import CheckpointId
-    from agent.sidecar import Sidecar, sync_options
+    from agent.sidecar import Sidecar
     from agent.stores import open_store
+    from agent.syncopts import sync_options
 
     if not settings.job_id:
         raise ConfigError("BT_TRAINING_JOB_ID: required to upload checkpoints "
@@ -184,7 +200,7 @@ def _sidecar(settings: Settings, env: Mapping[str, str], args: argparse.Namespac
         env, getattr(args, "checkpoint_dir", None) or settings.checkpoint_dir,
         quiet_seconds=getattr(args, "quiet_seconds", None), poll_seconds=getattr(args, "poll_seconds", None),
         grace_seconds=getattr(args, "grace_seconds", None), keep_last=getattr(args, "keep_last", None),
-        complete_file=getattr(args, "complete_file", None),
+        complete_file=getattr(args, "complete_file", None), commit_on_quiet=getattr(args, "commit_on_quiet", None),
     )
     ident = CheckpointId(settings.project_name, settings.job_id, "", settings.node_rank, settings.num_nodes)
     return Sidecar(open_store(settings), ident, options, settings.workers, reporter)
@@ -240,13 +256,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckpt-agent {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
+    def sync_flags(p) -> None:
+        p.add_argument("--quiet-seconds", type=float, metavar="S",
+                       help="no change for this long makes a checkpoint stable (env CKPT_AGENT_QUIET_SECONDS, "
+                            "default 5)")
+        p.add_argument("--poll-seconds", type=float, metavar="S",
+                       help="how often to look (env CKPT_AGENT_POLL_SECONDS, default 2)")
+        p.add_argument("--grace-seconds", type=float, metavar="S",
+                       help="after SIGTERM, time to finish uploads (env CKPT_AGENT_GRACE_SECONDS, default 25)")
+        p.add_argument("--keep-last", type=int, metavar="N",
+                       help="delete this job's older committed checkpoints beyond N (env CKPT_AGENT_KEEP_LAST)")
+        p.add_argument("--complete-file", action="append", metavar="PATH",
+                       help="a checkpoint folder is complete once one of these files is in it (repeatable or "
+                            "comma-separated; env CKPT_AGENT_COMPLETE_FILE); replaces the built-in HF Trainer, "
+                            "DCP and DeepSpeed rules for folders")
+        p.add_argument("--commit-on-quiet", action="store_true", default=None,
+                       help="commit folders of no known format on the quiet period alone: a crashed save can "
+                            "then be committed (env CKPT_AGENT_COMMIT_ON_QUIET=1)")
+
     def transfer_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--workers", type=int, help="concurrent requests (env CKPT_AGENT_WORKERS)")
         p.add_argument("--chunk-mb", type=int, help="MiB per ranged GET (env CKPT_AGENT_CHUNK_MB)")
 
-    run = sub.add_parser("run", help="load checkpoints, then exec the training command",
+    run = sub.add_parser("run", help="load checkpoints, then exec the training command (or supervise it and "
+                                     "upload its checkpoints, with BT_CHECKPOINTING_ENABLED=1)",
                          epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     transfer_flags(run)
+    sync_flags(run.add_argument_group("checkpoint upload (with BT_CHECKPOINTING_ENABLED=1)"))
     run.add_argument("--dry-run", action="store_true",
                      help="print what would be loaded and executed; download and run nothing")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command after `--`")
@@ -278,18 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--once", action="store_true", help="upload what is stable now, then exit")
     sync.add_argument("--checkpoint-dir", metavar="DIR",
                       help="the folder to watch (env BT_CHECKPOINT_DIR, default /tmp/training_checkpoints)")
-    sync.add_argument("--quiet-seconds", type=float, metavar="S",
-                      help="no change for this long makes a checkpoint stable (env CKPT_AGENT_QUIET_SECONDS, "
-                           "default 5)")
-    sync.add_argument("--poll-seconds", type=float, metavar="S",
-                      help="how often to look (env CKPT_AGENT_POLL_SECONDS, default 2)")
-    sync.add_argument("--grace-seconds", type=float, metavar="S",
-                      help="after SIGTERM, time to finish uploads (env CKPT_AGENT_GRACE_SECONDS, default 25)")
-    sync.add_argument("--keep-last", type=int, metavar="N",
-                      help="delete this job's older committed checkpoints beyond N (env CKPT_AGENT_KEEP_LAST)")
-    sync.add_argument("--complete-file", metavar="PATH",
-                      help="a checkpoint is complete once this file is in it (env CKPT_AGENT_COMPLETE_FILE, "
-                           "default trainer_state.json; '' for quiet alone)")
+    sync_flags(sync)
     sync.set_defaults(func=cmd_sync)
 
     ls = sub.add_parser("ls", help="list jobs, or one job's checkpoints, in the store",

@@ -21,6 +21,9 @@ from agent.errors import IntegrityError
 FORMAT = 1
 ALGORITHM = "crc32c"
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
+# A checkpoint is a folder of files, or one file saved on its own (`ckpt-5.pt`): the manifest then
+# lists that one file, and a load hands the trainer the file's path instead of the folder's.
+FOLDER_KIND, FILE_KIND = "folder", "file"
 
 
 def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
@@ -118,6 +121,7 @@ class Manifest:
     files: tuple[FileEntry, ...]
     algorithm: str = ALGORITHM
     packs: tuple[PackEntry, ...] = ()
+    kind: str = FOLDER_KIND
     extra: dict = field(default_factory=dict, compare=False)
     source: bytes = field(default=b"", compare=False, repr=False)
 
@@ -145,6 +149,8 @@ class Manifest:
         }
         if self.packs:
             body["packs"] = [{"id": p.id, "size": p.size} for p in self.packs]
+        if self.kind != FOLDER_KIND:  # folder manifests stay as they were, for older readers
+            body["kind"] = self.kind
         return json.dumps(body, indent=1)
 
 
@@ -226,8 +232,13 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
             if parent in seen:
                 raise IntegrityError(f"{where}: {parent!r} is both a file and a folder")
             parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
+    kind = obj.get("kind", FOLDER_KIND)
+    if kind not in (FOLDER_KIND, FILE_KIND):
+        raise IntegrityError(f"{where}: unknown checkpoint kind {kind!r}; upgrade ckpt-agent")
+    if kind == FILE_KIND and (len(files) != 1 or "/" in files[0].path):
+        raise IntegrityError(f"{where}: a single-file checkpoint must list exactly one top-level file")
     known = {"format", "project_name", "job_id", "checkpoint_name", "rank", "committed_at",
-             "algorithm", "part_size", "files", "packs"}
+             "algorithm", "part_size", "files", "packs", "kind"}
     return Manifest(
         project_name=obj.get("project_name"),
         job_id=_require(obj, "job_id", str, where),
@@ -238,6 +249,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         files=tuple(files),
         algorithm=algorithm,
         packs=tuple(PackEntry(i, s) for i, s in sorted(packs.items())),
+        kind=kind,
         extra={k: v for k, v in obj.items() if k not in known},
         source=text.encode() if isinstance(text, str) else bytes(text),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +59,13 @@ def assign_packs(files: Sequence[tuple[str, Path, int]], max_file: int = PACK_MA
 
 
 class PackReader:
-    """A file-like view of a pack: the members' bytes one after another, read from disk."""
+    """A file-like view of a pack: the members' bytes one after another, read from disk.
 
-    def __init__(self, pack: Pack) -> None:
+    `opener` returns a read-only fd for a member; the save side passes one that never follows a
+    link and checks the file is the one it scanned."""
+
+    def __init__(self, pack: Pack, opener: Callable[[Member], int] | None = None) -> None:
+        self._open = opener or (lambda m: os.open(m.path, os.O_RDONLY))
         self._members = [m for m in pack.members if m.size]
         self._starts = [m.offset for m in self._members]
         self.seek(0)
@@ -79,8 +83,11 @@ class PackReader:
         while want > 0 and self._index < len(self._members):
             member = self._members[self._index]
             take = int(min(want, member.size - self._within))
-            with open(member.path, "rb") as f:
-                data = os.pread(f.fileno(), take, self._within) if take else b""
+            fd = self._open(member)
+            try:
+                data = os.pread(fd, take, self._within) if take else b""
+            finally:
+                os.close(fd)
             if len(data) != take:
                 raise OSError(f"{member.path}: changed while packing")
             chunks.append(data)

@@ -28,16 +28,24 @@ class Reporter:
     def __init__(self, stream: TextIO | None = None, interval: float = PROGRESS_INTERVAL) -> None:
         self.stream = stream or sys.stderr
         self.interval = interval
+        self._write_lock = threading.Lock()
+
+    def _write_line(self, line: str) -> None:
+        """One write of a whole line under one lock: the sync thread and the main thread both log,
+        and print() writes the text and the newline separately, so their lines ran together."""
+        with self._write_lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
 
     # `event` and `fields` name what happened for machines (JsonReporter); the human form shows only `message`.
     def info(self, message: str, event: str = "info", **fields: object) -> None:
-        print(f"ckpt-agent: {message}", file=self.stream, flush=True)
+        self._write_line(f"ckpt-agent: {message}")
 
     def warn(self, message: str, event: str = "warning", **fields: object) -> None:
-        print(f"ckpt-agent: WARNING: {message}", file=self.stream, flush=True)
+        self._write_line(f"ckpt-agent: WARNING: {message}")
 
     def error(self, message: str, event: str = "error", **fields: object) -> None:
-        print(f"ckpt-agent: error: {message}", file=self.stream, flush=True)
+        self._write_line(f"ckpt-agent: error: {message}")
 
     def progress(self, total: int, label: str) -> ProgressSink:
         if self.stream.isatty():
@@ -52,18 +60,12 @@ class JsonReporter(Reporter):
     """BT_LOG_FORMAT=json: one JSON object per line, {timestamp, level, event, message, fields},
     for every line the human Reporter would print, progress and errors included. Never a tqdm bar."""
 
-    def __init__(self, stream: TextIO | None = None, interval: float = PROGRESS_INTERVAL) -> None:
-        super().__init__(stream, interval)
-        self._write_lock = threading.Lock()
-
     def _emit(self, level: str, event: str, message: str, fields: dict[str, object]) -> None:
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
         line = json.dumps({"timestamp": stamp, "level": level, "event": event, "message": message,
                            "fields": fields}, default=str)
-        with self._write_lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+        self._write_line(line)
 
     def info(self, message: str, event: str = "info", **fields: object) -> None:
         self._emit("info", event, message, fields)

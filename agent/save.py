@@ -1,14 +1,17 @@
-"""Uploads a checkpoint folder and commits it: files first, the manifest last.
+"""Uploads a checkpoint (a folder, or a single file) and commits it: files first, the manifest last.
 
 Used by `ckpt-agent save` and by the sidecar. A file that changes while it is being uploaded
 aborts the commit (CheckpointChanged), so a manifest only ever describes bytes that are in the
-store.
+store. Files are read only through open_regular: never through a link out of the checkpoint,
+never blocking on a FIFO.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,16 +20,19 @@ from pathlib import Path
 from agent import layout
 from agent.cancel import Cancel
 from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError
+from agent.formats import kind_of
 from agent.manifest import (
     DEFAULT_PART_SIZE,
+    FILE_KIND,
+    FOLDER_KIND,
     FileEntry,
     JobRecord,
     Manifest,
     PackEntry,
-    region_checksums,
+    read_checksums,
     utc_now,
 )
-from agent.packing import Pack, PackReader, assign_packs
+from agent.packing import Member, Pack, PackReader, assign_packs
 from agent.pool import run_tasks
 from agent.resolve import read_job
 from agent.stores.base import Store, upload_in_parts
@@ -61,21 +67,72 @@ class LocalFile:
     mtime_ns: int
     ino: int = 0
     ctime_ns: int = 0
+    dev: int = 0
 
 
-def scan_folder(folder: Path) -> list[LocalFile]:
-    """Regular files under `folder` (links to files are read through), sorted by path."""
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: not a folder; give the checkpoint folder to upload")
+class UnsafeEntry(ConfigError):
+    """A link or special file the checkpoint cannot be uploaded with (never read through)."""
+
+
+def _entry(root_real: str, path: Path, rel: str) -> LocalFile:
+    """A regular file, or a symlink to one inside the checkpoint (uploaded as a copy of it);
+    anything else is an UnsafeEntry. Only lstat and stat: a FIFO is never opened here."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.path.realpath(path)
+        if not (target + os.sep).startswith(root_real + os.sep) or target == root_real:
+            raise UnsafeEntry(f"{path}: a symlink to outside the checkpoint; it is never followed out "
+                              "(copy the file in, or remove the link)")
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            raise UnsafeEntry(f"{path}: a symlink to nothing; remove it or point it at a file") from None
+        path = Path(target)
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafeEntry(f"{path}: a symlinked folder; links to folders are not uploaded (copy it in)")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeEntry(f"{path}: {kind_of(st.st_mode)}, not a regular file; remove it from the checkpoint")
+    return LocalFile(rel, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev)
+
+
+def scan_checkpoint(path: Path) -> list[LocalFile]:
+    """The files of a checkpoint, sorted: a folder's files, or a single-file checkpoint itself.
+
+    A symlink to a file inside the checkpoint is uploaded as a copy of that file; links that lead
+    out, dangling links, symlinked folders and special files (FIFOs, sockets, devices) raise
+    UnsafeEntry naming the entry.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:  # a FileNotFoundError: the sidecar takes it as a checkpoint that vanished
+        raise NotFoundError(f"{path}: does not exist; give the checkpoint folder or file to upload") from None
+    if stat.S_ISREG(mode):
+        return [_entry(os.path.realpath(path.parent), path, path.name)]
+    if not stat.S_ISDIR(mode):
+        raise UnsafeEntry(f"{path}: {kind_of(mode)}; give the checkpoint folder or file to upload")
+    root_real = os.path.realpath(path)
     found: list[LocalFile] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
+        base = Path(dirpath)
+        for name in dirnames:
+            if os.path.islink(base / name):
+                raise UnsafeEntry(f"{base / name}: a symlinked folder; links to folders are not uploaded "
+                                  "(copy it in, or remove the link)")
         for name in filenames:
-            path = Path(dirpath) / name
-            st = path.stat()
-            rel = path.relative_to(folder).as_posix()
-            found.append(LocalFile(rel, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+            found.append(_entry(root_real, base / name, (base / name).relative_to(path).as_posix()))
     return sorted(found, key=lambda f: f.rel)
+
+
+def open_regular(f: LocalFile) -> int:
+    """A read-only fd of the very file the scan saw: never through a symlink, never blocking on a
+    FIFO, and a file replaced since the scan is an OSError (the commit then sees the change)."""
+    fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (f.dev and (st.st_dev, st.st_ino) != (f.dev, f.ino)):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "replaced since it was scanned", str(f.path))
+    return fd
 
 
 def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel: Cancel) -> dict[str, tuple[str, ...]]:
@@ -84,14 +141,23 @@ def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel:
     found: dict[tuple[str, int], list[str]] = {}
 
     def one(f: LocalFile, start: int) -> None:
-        found[(f.rel, start)] = region_checksums(f.path, start, min(f.size, start + region), part_size)
+        fd = open_regular(f)
+        try:
+            sums = read_checksums(fd, start, min(f.size, start + region), part_size,
+                                  memoryview(bytearray(min(1 << 20, part_size))))
+        finally:
+            os.close(fd)
+        if sums is None:
+            raise FileNotFoundError(errno.ENOENT, "shrank while reading", str(f.path))
+        found[(f.rel, start)] = sums
 
     run_tasks((lambda f=f, s=s: one(f, s) for f in files for s in range(0, max(f.size, 1), region)), workers, cancel)
     return {f.rel: tuple(c for s in range(0, max(f.size, 1), region) for c in found[(f.rel, s)]) for f in files}
 
 
-def _upload_tasks(store: Store, key: str, path: Path, size: int, progress: Progress) -> Iterator[Callable[[], None]]:
+def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress) -> Iterator[Callable[[], None]]:
     """One task per part of one file, sharing the pool with every other file; the last completes it."""
+    size = f.size
     upload = store.start_upload(key, size)
     left = [len(range(0, max(size, 1), upload.part_size))]
     lock = threading.Lock()
@@ -100,7 +166,7 @@ def _upload_tasks(store: Store, key: str, path: Path, size: int, progress: Progr
         start = index * upload.part_size
         length = min(upload.part_size, size - start)
         try:
-            with open(path, "rb") as source:
+            with os.fdopen(open_regular(f), "rb") as source:
                 upload.put_part(index, source, start, length)
             with lock:
                 left[0] -= 1
@@ -116,13 +182,13 @@ def _upload_tasks(store: Store, key: str, path: Path, size: int, progress: Progr
         yield lambda i=index: part(i)
 
 
-def _upload_pack(store: Store, key: str, pack: Pack) -> None:
+def _upload_pack(store: Store, key: str, pack: Pack, opener: Callable[[Member], int]) -> None:
     upload = store.start_upload(key, pack.size)
     if upload.part_size < pack.size:
         upload.abort()
-        store.upload_file(key, io.BytesIO(PackReader(pack).read()), pack.size)
+        store.upload_file(key, io.BytesIO(PackReader(pack, opener).read()), pack.size)
         return
-    upload_in_parts(upload, PackReader(pack), pack.size)
+    upload_in_parts(upload, PackReader(pack, opener), pack.size)
 
 
 def ensure_job(store: Store, ident: CheckpointId) -> None:
@@ -154,9 +220,9 @@ def _difference(before: Sequence[LocalFile], after: Sequence[LocalFile]) -> str 
 
 
 def _rescan(folder: Path) -> list[LocalFile]:
-    """scan_folder, with a folder that vanished (or a file that vanished mid-scan) as no files."""
+    """scan_checkpoint, with a folder that vanished (or a file that vanished mid-scan) as no files."""
     try:
-        return scan_folder(folder) if folder.is_dir() else []
+        return scan_checkpoint(folder) if os.path.lexists(folder) else []
     except (FileNotFoundError, ConfigError):
         return []
 
@@ -172,7 +238,7 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
                       previous: Manifest | None = None,
                       expected: Sequence[LocalFile] | None = None,
                       copied: list[str] | None = None) -> Manifest:
-    """Upload `folder` and write its manifest last.
+    """Upload `folder` (or a single-file checkpoint) and write its manifest last.
 
     `previous`: the job's previous manifest; a file with the same path, size and part checksums
     there is copied inside the store instead of uploaded, where the store copies server-side
@@ -181,10 +247,11 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
     the manifest is written.
     """
     try:
-        files = scan_folder(folder)
+        files = scan_checkpoint(folder)
     except FileNotFoundError as exc:
         raise CheckpointChanged(f"{exc.filename}: vanished while scanning; checkpoint {ident.name} not committed") \
             from None
+    single = stat.S_ISREG(os.lstat(folder).st_mode)
     if expected is not None and (rel := _difference(expected, files)) is not None:
         raise CheckpointChanged(f"{folder / rel}: changed since it was judged stable; checkpoint {ident.name} "
                                 "not committed")
@@ -201,21 +268,26 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
                 try:
                     store.copy(layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, f.rel), key)
                 except (StoreError, NotFoundError):  # e.g. the previous object is gone: upload it instead
-                    run_tasks(_upload_tasks(store, key, f.path, f.size, progress), 1, cancel)
+                    run_tasks(_upload_tasks(store, key, f, progress), 1, cancel)
                 else:
                     if copied is not None:
                         copied.append(f.rel)
                     progress(f.size)
             yield copy
             return
-        yield from _upload_tasks(store, key, f.path, f.size, progress)
+        yield from _upload_tasks(store, key, f, progress)
 
     packs = assign_packs([(f.rel, f.path, f.size) for f in files])
     pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
+    by_rel = {f.rel: f for f in files}
+
+    def open_member(m: Member) -> int:
+        return open_regular(by_rel[m.rel])
 
     def tasks() -> Iterator[Callable[[], None]]:
         for pack in packs:
-            yield lambda p=pack: _upload_pack(store, layout.pack_key(ident.job_id, ident.name, ident.rank, p.id), p)
+            yield lambda p=pack: _upload_pack(store, layout.pack_key(ident.job_id, ident.name, ident.rank, p.id), p,
+                                              open_member)
         for f in files:
             yield from copy_or_upload(f)
 
@@ -233,6 +305,7 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
         rank=ident.rank, committed_at=utc_now(), part_size=part_size,
         files=tuple(FileEntry(f.rel, f.size, sums[f.rel], *pack_of.get(f.rel, (None, 0))) for f in files),
         packs=tuple(PackEntry(p.id, p.size) for p in packs),
+        kind=FILE_KIND if single else FOLDER_KIND,
     )
     store.write_bytes(layout.manifest_key(ident.job_id, ident.name, ident.rank), manifest.to_json().encode())
     return manifest

@@ -1,22 +1,17 @@
 """`ckpt-agent sync`: uploads checkpoints from BT_CHECKPOINT_DIR as training writes them.
 
-Each top-level folder of the watched directory is one checkpoint, named by the folder. A
-checkpoint is committed (agent.save.commit_checkpoint: files first, the manifest last) once it
-is ready:
-
-- quiet: no file in it changed for `quiet_seconds`, either seen across polls or by every
-  ctime being that old (so a sidecar that starts late or runs `--once` needs no history);
-- no process we can see holds a file in it open for writing (Linux: /proc/*/fd + fdinfo);
-- its complete file (`trainer_state.json` by default, the file the HF Trainer writes last) is
-  there and, if it is JSON, parses: a checkpoint whose writer died half-way stays quiet forever,
-  and this is what keeps it from ever being committed.
+Each top-level folder, and each top-level `*.ckpt`/`*.pt`/`*.pth`/`*.safetensors`/`*.bin` file,
+is one checkpoint, named after it. agent.formats recognises its format and says when it is
+complete; on top of that it must be quiet (no change for `quiet_seconds`, seen across polls or
+by every ctime being that old, so `--once` needs no history) and no process we can see may
+hold a file in it open for writing. Every other top-level entry is reported once, with why it
+is left out, and counted in the summary.
 
 A file that changes during the upload makes commit_checkpoint refuse to write the manifest;
 the checkpoint waits to be quiet again and starts over. Checkpoints are committed one at a
 time in natural name order, so "latest" (by commit time) follows the training steps; for the
-same reason a folder older than one this job has already committed (`checkpoint-20` once
-`checkpoint-30` is in the store, e.g. after --keep-last deleted it and the sidecar restarted)
-is never uploaded: it would become "latest".
+same reason a checkpoint older than one of the same shape this job has already committed is
+never uploaded: it would become "latest".
 
 The loop never reads os.environ: SyncOptions come from cli.py.
 """
@@ -24,134 +19,44 @@ The loop never reads os.environ: SyncOptions come from cli.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from agent import layout
+from agent import layout, observe
 from agent.cancel import Cancel
 from agent.errors import AgentError, ConfigError, Interrupted, StoreError
-from agent.manifest import Manifest, natural_key
+from agent.formats import (
+    DCP_METADATA,
+    HF_STATE,
+    Candidate,
+    Facts,
+    Format,
+    NotReady,
+    Trainer,
+    Why,
+    classify,
+    folder_format,
+    readiness,
+)
+from agent.manifest import FILE_KIND, Manifest, natural_key
 from agent.report import Reporter, human_bytes
 from agent.resolve import read_job, read_manifest
-from agent.save import CheckpointChanged, CheckpointId, LocalFile, commit_checkpoint, scan_folder
+from agent.save import CheckpointChanged, CheckpointId, LocalFile, UnsafeEntry, commit_checkpoint
 from agent.stores.base import Store
+from agent.syncopts import SyncOptions
 
-DEFAULT_QUIET_SECONDS = 5.0
-DEFAULT_POLL_SECONDS = 2.0
-DEFAULT_GRACE_SECONDS = 25.0
-DEFAULT_COMPLETE_FILE = "trainer_state.json"
 # In a final flush a checkpoint whose upload keeps failing is given up after this many tries.
 FLUSH_ATTEMPTS = 3
-
-# Why a checkpoint is not committed (yet).
-WRITING = "still being written"
-OPEN = "a file in it is open for writing"
-CHANGED = "changed while uploading; starts over once quiet"
-EMPTY = "empty folder"
-FAILED = "upload failed"
-CUT = "grace period ended during the upload"
-NOT_STARTED = "grace period ended before its upload"
-_MAY_STILL_FINISH = (WRITING, OPEN, CHANGED)  # reasons start with these
-
-
-@dataclass(frozen=True)
-class SyncOptions:
-    checkpoint_dir: Path
-    quiet_seconds: float = DEFAULT_QUIET_SECONDS
-    poll_seconds: float = DEFAULT_POLL_SECONDS
-    grace_seconds: float = DEFAULT_GRACE_SECONDS
-    keep_last: int | None = None
-    complete_file: str | None = DEFAULT_COMPLETE_FILE
-
-
-def _seconds(flag: float | None, flag_name: str, env: Mapping[str, str], var: str, default: float,
-             positive: bool = False) -> float:
-    """A flag, else the variable, else the default; never negative (zero only if not `positive`)."""
-    raw = env.get(var, "").strip()
-    if flag is not None:
-        value, where = flag, flag_name
-    elif raw:
-        try:
-            value, where = float(raw), var
-        except ValueError:
-            raise ConfigError(f"{var}: expected seconds, got {raw!r}") from None
-    else:
-        return default
-    if value < 0 or (positive and value == 0) or value != value:
-        raise ConfigError(f"{where}: must be {'above' if positive else 'at least'} 0 seconds, got {value:g}")
-    return value
-
-
-def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: float | None = None,
-                 poll_seconds: float | None = None, grace_seconds: float | None = None,
-                 keep_last: int | None = None, complete_file: str | None = None) -> SyncOptions:
-    """Flags win over CKPT_AGENT_* variables, which win over the defaults."""
-    quiet = _seconds(quiet_seconds, "--quiet-seconds", env, "CKPT_AGENT_QUIET_SECONDS", DEFAULT_QUIET_SECONDS)
-    poll = _seconds(poll_seconds, "--poll-seconds", env, "CKPT_AGENT_POLL_SECONDS", DEFAULT_POLL_SECONDS, True)
-    grace = _seconds(grace_seconds, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)
-    if keep_last is None:
-        raw = env.get("CKPT_AGENT_KEEP_LAST", "").strip()
-        if raw:
-            if not raw.isdecimal():
-                raise ConfigError(f"CKPT_AGENT_KEEP_LAST: expected a whole number, got {raw!r}")
-            keep_last = int(raw)
-            if keep_last < 1:
-                raise ConfigError("CKPT_AGENT_KEEP_LAST: must be at least 1")
-    elif keep_last < 1:
-        raise ConfigError(f"--keep-last: must be at least 1, got {keep_last}")
-    if complete_file is None:
-        complete_file = env.get("CKPT_AGENT_COMPLETE_FILE", DEFAULT_COMPLETE_FILE)
-    complete_file = complete_file.strip() or None
-    if complete_file and (complete_file.startswith("/") or ".." in complete_file.split("/") or "\0" in complete_file):
-        raise ConfigError(f"complete file {complete_file!r}: must be a path inside the checkpoint folder")
-    return SyncOptions(Path(checkpoint_dir), quiet, poll, grace, keep_last, complete_file)
-
-
-def open_for_writing(root: Path) -> set[str] | None:
-    """Real paths under `root` that a process we may inspect holds open for writing.
-
-    None where this cannot be seen (no /proc). Processes of other users are invisible without
-    privileges; the quiet period still covers them.
-    """
-    if not os.path.isdir("/proc/self/fd"):
-        return None
-    prefix = os.path.realpath(root) + os.sep
-    found: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdecimal():
-            continue
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if not target.startswith(prefix) or target.endswith(" (deleted)"):
-                continue
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
-                    flags = next((int(line.split()[1], 8) for line in info if line.startswith("flags:")), 0)
-            except (OSError, ValueError, IndexError):
-                continue
-            if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                found.add(target)
-    return found
 
 
 @dataclass
 class _Seen:
-    """One checkpoint folder as the last poll saw it."""
+    """One checkpoint as the last poll saw it."""
 
     files: tuple[LocalFile, ...]
     newest_ctime_ns: int
@@ -164,25 +69,14 @@ class _Seen:
 @dataclass
 class SyncResult:
     committed: list[str] = field(default_factory=list)
-    not_committed: dict[str, str] = field(default_factory=dict)
+    not_committed: dict[str, NotReady] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)  # top-level entries not uploaded, and why
     failed: AgentError | None = None
 
 
 def _shape(name: str) -> str:
     """checkpoint-20 and checkpoint-300 have one shape, so their steps can be compared."""
     return re.sub(r"\d+", "#", name)
-
-
-def _snapshot(folder: Path) -> tuple[tuple[LocalFile, ...], int] | None:
-    """The folder's files and the newest ctime of any file or folder in it; None if it vanished."""
-    try:
-        files = tuple(scan_folder(folder))
-        newest = folder.stat().st_ctime_ns
-        for dirpath, _dirs, _files in os.walk(folder):
-            newest = max(newest, os.stat(dirpath).st_ctime_ns)
-    except (FileNotFoundError, NotADirectoryError, ConfigError):
-        return None
-    return files, max([newest, *(f.ctime_ns for f in files)])
 
 
 class Sidecar:
@@ -198,7 +92,10 @@ class Sidecar:
         self._done: set[str] = set()  # committed (by us or before a restart), or superseded
         self._newest: dict[str, tuple] | None = None  # name shape -> natural key of the newest committed
         self._previous: Manifest | None = None
-        self._warned_loose = self._warned_missing = False
+        self._committed_files: dict[str, tuple[int, int]] = {}  # single files we committed: (size, mtime)
+        self._warned_missing = self._warned_blind = False
+        self._sighted = False  # once another process's open files were visible, they stay visible
+        self._trainer = Trainer.UNSUPERVISED
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._finishing = False
@@ -217,13 +114,24 @@ class Sidecar:
             raise ConfigError(f"BT_TRAINING_PROJECT_NAME={self.ident.project_name}: job {self.ident.job_id} "
                               f"already belongs to project {job.project_name}")
 
-    def finish(self, deadline: float | None, wait_for_writers: bool) -> None:
+    def trainer_started(self, pid: int) -> None:
+        """Supervise mode: from now on the trainer's exit status decides folders of no known format.
+
+        Seeing the trainer's open files once means we are not blind, even when, after it exits,
+        no other process is left to see (the fast final flush relies on that)."""
+        self._trainer = Trainer.RUNNING
+        self._sighted = observe.can_see(pid)
+
+    def finish(self, deadline: float | None, wait_for_writers: bool, trainer_status: int | None = None) -> None:
         """Stop watching and flush. `deadline` (monotonic) bounds the flush and the upload in flight.
 
         wait_for_writers: keep going while checkpoints are still being written (the trainer has
         exited and may have left writers behind); otherwise one last pass over what is ready now.
+        trainer_status: the supervised trainer's exit status (0 completes folders of no known format).
         """
         with self._lock:
+            if trainer_status is not None:
+                self._trainer = Trainer.EXITED_OK if trainer_status == 0 else Trainer.FAILED
             self._finishing = True
             self._wait_for_writers = self._wait_for_writers or wait_for_writers
             if deadline is not None and (self._deadline is None or deadline < self._deadline):
@@ -246,14 +154,17 @@ class Sidecar:
 
     def run(self, once: bool = False) -> SyncResult:
         o = self.options
-        marker = f"complete when {o.complete_file} is there" if o.complete_file else "no complete file"
+        marker = (f"folders complete when {' or '.join(o.rules.markers)} is there" if o.rules.markers
+                  else "HF Trainer, DCP, DeepSpeed folders and single files recognised")
+        if o.rules.commit_on_quiet:
+            marker += "; folders of no known format on quiet alone"
         self.reporter.info(
             f"sync: watching {o.checkpoint_dir} for job {self.ident.job_id} (project {self.ident.project_name}, "
             f"rank {self.ident.rank} of {self.ident.num_nodes}) -> {self.store.describe()}; quiet "
             f"{o.quiet_seconds:g} s, {marker}" + (f", keep last {o.keep_last}" if o.keep_last else ""))
         if once:
             self.finish(None, wait_for_writers=False)
-        pending: dict[str, str] = {}
+        pending: dict[str, NotReady] = {}
         store_failures = 0
         try:
             while True:
@@ -274,7 +185,7 @@ class Sidecar:
                 if finishing:
                     if not waiting:
                         break
-                    if not any(why.startswith(_MAY_STILL_FINISH) or self._retry(name, why)
+                    if not any(why.may_still_finish(self._trainer) or self._retry(name, why)
                                for name, why in pending.items()):
                         break
                 self._wake.wait(o.poll_seconds)
@@ -289,22 +200,28 @@ class Sidecar:
             self._summary()
         return self.result
 
-    def _retry(self, name: str, why: str) -> bool:
+    def _retry(self, name: str, why: NotReady) -> bool:
         seen = self._seen.get(name)
-        return why.startswith(FAILED) and seen is not None and seen.failures < FLUSH_ATTEMPTS
+        return why.why is Why.FAILED and seen is not None and seen.failures < FLUSH_ATTEMPTS
 
     def _summary(self) -> None:
         for name, why in sorted(self.result.not_committed.items(), key=lambda kv: natural_key(kv[0])):
             self.reporter.warn(f"sync: {name} NOT committed: {why}", event="sync_not_committed",
-                               checkpoint=name, reason=why)
+                               checkpoint=name, reason=str(why), why=why.why.name)
         done = ", ".join(self.result.committed) or "none"
+        left = self.result.left_out
+        shown = ", ".join(sorted(left, key=natural_key)[:5]) + (" ..." if len(left) > 5 else "")
         self.reporter.info(f"sync: stopped; committed this run: {done}; "
-                           f"not committed: {len(self.result.not_committed)}")
+                           f"not committed: {len(self.result.not_committed)}; "
+                           f"left out (not uploaded): {len(left)}" + (f" ({shown})" if left else ""),
+                           event="sync_stopped", committed=list(self.result.committed),
+                           not_committed=len(self.result.not_committed), left_out=sorted(left))
 
-    def _folders(self) -> list[str]:
+    def _entries(self) -> list[Candidate]:
+        """The checkpoints at the top level; every other entry is reported once, when it appears."""
         root = self.options.checkpoint_dir
         try:
-            entries = list(os.scandir(root))
+            entries = observe.top_entries(root)
         except FileNotFoundError:
             if not self._warned_missing:
                 self.reporter.info(f"sync: {root} does not exist yet; waiting for checkpoints")
@@ -312,22 +229,26 @@ class Sidecar:
             return []
         except OSError as exc:
             raise ConfigError(f"BT_CHECKPOINT_DIR={root}: cannot be read: {exc.strerror}") from None
-        loose = sorted(e.name for e in entries if not e.name.startswith(".") and not e.is_dir())
-        if loose and not self._warned_loose:
-            self._warned_loose = True
-            self.reporter.warn(f"sync: ignoring files at the top level of {root} (each checkpoint is a folder): "
-                               + ", ".join(loose[:5]) + (" ..." if len(loose) > 5 else ""))
-        names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-        return sorted(names, key=natural_key)
+        found, skipped = classify(entries, str(root))
+        for s in skipped:
+            if s.name not in self.result.left_out:
+                self.result.left_out[s.name] = str(s)
+                self.reporter.warn(f"sync: {s.name} is not uploaded: {s}", event="sync_left_out",
+                                   entry=s.name, reason=str(s), why=s.skip.name)
+        return found
 
-    def _pass(self, finishing: bool) -> dict[str, str]:
-        """One look at every checkpoint folder; commits the ready ones. Returns name -> why not yet."""
-        pending: dict[str, str] = {}
-        for name in self._folders():
+    def _pass(self, finishing: bool) -> dict[str, NotReady]:
+        """One look at every checkpoint; commits the ready ones. Returns name -> why not yet."""
+        pending: dict[str, NotReady] = {}
+        root = self.options.checkpoint_dir
+        latest = None
+        for entry in self._entries():
+            name = entry.name
             if name in self._done:
+                self._rewritten(name)
                 continue
             if self._expired:
-                pending[name] = NOT_STARTED
+                pending[name] = NotReady(Why.NOT_STARTED)
                 continue
             if name not in self._checked:
                 if self._already_committed(name):
@@ -335,8 +256,12 @@ class Sidecar:
                 self._checked.add(name)
             if self._superseded(name):
                 continue
-            folder = self.options.checkpoint_dir / name
-            snap = _snapshot(folder)
+            path = root / name
+            try:
+                snap = observe.snapshot(path)
+            except UnsafeEntry as exc:
+                pending[name] = self._unsafe(name, str(exc))
+                continue
             if snap is None:  # deleted (e.g. the trainer's own rotation)
                 self._seen.pop(name, None)
                 continue
@@ -347,17 +272,40 @@ class Sidecar:
             elif seen.files != snap[0]:
                 seen.files, seen.newest_ctime_ns, seen.since = snap[0], snap[1], now
             if not finishing and now < seen.retry_at:
-                pending[name] = FAILED
+                pending[name] = NotReady(Why.FAILED, "waiting to retry")
                 continue
-            writers = open_for_writing(self.options.checkpoint_dir) if self._quiet(seen, now) else None
-            why = self._not_ready(name, folder, seen, now, writers, finishing)
-            if why:
-                pending[name] = why
-                continue
-            why = self._commit(name, folder, seen, finishing)
-            if why:
+            if latest is None:
+                latest = observe.deepspeed_latest(root) or ""
+            why = self._not_ready(entry, path, seen, now, latest or None, finishing)
+            if why is None:
+                why = self._commit(name, path, seen)
+            if why is not None:
                 pending[name] = why
         return pending
+
+    def _rewritten(self, name: str) -> None:
+        """A single file saved again under a committed name (a `last.ckpt` copy): reported once, not lost silently."""
+        state = self._committed_files.get(name)
+        if state is None:
+            return
+        try:
+            st = os.lstat(self.options.checkpoint_dir / name)
+        except OSError:
+            return
+        if (st.st_size, st.st_mtime_ns) != state:
+            del self._committed_files[name]
+            why = "rewritten after it was committed; a name is committed once (save each checkpoint under a new name)"
+            self.result.left_out[name] = why
+            self.reporter.warn(f"sync: {name} is not uploaded again: {why}", event="sync_left_out",
+                               entry=name, reason=why, why="REWRITTEN")
+
+    def _unsafe(self, name: str, problem: str) -> NotReady:
+        """A link out, a FIFO or a symlinked folder inside: reported once, never read through."""
+        if name not in self._seen or not self._seen[name].warned:
+            self._seen[name] = _Seen((), 0, time.monotonic(), warned=True)
+            self.reporter.warn(f"sync: {name} is not uploaded while it holds {problem}",
+                               event="sync_unsafe", checkpoint=name, reason=problem)
+        return NotReady(Why.UNSAFE, problem)
 
     def _already_committed(self, name: str) -> bool:
         key = layout.manifest_key(self.ident.job_id, name, self.ident.rank)
@@ -393,43 +341,52 @@ class Sidecar:
         q = self.options.quiet_seconds
         return now - seen.since >= q or time.time_ns() - seen.newest_ctime_ns >= q * 1e9
 
-    def _not_ready(self, name: str, folder: Path, seen: _Seen, now: float, writers: set[str] | None,
-                   finishing: bool) -> str | None:
-        if not self._quiet(seen, now):
-            return WRITING
-        if writers:
-            prefix = os.path.realpath(folder) + os.sep
-            held = sorted(w[len(prefix):] for w in writers if w.startswith(prefix))
-            if held:
-                return f"{OPEN} ({held[0]})"
-        if not seen.files:
-            return EMPTY
-        marker = self.options.complete_file
-        if marker:
-            problem = None
-            path = folder / marker
-            if not path.is_file():
-                problem = f"incomplete: no {marker}"
-            elif marker.endswith(".json"):
-                try:
-                    json.loads(path.read_bytes())
-                except (OSError, ValueError):
-                    problem = f"incomplete: {marker} is not valid JSON"
-            if problem:
-                if not seen.warned and not finishing:
-                    seen.warned = True
-                    self.reporter.warn(
-                        f"sync: {name} has been quiet for {self.options.quiet_seconds:g} s but is {problem}; "
-                        "waiting for it (CKPT_AGENT_COMPLETE_FILE= / --complete-file '' uploads on quiet alone)")
-                return problem
-        return None
+    def _facts(self, entry: Candidate, path: Path, seen: _Seen, quiet: bool, latest: str | None) -> Facts:
+        files = tuple(f.rel for f in seen.files)
+        look = quiet or self._finishing  # otherwise it is still being written: no need to look closer
+        writers = observe.open_for_writing(self.options.checkpoint_dir) if look else None
+        held = None
+        if writers is not None:
+            self._sighted = self._sighted or not writers.blind
+            if not self._sighted and not self._warned_blind:
+                self._warned_blind = True
+                self.reporter.warn(
+                    "sync: cannot see any other process's open files (a separate container or PID namespace, "
+                    "or another user): the open-file check is blind, so each format's own completion rule "
+                    "decides (docs/sidecar.md, formats table)", event="sync_blind")
+            real = os.path.realpath(path)
+            held = next((w[len(real):].lstrip(os.sep) or entry.name for w in sorted(writers.paths)
+                         if w == real or w.startswith(real + os.sep)), None)
+        fmt = Format.FILE if entry.is_file else folder_format(entry.name, files, self.options.rules, latest)
+        wanted = {Format.MARKER: self.options.rules.markers, Format.HF: (HF_STATE,),
+                  Format.DCP: (DCP_METADATA,)}.get(fmt, ())
+        return Facts(
+            format=fmt, files=files, quiet=quiet, writing=held, blind=not self._sighted,
+            markers=observe.markers(path, wanted) if wanted and look else None,
+            structure=observe.structure(seen.files[0]) if entry.is_file and seen.files else None,
+            deepspeed_latest=latest, name=entry.name)
 
-    def _commit(self, name: str, folder: Path, seen: _Seen, finishing: bool) -> str | None:
+    def _not_ready(self, entry: Candidate, path: Path, seen: _Seen, now: float, latest: str | None,
+                   finishing: bool) -> NotReady | None:
+        quiet = self._quiet(seen, now)
+        if not quiet and not finishing:
+            return NotReady(Why.WRITING)
+        facts = self._facts(entry, path, seen, quiet, latest)
+        why = readiness(facts, self.options.rules, self._trainer, flushing=finishing and self._wait_for_writers)
+        if (why is not None and quiet and not seen.warned and not finishing
+                and why.why not in (Why.WRITING, Why.OPEN)):
+            seen.warned = True
+            self.reporter.warn(f"sync: {entry.name} has been quiet for {self.options.quiet_seconds:g} s but is "
+                               f"not committed yet: {why}", event="sync_waiting", checkpoint=entry.name,
+                               reason=str(why), why=why.why.name)
+        return why
+
+    def _commit(self, name: str, folder: Path, seen: _Seen) -> NotReady | None:
         ident = replace(self.ident, name=name)
         cancel = Cancel()
         with self._lock:
             if self._expired:
-                return NOT_STARTED
+                return NotReady(Why.NOT_STARTED)
             self._cancel = cancel
         total = sum(f.size for f in seen.files)
         copied: list[str] = []
@@ -441,14 +398,16 @@ class Sidecar:
         except CheckpointChanged as exc:
             self.reporter.info(f"sync: {name}: {exc}; it starts over once quiet")
             seen.files, seen.since = (), time.monotonic()  # differs from any scan: quiet starts again
-            return CHANGED
+            return NotReady(Why.CHANGED)
+        except UnsafeEntry as exc:
+            return self._unsafe(name, str(exc))
         except Interrupted:
-            return CUT
+            return NotReady(Why.CUT)
         except StoreError as exc:
             seen.failures += 1
             seen.retry_at = time.monotonic() + min(60.0, 2.0 ** (seen.failures - 1))
             self.reporter.warn(f"sync: {name}: upload failed ({exc}); will retry")
-            return f"{FAILED}: {exc}"
+            return NotReady(Why.FAILED, str(exc))
         finally:
             sink.close()
             with self._lock:
@@ -458,6 +417,8 @@ class Sidecar:
         self._seen.pop(name, None)
         self._previous = manifest
         self.result.committed.append(name)
+        if manifest.kind == FILE_KIND:
+            self._committed_files[name] = (seen.files[0].size, seen.files[0].mtime_ns)
         if self._newest is not None:
             shape = _shape(name)
             self._newest[shape] = max(self._newest.get(shape, ()), natural_key(name))
@@ -533,5 +494,5 @@ def run_standalone(sidecar: Sidecar, once: bool, reporter: Reporter) -> int:
     if signals:
         return 0
     result: SyncResult = box["result"]
-    failed = [why for why in result.not_committed.values() if why.startswith(FAILED)]
+    failed = [why for why in result.not_committed.values() if why.why is Why.FAILED]
     return StoreError.exit_code if failed else 0

@@ -60,6 +60,7 @@ def supervise(argv: Sequence[str], env: Mapping[str, str], sidecar: Sidecar, rep
             raise CommandNotFound(f"training command not found: {argv[0]!r}; check the command or PATH") from None
         except PermissionError:
             raise CommandNotFound(f"training command not executable: {argv[0]!r}") from None
+        sidecar.trainer_started(child.pid)
         if received:  # arrived while the child was being started
             forward(received[-1][0])
         box: dict = {}
@@ -78,7 +79,7 @@ def supervise(argv: Sequence[str], env: Mapping[str, str], sidecar: Sidecar, rep
         reporter.info(f"trainer exited with status {status}; flushing the last checkpoints")
         handled = len(received)
         starts = [t for signum, t in received if signum in _STARTS_GRACE]
-        sidecar.finish(starts[0] + grace if starts else None, wait_for_writers=True)
+        sidecar.finish(starts[0] + grace if starts else None, wait_for_writers=True, trainer_status=status)
         while worker.is_alive():
             worker.join(0.1)
             if len(received) > handled:  # a signal during the flush: bound it by the grace period

@@ -19,6 +19,7 @@ from pathlib import Path
 from agent.errors import IntegrityError, NotFoundError
 from agent.localstate import INCOMPLETE_SUFFIX, state_dir
 from agent.manifest import (
+    FILE_KIND,
     FileEntry,
     Manifest,
     check_relative_path,
@@ -173,8 +174,11 @@ def summary(report: VerifyReport) -> str:
 
 
 def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | None = None) -> str | None:
-    """The newest loaded checkpoint folder under BT_LOAD_CHECKPOINT_DIR/rank-<rank>/, newest by the
-    store's order as the load recorded it (never by file times), or None when nothing was loaded."""
+    """The newest loaded checkpoint under BT_LOAD_CHECKPOINT_DIR/rank-<rank>/, newest by the store's
+    order as the load recorded it (never by file times), or None when nothing was loaded.
+
+    The path each framework's resume call takes: the folder, or for a single-file checkpoint
+    (`ckpt-5.pt`, loaded into `rank-0/ckpt-5.pt/ckpt-5.pt`) the file itself."""
     env = os.environ if env is None else env
     base = env.get("BT_LOAD_CHECKPOINT_DIR")
     if not base:
@@ -196,5 +200,21 @@ def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | No
     for entry in sorted(mine, key=lambda e: e.get("order", 0)):
         folder = Path(base) / entry["path"]
         if folder.is_dir():
-            return str(folder)
+            return _resume_path(Path(base), entry, folder)
     return None
+
+
+def _resume_path(root: Path, entry: dict, folder: Path) -> str | None:
+    """The folder, or the one file of a single-file checkpoint (its recorded manifest says which)."""
+    if not isinstance(entry.get("manifest"), str):  # a record from before manifests were kept
+        return str(folder)
+    try:
+        manifest, problem = _load_manifest(root, entry)
+    except IntegrityError as exc:
+        raise ValueError(f"{exc}; run `ckpt-agent load` again") from None
+    if problem is not None:
+        raise ValueError(f"{problem.path}: {problem.detail}; run `ckpt-agent load` again")
+    if manifest.kind != FILE_KIND:
+        return str(folder)
+    file = folder / manifest.files[0].path
+    return str(file) if file.is_file() else None

@@ -346,3 +346,19 @@ def test_file_checksums_are_accepted_by_parse_manifest(tmp_path):
 def test_format_checksum_is_eight_lowercase_hex_digits():
     assert format_checksum(0) == "00000000"
     assert format_checksum(0xABCDEF) == "00abcdef"
+
+
+def test_a_single_file_manifest_round_trips_and_a_bad_kind_is_refused():
+    from agent.manifest import FILE_KIND, FileEntry, Manifest
+
+    m = Manifest("p", "j", "ckpt-5.pt", 0, "2026-01-01T00:00:00.000000Z", 8, (FileEntry("ckpt-5.pt", 3, ("00",)),),
+                 kind=FILE_KIND)
+    assert parse_manifest(m.to_json(), "m").kind == FILE_KIND
+    body = json.loads(m.to_json())
+    one = body["files"][0]
+    for kind, files in (("blob", [one]), ("file", [one, {**one, "path": "other.pt"}]),
+                        ("file", [{**one, "path": "a/ckpt-5.pt"}])):
+        with pytest.raises(IntegrityError):
+            parse_manifest(json.dumps({**body, "kind": kind, "files": files}), "m")
+    del body["kind"]
+    assert parse_manifest(json.dumps(body), "m").kind == "folder"

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -348,3 +349,46 @@ def test_every_command_has_help_with_examples_and_a_version(capsys):
             assert expect in out, (argv, flag)
             if flag == "--help" and argv:
                 assert f"ckpt-agent {argv[0]}" in out.split("example")[1], argv  # the examples use it
+
+
+class _LineCheckingStream(io.StringIO):
+    """Records every write and whether two writes ever overlapped (a write while another is in it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.overlapped = False
+        self._inside = threading.Event()
+
+    def write(self, text: str) -> int:
+        if self._inside.is_set():
+            self.overlapped = True
+        self._inside.set()
+        try:
+            self.writes.append(text)
+            time.sleep(0)  # let another thread in, if nothing keeps it out
+            return super().write(text)
+        finally:
+            self._inside.clear()
+
+
+@pytest.mark.parametrize("make", [Reporter, JsonReporter])
+def test_log_lines_from_two_threads_are_whole_lines_and_never_interleave(make):
+    stream = _LineCheckingStream()
+    reporter = make(stream)
+    start = threading.Barrier(2)
+
+    def log(who: str) -> None:
+        start.wait()
+        for i in range(200):
+            reporter.info(f"{who} line {i}")
+            reporter.warn(f"{who} warning {i}")
+
+    threads = [threading.Thread(target=log, args=(who,)) for who in ("sync", "main")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not stream.overlapped
+    assert all(w.endswith("\n") and w.count("\n") == 1 for w in stream.writes)
+    assert len(stream.getvalue().splitlines()) == 800

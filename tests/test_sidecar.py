@@ -22,11 +22,14 @@ import pytest
 
 from agent import layout
 from agent.errors import ConfigError
+from agent.formats import NotReady, Why
+from agent.observe import open_for_writing
 from agent.report import Reporter
 from agent.save import CheckpointId, commit_checkpoint
 from agent.settings import settings_from_env
-from agent.sidecar import CUT, Sidecar, SyncOptions, open_for_writing, sync_options
+from agent.sidecar import Sidecar
 from agent.stores.local import LocalStore
+from agent.syncopts import SyncOptions, sync_options
 from tests.seaweed import SeaweedServer
 from tests.specs import AGENT
 
@@ -407,8 +410,8 @@ def test_sigterm_finishes_the_upload_in_flight_only_within_the_grace_period(tmp_
     thread.join(15)
     assert store.exists(layout.manifest_key("job-1", "checkpoint-10", 0)) is is_committed
     if not is_committed:
-        assert sidecar.result.not_committed == {"checkpoint-10": CUT}
-        assert f"checkpoint-10 NOT committed: {CUT}" in out.getvalue()
+        assert sidecar.result.not_committed == {"checkpoint-10": NotReady(Why.CUT)}
+        assert f"checkpoint-10 NOT committed: {Why.CUT.value}" in out.getvalue()
 
 
 def test_store_errors_while_watching_are_retried_and_do_not_stop_the_sidecar(tmp_path):
@@ -440,7 +443,7 @@ def test_store_errors_while_watching_are_retried_and_do_not_stop_the_sidecar(tmp
     assert store.exists(layout.manifest_key("job-1", "checkpoint-10", 0))
 
 
-def test_loose_files_at_the_top_level_are_ignored_with_one_warning(tmp_path):
+def test_a_top_level_file_that_is_not_a_checkpoint_is_reported_once_and_counted(tmp_path):
     ckpts, store = tmp_path / "ckpts", RecordingStore(tmp_path / "store")
     make_checkpoint(ckpts / "checkpoint-10", 10)
     (ckpts / "notes.txt").write_text("not a checkpoint")
@@ -450,7 +453,9 @@ def test_loose_files_at_the_top_level_are_ignored_with_one_warning(tmp_path):
     time.sleep(0.3)
     sidecar.finish(None, wait_for_writers=True)
     thread.join(10)
-    assert out.getvalue().count("notes.txt") == 1 and "ignoring files at the top level" in out.getvalue()
+    assert out.getvalue().count("notes.txt is not uploaded: a file that is not a checkpoint") == 1
+    assert "left out (not uploaded): 1 (notes.txt)" in out.getvalue()
+    assert sidecar.result.left_out.keys() == {"notes.txt"}
     assert not any("notes.txt" in key for _, key in store.log)
 
 
@@ -486,8 +491,8 @@ def test_open_for_writing_sees_write_handles_and_not_read_handles(tmp_path):
     (tmp_path / "r").write_bytes(b"x")
     with open(tmp_path / "w", "wb"), open(tmp_path / "r", "rb"):
         found = open_for_writing(tmp_path)
-    assert found == {os.path.realpath(tmp_path / "w")}
-    assert open_for_writing(tmp_path) == set()
+    assert found.paths == {os.path.realpath(tmp_path / "w")}
+    assert open_for_writing(tmp_path).paths == set()
 
 
 def test_checkpointing_settings_and_sync_flags_are_validated():
@@ -497,9 +502,112 @@ def test_checkpointing_settings_and_sync_flags_are_validated():
     with pytest.raises(ConfigError, match="BT_CHECKPOINTING_ENABLED"):
         settings_from_env({"BT_CHECKPOINTING_ENABLED": "maybe"})
     opts = sync_options({"CKPT_AGENT_QUIET_SECONDS": "1.5", "CKPT_AGENT_KEEP_LAST": "2"}, "/d", poll_seconds=0.5)
-    assert (opts.quiet_seconds, opts.poll_seconds, opts.keep_last, opts.complete_file) == \
-        (1.5, 0.5, 2, "trainer_state.json")
-    assert sync_options({}, "/d", complete_file="").complete_file is None
-    for bad in ({"quiet_seconds": -1}, {"poll_seconds": 0}, {"keep_last": 0}, {"complete_file": "../x"}):
+    assert (opts.quiet_seconds, opts.poll_seconds, opts.keep_last, opts.rules.markers) == (1.5, 0.5, 2, ())
+    assert sync_options({}, "/d", complete_file=[""]).rules.markers == ()
+    assert sync_options({"CKPT_AGENT_COMPLETE_FILE": "DONE, .metadata"}, "/d").rules.markers == ("DONE", ".metadata")
+    assert sync_options({}, "/d", complete_file=["A,B", "C"]).rules.markers == ("A", "B", "C")
+    assert sync_options({"CKPT_AGENT_COMMIT_ON_QUIET": "1"}, "/d").rules.commit_on_quiet is True
+    for bad in ({"quiet_seconds": -1}, {"poll_seconds": 0}, {"keep_last": 0}, {"complete_file": ["../x"]}):
         with pytest.raises(ConfigError):
             sync_options({}, "/d", **bad)
+
+
+# -- resume: what the agent loads is what the framework's resume call takes ---------------------
+
+
+def test_a_single_file_checkpoint_loads_as_that_file_and_latest_local_checkpoint_returns_it(store, tmp_path):
+    import zipfile
+
+    from agent.verify import latest_local_checkpoint
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    with zipfile.ZipFile(ckpts / "ckpt-5.pt", "w") as z:  # the shape torch.save writes
+        z.writestr("archive/data.pkl", os.urandom(3000))
+    env = env_for(store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    result = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "committed ckpt-5.pt: 1 files" in result.stderr, result.stderr
+    assert manifest(store, "ckpt-5.pt")["kind"] == "file"
+    loaded = load_latest_as_second_job(store, tmp_path)
+    path = latest_local_checkpoint(env={"BT_LOAD_CHECKPOINT_DIR": str(loaded.parent)})
+    assert path == str(loaded / "ckpt-5.pt" / "ckpt-5.pt")
+    assert Path(path).read_bytes() == (ckpts / "ckpt-5.pt").read_bytes()
+
+
+def test_a_folder_checkpoint_still_resumes_from_the_folder(local_store, tmp_path):
+    from agent.verify import latest_local_checkpoint
+
+    ckpts = tmp_path / "ckpts"
+    make_checkpoint(ckpts / "checkpoint-10", 10)
+    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    assert subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, timeout=60).returncode == 0
+    assert "kind" not in manifest(local_store, "checkpoint-10")  # folder manifests are as older agents wrote them
+    loaded = load_latest_as_second_job(local_store, tmp_path)
+    assert latest_local_checkpoint(env={"BT_LOAD_CHECKPOINT_DIR": str(loaded.parent)}) == \
+        str(loaded / "checkpoint-10")
+
+
+# -- run: the sync options, the final flush ----------------------------------------------------
+
+
+def test_run_takes_the_sync_flags_with_checkpointing_and_says_where_they_go_without(local_store, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    script = f"mkdir -p {ckpts}/out && echo w > {ckpts}/out/w.bin && echo done > {ckpts}/out/DONE"
+    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    result = subprocess.run([AGENT, "run", "--complete-file", "DONE", "--quiet-seconds", "0", "--", "sh", "-c",
+                             script], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "committed out:" in result.stderr, result.stderr
+    del env["BT_CHECKPOINTING_ENABLED"]
+    result = subprocess.run([AGENT, "run", "--complete-file", "DONE", "--", "true"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "--complete-file" in result.stderr
+    assert "BT_CHECKPOINTING_ENABLED=1" in result.stderr and result.stderr.count("\n") == 1
+    help_text = subprocess.run([AGENT, "run", "--help"], capture_output=True, text=True).stdout
+    assert "--complete-file" in help_text and "BT_CHECKPOINTING_ENABLED" in help_text
+
+
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
+CAN_UNSHARE = os.geteuid() == 0 and Path("/usr/bin/unshare").exists()
+
+
+@pytest.mark.parametrize("prefix", [
+    [], pytest.param(UNSHARE, marks=pytest.mark.skipif(not CAN_UNSHARE, reason="needs unshare as root"))],
+    ids=["host", "own-pid-namespace"])
+def test_final_flush_after_the_trainer_exits_does_not_wait_for_the_quiet_period(local_store, tmp_path, prefix):
+    ckpts = tmp_path / "ckpts"
+    # A quiet period of an hour: if the flush waited for it, run would not exit within the timeout. In its
+    # own PID namespace nothing but the agent is left once the trainer exits: that is not being blind.
+    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1", CKPT_AGENT_QUIET_SECONDS="3600")
+    result = subprocess.run([*prefix, AGENT, "run", "--", *trainer(ckpts, "--checkpoints", 1, "--every", 0)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert committed(local_store, "checkpoint-10")
+
+
+def test_a_supervised_folder_of_no_known_format_is_committed_after_exit_0_not_after_a_failure(
+        local_store, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    for name, status in (("ok", 0), ("bad", 3)):
+        script = f"mkdir -p {ckpts}/{name} && echo w > {ckpts}/{name}/w.npy && exit {status}"
+        result = subprocess.run([AGENT, "run", "--", "sh", "-c", script], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == status, result.stderr
+    assert committed(local_store, "ok") and not committed(local_store, "bad")
+    assert "bad NOT committed: a folder of no known format and the trainer exited with a failure" in result.stderr
+
+
+@pytest.mark.skipif(not CAN_UNSHARE, reason="needs unshare as root")
+def test_a_sidecar_in_its_own_pid_namespace_says_once_that_it_cannot_see_open_files(local_store, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    make_checkpoint(ckpts / "checkpoint-10", 10)
+    make_checkpoint(ckpts / "checkpoint-20", 20)
+    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    result = subprocess.run([*UNSHARE, AGENT, "sync", "--once"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("cannot see any other process's open files") == 1
+    assert committed(local_store, "checkpoint-20")  # the HF rule still decides
+    shared = subprocess.run([AGENT, "sync", "--once"], env={**env, "BT_TRAINING_JOB_ID": "job-2"},
+                            capture_output=True, text=True, timeout=60)
+    assert "committed checkpoint-20" in shared.stderr and "cannot see" not in shared.stderr
