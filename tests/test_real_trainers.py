@@ -28,6 +28,8 @@ assert procs  # the fixture, imported for the tests below
 SCRIPTS = Path(__file__).with_name("trainers")
 STEPS, EVERY, HOLD = 20, 5, 12  # checkpoints at 5, 10, (SIGTERM after 12), then 15, 20 in the resumed job
 TIMEOUT = 180
+# `run` exits with the trainer's status; every script here saves on SIGTERM and exits 0.
+PREEMPTED_STATUS = 0
 
 
 @dataclass
@@ -82,6 +84,34 @@ def preempt(job: Job, store: StoreUnderTest, after: str, job_id: str = "job-1") 
     return job.wait()
 
 
+@dataclass(frozen=True)
+class Preempted:
+    """A trainer preempted under `ckpt-agent run` (job-1) and resumed from latest by job-2."""
+
+    first: Job
+    second: Job
+    reference: Job
+
+
+def preempt_and_resume(procs: list, tmp_path: Path, store: StoreUnderTest, script: str, *, after: str,
+                       committed_first: set[str], resumes: str, first_args: tuple = (),
+                       second_args: tuple = ()) -> Preempted:
+    """Job-1 runs `script` until `after` is committed, gets SIGTERM and must have committed exactly
+    `committed_first`; job-2 loads latest of job-1 (which must be `resumes`) and trains to the end,
+    alongside an uninterrupted reference run of the same script."""
+    reference = start_job(procs, tmp_path, store, script, "reference", agent=False)
+    first = start_job(procs, tmp_path, store, script, "job-1", "--hold-at", HOLD, *first_args)
+    assert preempt(first, store, after) == PREEMPTED_STATUS, first.text()
+    assert "SIGTERM" in first.text(), first.text()
+    assert committed_set(store, "job-1") == committed_first, first.text()
+    second = start_job(procs, tmp_path, store, script, "job-2", *second_args, load_from="job-1")
+    assert second.wait() == 0, second.text()
+    assert f"RESUMING {resumes}" in second.text(), second.text()
+    assert reference.wait() == 0, reference.text()
+    assert second.result()["step"] == STEPS
+    return Preempted(first, second, reference)
+
+
 @pytest.fixture
 def local_store(tmp_path: Path) -> StoreUnderTest:
     return _local(tmp_path / "store")
@@ -90,17 +120,63 @@ def local_store(tmp_path: Path) -> StoreUnderTest:
 def test_hf_trainer_preempted_resumes_from_latest_bit_identical_and_its_final_model_folder_is_committed(
         s3_env, s3_prefix, tmp_path, procs):
     store = _seaweed(s3_env, s3_prefix)
-    script = "hf_trainer.py"
-    reference = start_job(procs, tmp_path, store, script, "reference", agent=False)
-    first = start_job(procs, tmp_path, store, script, "job-1", "--hold-at", HOLD)
-    assert preempt(first, store, after="checkpoint-10") == 0, first.text()
-    assert "SIGTERM" in first.text() and "committed checkpoint-12:" in first.text(), first.text()
-    assert committed_set(store, "job-1") == {"checkpoint-5", "checkpoint-10", "checkpoint-12"}
+    run = preempt_and_resume(procs, tmp_path, store, "hf_trainer.py", after="checkpoint-10",
+                             committed_first={"checkpoint-5", "checkpoint-10", "checkpoint-12"},
+                             resumes="checkpoint-12", second_args=("--final", "final-model"))
+    assert run.second.result() == run.reference.result()
+    # final-model/ (save_model: weights and config, no trainer_state.json) is of no known format:
+    # committed because the trainer exited 0.
+    assert committed_set(store, "job-2") == {"checkpoint-15", "checkpoint-20", "final-model"}, run.second.text()
 
-    second = start_job(procs, tmp_path, store, script, "job-2", "--final", "final-model", load_from="job-1")
-    assert second.wait() == 0, second.text()
-    assert "RESUMING checkpoint-12" in second.text()
-    assert committed_set(store, "job-2") >= {"checkpoint-15", "checkpoint-20"}
-    assert reference.wait() == 0, reference.text()
-    assert second.result() == reference.result()
-    assert second.result()["step"] == STEPS
+
+def test_torch_save_loop_preempted_uploads_each_pt_file_and_resumes_bit_identical_from_the_loaded_file(
+        local_store, tmp_path, procs):
+    run = preempt_and_resume(procs, tmp_path, local_store, "torch_save_loop.py", after="ckpt-10.pt",
+                             committed_first={"ckpt-5.pt", "ckpt-10.pt", "ckpt-12.pt"}, resumes="ckpt-12.pt")
+    assert run.second.result() == run.reference.result()
+
+
+def test_dcp_loop_preempted_uploads_each_folder_and_resumes_bit_identical_with_dcp_load(
+        local_store, tmp_path, procs):
+    run = preempt_and_resume(procs, tmp_path, local_store, "dcp_loop.py", after="step-10",
+                             committed_first={"step-5", "step-10", "step-12"}, resumes="step-12")
+    assert run.second.result() == run.reference.result()
+
+
+def test_dcp_save_that_dies_before_metadata_is_never_committed_and_latest_stays_the_one_before(
+        local_store, tmp_path, procs):
+    """The shards of step-10 are written by DCP itself; the process then dies (os._exit(1)) in the
+    storage writer's `finish`, exactly where DCP would write `.metadata`: a crash mid-save."""
+    job = start_job(procs, tmp_path, local_store, "dcp_loop.py", "job-1", "--crash-in-save", 10)
+    assert job.wait() == 1, job.text()
+    assert "CRASHING before .metadata" in job.text()
+    half = job.ckpts / "step-10"
+    assert any(half.glob("*.distcp")) and not (half / ".metadata").exists()
+    assert "step-10 NOT committed" in job.text(), job.text()
+    assert committed_set(local_store, "job-1") == {"step-5"}
+
+
+def test_deepspeed_zero1_preempted_commits_tag_folders_named_by_latest_and_resumes_bit_identical(
+        local_store, tmp_path, procs):
+    run = preempt_and_resume(procs, tmp_path, local_store, "deepspeed_loop.py", after="global_step10",
+                             committed_first={"global_step5", "global_step10", "global_step12"},
+                             resumes="global_step12")
+    assert run.second.result() == run.reference.result()
+    assert "latest is not uploaded" in run.first.text(), run.first.text()
+
+
+def test_lightning_preempted_resumes_from_its_sigterm_ckpt_like_resuming_from_the_local_file(
+        local_store, tmp_path, procs):
+    """Lightning's DataLoader is not resumable mid-epoch (it warns so), so the resumed weights are
+    compared with a resume straight from job-1's own file, not with an uninterrupted run. Job-1's
+    last.ckpt is a symlink (left out: its target is uploaded), job-2's a copy (a checkpoint)."""
+    script, sigterm_ckpt = "lightning_trainer.py", "epoch=1-step=12.ckpt"
+    run = preempt_and_resume(procs, tmp_path, local_store, script, after="epoch=1-step=10.ckpt",
+                             committed_first={"epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt", sigterm_ckpt},
+                             resumes=sigterm_ckpt, first_args=("--save-last", "link"))
+    assert (run.first.ckpts / "last.ckpt").is_symlink()
+    assert "last.ckpt" in committed_set(local_store, "job-2")
+    direct = start_job(procs, tmp_path, local_store, script, "direct", "--resume",
+                       run.first.ckpts / sigterm_ckpt, agent=False)
+    assert direct.wait() == 0, direct.text()
+    assert run.second.result() == direct.result()

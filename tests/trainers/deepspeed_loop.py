@@ -42,7 +42,7 @@ def main() -> None:
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=common.LR), config=CONFIG)
     start = 0
     if path := common.resume_from(args):
-        _, client = engine.load_checkpoint(str(Path(path).parent), tag=Path(path).name)
+        _, client = engine.load_checkpoint(*os.path.split(path))  # the load folder, and the tag
         start = client["step"]
 
     def train_step(step: int) -> None:
