@@ -52,9 +52,10 @@ class Job:
 
 
 def start_job(procs: list, tmp_path: Path, store: StoreUnderTest, script: str, job: str, *args: object,
-              load_from: str | None = None, agent: bool = True) -> Job:
+              load_from: str | None = None, agent: bool = True, agent_flags: tuple = ()) -> Job:
     """`ckpt-agent run -- python SCRIPT` as job `job` with checkpointing on (and loading latest of
-    `load_from`, resuming from what it loaded); `agent=False` runs the script alone."""
+    `load_from`, resuming from what it loaded, with `agent_flags` before the `--`); `agent=False`
+    runs the script alone."""
     folder = tmp_path / job
     folder.mkdir()
     ckpts, out = folder / "ckpts", folder / "result.json"
@@ -64,7 +65,7 @@ def start_job(procs: list, tmp_path: Path, store: StoreUnderTest, script: str, j
         env["BT_LOAD_CHECKPOINT_CONFIG"] = spec(folder / "loaded", latest(job_id=load_from))
         argv += ["--resume", "agent"]
     if agent:
-        argv = [AGENT, "run", "--", *argv]
+        argv = [AGENT, "run", *agent_flags, "--", *argv]
     return Job(start(procs, argv, env, folder / "log"), folder / "log", out, ckpts)
 
 
@@ -143,17 +144,23 @@ def test_dcp_loop_preempted_uploads_each_folder_and_resumes_bit_identical_with_d
     assert run.second.result() == run.reference.result()
 
 
-def test_dcp_save_that_dies_before_metadata_is_never_committed_and_latest_stays_the_one_before(
-        local_store, tmp_path, procs):
-    """The shards of step-10 are written by DCP itself; the process then dies (os._exit(1)) in the
-    storage writer's `finish`, exactly where DCP would write `.metadata`: a crash mid-save."""
-    job = start_job(procs, tmp_path, local_store, "dcp_loop.py", "job-1", "--crash-in-save", 10)
+@pytest.mark.parametrize(("script", "flags", "saved", "half", "why"), [
+    ("dcp_loop.py", (), "step-5", "step-10", "no .metadata"),
+    ("dcp_loop.py", ("--complete-file", ".metadata"), "step-5", "step-10", "no .metadata"),
+    ("torch_save_loop.py", (), "ckpt-5.pt", "ckpt-10.pt", "no zip end record at its end"),
+], ids=["dcp", "dcp-with-user-marker", "torch-save"])
+def test_save_that_dies_half_way_is_never_committed_and_latest_stays_the_one_before(
+        script, flags, saved, half, why, local_store, tmp_path, procs):
+    """A real crash mid-save, at a fixed point: DCP writes step-10's shards itself and the process
+    dies (os._exit) in the storage writer's `finish`, where DCP would write `.metadata`; the
+    torch.save loop dies after writing the first half of the bytes torch.save made for ckpt-10.pt.
+    With `--complete-file .metadata` (a user-given marker) the marker decides instead of DCP's rule."""
+    job = start_job(procs, tmp_path, local_store, script, "job-1", "--crash-in-save", 10, agent_flags=flags)
     assert job.wait() == 1, job.text()
-    assert "CRASHING before .metadata" in job.text()
-    half = job.ckpts / "step-10"
-    assert any(half.glob("*.distcp")) and not (half / ".metadata").exists()
-    assert "step-10 NOT committed" in job.text(), job.text()
-    assert committed_set(local_store, "job-1") == {"step-5"}
+    assert "CRASHING in the save" in job.text()
+    assert (job.ckpts / half).exists()
+    assert f"{half} NOT committed: incomplete: {why}" in job.text(), job.text()
+    assert committed_set(local_store, "job-1") == {saved}
 
 
 def test_deepspeed_zero1_preempted_commits_tag_folders_named_by_latest_and_resumes_bit_identical(

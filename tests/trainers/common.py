@@ -44,6 +44,7 @@ def parse_args(description: str, *extra: tuple[str, str]) -> argparse.Namespace:
     parser.add_argument("--resume", help="a checkpoint to resume from; 'agent' for agent.latest_local_checkpoint()")
     parser.add_argument("--out", required=True, help="JSON file for the step and the final weights' digest")
     parser.add_argument("--exit-status", type=int, default=0, help="exit status after training")
+    parser.add_argument("--crash-in-save", type=int, default=-1, help="the step whose save dies half-way")
     args = parser.parse_args()
     if not args.dir:
         parser.error("--dir or BT_CHECKPOINT_DIR is required")
@@ -130,6 +131,15 @@ def run_loop(args: argparse.Namespace, start: int, train_step: Callable[[int], N
                 say(f"SAVED {save(step)}")
             break
     return step
+
+
+def die_mid_write(path: str, data: bytes) -> None:
+    """What a trainer killed in the middle of an in-place save leaves: the first half of the bytes
+    the library produced, then the process is gone (status 1)."""
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    say(f"CRASHING in the save of {os.path.basename(path)}")
+    os._exit(1)
 
 
 def finish(args: argparse.Namespace, step: int, state: dict[str, torch.Tensor]) -> None:

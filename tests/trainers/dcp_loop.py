@@ -38,12 +38,12 @@ class CrashBeforeMetadata(FileSystemWriter):
     """Writes the shards, then dies where DCP would write `.metadata`."""
 
     def finish(self, metadata, results) -> None:
-        common.say("CRASHING before .metadata")
+        common.say("CRASHING in the save, before .metadata")
         os._exit(1)
 
 
 def main() -> None:
-    args = common.parse_args(__doc__, ("--crash-in-save", "the step whose save dies before .metadata"))
+    args = common.parse_args(__doc__)
     model = common.tiny_model()
     state = TrainState(model, torch.optim.AdamW(model.parameters(), lr=common.LR))
     if path := common.resume_from(args):
@@ -57,8 +57,8 @@ def main() -> None:
     def save(step: int) -> str:
         state.step = step
         folder = os.path.join(args.dir, f"step-{step}")
-        crash = args.crash_in_save is not None and step == int(args.crash_in_save)
-        dcp.save({"train": state}, storage_writer=(CrashBeforeMetadata if crash else FileSystemWriter)(folder))
+        writer = CrashBeforeMetadata if step == args.crash_in_save else FileSystemWriter
+        dcp.save({"train": state}, storage_writer=writer(folder))
         return f"step-{step}"
 
     step = common.run_loop(args, state.step, train_step, save)

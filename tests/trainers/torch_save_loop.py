@@ -1,8 +1,13 @@
 """A hand-written loop that saves one file per checkpoint with `torch.save` (`ckpt-N.pt`) and
-resumes with `torch.load` of the path agent.latest_local_checkpoint() returns."""
+resumes with `torch.load` of the path agent.latest_local_checkpoint() returns.
+
+`--crash-in-save N` leaves the first half of step N's torch.save bytes in `ckpt-N.pt` and dies:
+torch.save writes in place, so that is what a trainer killed mid-save leaves.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 
 import common
@@ -27,8 +32,12 @@ def main() -> None:
 
     def save(step: int) -> str:
         name = f"ckpt-{step}.pt"
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                   os.path.join(args.dir, name))
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+        if step == args.crash_in_save:
+            data = io.BytesIO()
+            torch.save(state, data)
+            common.die_mid_write(os.path.join(args.dir, name), data.getvalue())
+        torch.save(state, os.path.join(args.dir, name))
         return name
 
     step = common.run_loop(args, start, train_step, save)
