@@ -23,7 +23,7 @@ from tests.specs import AGENT, latest, spec
 from tests.test_sidecar import StoreUnderTest, _local, _seaweed, committed, env_for, procs, start, wait_for
 
 pytestmark = pytest.mark.trainers
-assert procs  # the fixture, imported for the tests below
+FIXTURES = (procs,)  # imported for the tests' `procs` argument: kills what a test left running
 
 SCRIPTS = Path(__file__).with_name("trainers")
 STEPS, EVERY, HOLD = 20, 5, 12  # checkpoints at 5, 10, (SIGTERM after 12), then 15, 20 in the resumed job
