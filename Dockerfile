@@ -5,15 +5,6 @@
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 FROM ${BASE_IMAGE}
 
-ARG BASE_IMAGE
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="ckpt-agent" \
-      org.opencontainers.image.description="Loads verified training checkpoints before training starts; uploads new ones." \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
-
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -44,5 +35,15 @@ RUN chmod 0755 /entrypoint.sh \
 # Numeric so runtimes enforcing runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 WORKDIR /home/trainer
+
+# Last: a RUN after an ARG whose value changes (REVISION, each commit) would miss the cache.
+ARG BASE_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="ckpt-agent" \
+      org.opencontainers.image.description="Loads verified training checkpoints before training starts; uploads new ones." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 ENTRYPOINT ["tini", "--", "/entrypoint.sh"]
