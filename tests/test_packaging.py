@@ -249,6 +249,9 @@ def test_image_has_oci_labels_and_the_version_label_matches_pyproject() -> None:
     assert labels["org.opencontainers.image.version"] == "${VERSION}"
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert args["VERSION"] == version, "the VERSION build argument's default must follow pyproject.toml"
+    last_run = max(i for i, _ in _run_steps())
+    late = [i for i, (kw, _) in enumerate(instructions) if kw == "ARG" and i > _first("FROM")]
+    assert late and min(late) > last_run, "a RUN after a per-build ARG (REVISION) would miss the build cache"
 
 
 def test_dependencies_are_installed_in_a_layer_before_the_sources_are_copied(tmp_path: Path) -> None:
