@@ -7,9 +7,10 @@ our child instead (agent.procgroup), and we stay to deliver signals and wait for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NoReturn
 
 from agent.errors import EXIT_COMMAND_NOT_FOUND, AgentError
@@ -34,13 +35,20 @@ def training_argv(command: Sequence[str], start_commands: Sequence[str]) -> list
     return None
 
 
-def exec_training(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+@contextlib.contextmanager
+def starting(command: str) -> Iterator[None]:
+    """Turns the OS's refusal to start `command` into a one-line CommandNotFound (exit 127)."""
     try:
-        os.execvpe(argv[0], list(argv), dict(env))
+        yield
     except FileNotFoundError:
-        raise CommandNotFound(f"training command not found: {argv[0]!r}; check the command or PATH") from None
+        raise CommandNotFound(f"training command not found: {command!r}; check the command or PATH") from None
     except PermissionError:
-        raise CommandNotFound(f"training command not executable: {argv[0]!r}") from None
+        raise CommandNotFound(f"training command not executable: {command!r}") from None
+
+
+def exec_training(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    with starting(argv[0]):
+        os.execvpe(argv[0], list(argv), dict(env))
 
 
 def _interpreter(path: str) -> str:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from agent.launch import CommandNotFound
+from agent.launch import starting
 from agent.report import Reporter
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -89,13 +89,8 @@ class TrainerGroup:
         self._previous = {signum: signal.signal(signum, self._handler) for signum in FORWARDED}
         try:
             _become_subreaper()
-            try:
+            with starting(self.argv[0]):
                 self._child = subprocess.Popen(self.argv, env=self.env, process_group=0)
-            except FileNotFoundError:
-                raise CommandNotFound(f"training command not found: {self.argv[0]!r}; "
-                                      "check the command or PATH") from None
-            except PermissionError:
-                raise CommandNotFound(f"training command not executable: {self.argv[0]!r}") from None
             if self.received:  # arrived while the child was being started
                 self._forward(self.received[-1][0])
         except BaseException:

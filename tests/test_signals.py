@@ -119,3 +119,12 @@ def test_shells_and_shell_scripts_run_as_a_child_and_everything_else_is_execd(tm
     assert not runs_through_shell(["train"], env)
     assert not runs_through_shell([sys.executable, "train.py"], env)
     assert not runs_through_shell(["no-such-command"], env)
+
+
+def test_a_missing_command_run_as_a_child_is_a_one_line_error_with_exit_127(local_store, tmp_path):  # noqa: F811
+    env = env_for(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
+    result = subprocess.run([AGENT, "run", "--", "no-such-trainer-binary"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 127, result.stderr
+    assert "training command not found: 'no-such-trainer-binary'" in result.stderr
+    assert "Traceback" not in result.stderr
