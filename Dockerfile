@@ -1,6 +1,9 @@
 # ckpt-agent image: tini (PID 1, reaps and forwards signals) -> /entrypoint.sh -> ckpt-agent,
-# which loads checkpoints and then execs the training command given as CMD / `docker run` args.
-FROM python:3.11.14-slim-bookworm
+# which loads checkpoints and then runs the training command given as `docker run` arguments,
+# or BT_START_COMMANDS. There is no default CMD: it would shadow BT_START_COMMANDS.
+#   docker build --build-arg BASE_IMAGE=mirror.example/python:3.11-slim-bookworm -t ckpt-agent .
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -11,10 +14,18 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends 'tini=0.19.0-1*' \
     && rm -rf /var/lib/apt/lists/*
 
+# Dependencies first, read from pyproject.toml, so a change to the sources does not reinstall them.
 WORKDIR /opt/ckpt-agent
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+COPY README.md ./
 COPY agent/ ./agent/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps . \
+    && rm -rf build ./*.egg-info
 
 COPY entrypoint.sh /entrypoint.sh
 RUN chmod 0755 /entrypoint.sh \
@@ -25,5 +36,14 @@ RUN chmod 0755 /entrypoint.sh \
 USER 10001:10001
 WORKDIR /home/trainer
 
+# Last: a RUN after an ARG whose value changes (REVISION, each commit) would miss the cache.
+ARG BASE_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="ckpt-agent" \
+      org.opencontainers.image.description="Loads verified training checkpoints before training starts; uploads new ones." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+
 ENTRYPOINT ["tini", "--", "/entrypoint.sh"]
-CMD ["python", "-c", "print('ckpt-agent: give the training command as the container arguments')"]

@@ -118,7 +118,7 @@ def cmd_load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporte
 
 
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from agent.launch import exec_training, training_argv
+    from agent.launch import exec_training, runs_through_shell, training_argv
 
     settings = _settings(args, env)
     argv = training_argv(args.command, settings.start_commands)
@@ -151,7 +151,19 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter
             return supervise(argv, child_env, sidecar, reporter)
         finally:
             sidecar.store.close()
+    if runs_through_shell(argv, child_env):
+        return _run_as_child(argv, child_env, reporter)
     exec_training(argv, child_env)
+
+
+def _run_as_child(argv: list[str], env: Mapping[str, str], reporter: Reporter) -> int:
+    """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
+    from agent.procgroup import TrainerGroup
+    from agent.sidecar import sync_options
+
+    grace = sync_options(env, env.get("BT_CHECKPOINT_DIR", "")).grace_seconds
+    with TrainerGroup(argv, env, grace, reporter) as group:
+        return group.exit_code(group.wait())
 
 
 def cmd_save(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:

@@ -1,15 +1,23 @@
-"""Hands the process over to the training command, so it keeps our PID, signals and exit code."""
+"""Hands the process over to the training command, so it keeps our PID, signals and exit code.
+
+Except for a command that is a shell (`sh -c ...`, BT_START_COMMANDS, a `#!/bin/sh` script): a
+shell neither execs the trainer in every case nor passes SIGTERM on, so such a command runs as
+our child instead (agent.procgroup), and we stay to deliver signals and wait for the trainer.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NoReturn
 
 from agent.errors import EXIT_COMMAND_NOT_FOUND, AgentError
 
 # Runs each start command through its own `sh -c`; the first failure's status is the exit status.
 _SEQUENCE = 'for c do /bin/sh -c "$c" || exit; done'
+SHELLS = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "busybox"})
 
 
 class CommandNotFound(AgentError):
@@ -27,10 +35,40 @@ def training_argv(command: Sequence[str], start_commands: Sequence[str]) -> list
     return None
 
 
-def exec_training(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+@contextlib.contextmanager
+def starting(command: str) -> Iterator[None]:
+    """Turns the OS's refusal to start `command` into a one-line CommandNotFound (exit 127)."""
     try:
-        os.execvpe(argv[0], list(argv), dict(env))
+        yield
     except FileNotFoundError:
-        raise CommandNotFound(f"training command not found: {argv[0]!r}; check the command or PATH") from None
+        raise CommandNotFound(f"training command not found: {command!r}; check the command or PATH") from None
     except PermissionError:
-        raise CommandNotFound(f"training command not executable: {argv[0]!r}") from None
+        raise CommandNotFound(f"training command not executable: {command!r}") from None
+
+
+def exec_training(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    with starting(argv[0]):
+        os.execvpe(argv[0], list(argv), dict(env))
+
+
+def _interpreter(path: str) -> str:
+    """The program a `#!` line names (`env`'s argument for `#!/usr/bin/env bash`); '' if none."""
+    try:
+        with open(path, "rb") as script:
+            head = script.read(256)
+    except OSError:
+        return ""
+    if not head.startswith(b"#!"):
+        return ""
+    words = head[2:].split(b"\n", 1)[0].decode(errors="replace").split()
+    if words and os.path.basename(words[0]) == "env":
+        words = [w for w in words[1:] if not w.startswith("-")]
+    return os.path.basename(words[0]) if words else ""
+
+
+def runs_through_shell(argv: Sequence[str], env: Mapping[str, str]) -> bool:
+    """Whether the command is a shell or a shell script, which would swallow SIGTERM if exec'd."""
+    if os.path.basename(argv[0]) in SHELLS:
+        return True
+    path = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+    return bool(path) and _interpreter(path) in SHELLS

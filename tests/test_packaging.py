@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -97,9 +98,26 @@ def _is_pip_install(command: list[str]) -> bool:
     return any(tuple(command[: len(prefix)]) == prefix for prefix in PIP_INSTALL)
 
 
-def _pip_install_args() -> list[str]:
-    found = [args for prefix in PIP_INSTALL for args in _command_args("RUN", prefix)]
-    assert len(found) == 1, f"expected exactly one `RUN pip install` in the Dockerfile: {found}"
+def _installs_package(command: list[str]) -> bool:
+    """`pip install ... .`: the step that installs the sources (the other installs only `-r` requirements)."""
+    return _is_pip_install(command) and "." in command
+
+
+def _run_steps() -> list[tuple[int, str]]:
+    """(instruction index, arguments) of every RUN."""
+    return [(i, rest) for i, (kw, rest) in enumerate(_instructions()) if kw == "RUN"]
+
+
+def _package_install_run() -> tuple[int, str]:
+    found = [(i, rest) for i, rest in _run_steps() if any(_installs_package(c) for c in _shell_commands(rest))]
+    assert len(found) == 1, f"expected exactly one `RUN pip install ... .` in the Dockerfile: {found}"
+    return found[0]
+
+
+def _dependency_install_run() -> tuple[int, str]:
+    found = [(i, rest) for i, rest in _run_steps()
+             if any(_is_pip_install(c) and "-r" in c for c in _shell_commands(rest))]
+    assert len(found) == 1, f"expected exactly one `RUN pip install -r` (the dependencies) in the Dockerfile: {found}"
     return found[0]
 
 
@@ -132,8 +150,8 @@ class BuildContext:
         return self.root / path.relative_to("/")
 
 
-def _replay_copies_until_pip(root: Path) -> BuildContext:
-    """Replays WORKDIR and COPY (honouring .dockerignore) up to the `RUN pip install` step."""
+def _replay_copies_until(root: Path, stop=_installs_package) -> BuildContext:
+    """Replays WORKDIR and COPY (honouring .dockerignore) up to the first RUN with a command `stop` accepts."""
     patterns = _dockerignore_patterns()
     ctx = BuildContext(root, PurePosixPath("/"))
 
@@ -166,9 +184,9 @@ def _replay_copies_until_pip(root: Path) -> BuildContext:
             into_dir = dest_word.endswith("/") or len(sources) > 1
             for src in sources:
                 copy_one(src, dest, into_dir)
-        elif keyword == "RUN" and any(_is_pip_install(c) for c in _shell_commands(rest)):
+        elif keyword == "RUN" and any(stop(c) for c in _shell_commands(rest)):
             return ctx
-    pytest.fail("the Dockerfile has no `RUN pip install` step")
+    pytest.fail("the Dockerfile has no such `RUN pip install` step")
 
 
 # --- lint -----------------------------------------------------------------------------------------
@@ -198,12 +216,65 @@ def test_image_enters_through_tini_and_entrypoint_as_non_root_user() -> None:
     keywords = [kw for kw, _ in instructions]
     last = {kw: len(keywords) - 1 - keywords[::-1].index(kw) for kw in ("USER", "RUN")}
     assert last["USER"] > last["RUN"], "USER must come after the root-only install steps"
-    assert any(kw == "CMD" for kw, _ in instructions), "the image needs a default CMD"
+    assert not any(kw == "CMD" for kw, _ in instructions), "a default CMD would shadow BT_START_COMMANDS"
+
+
+def _default_base_image() -> str:
+    """FROM's image with the default of the BASE_IMAGE build argument filled in."""
+    instructions = _instructions()
+    args = dict(rest.partition("=")[::2] for kw, rest in instructions[: _first("FROM")] if kw == "ARG")
+    image = next(rest for kw, rest in instructions if kw == "FROM")
+    return image.replace("${BASE_IMAGE}", args.get("BASE_IMAGE", "${BASE_IMAGE}"))
+
+
+def _first(keyword: str) -> int:
+    return next(i for i, (kw, _) in enumerate(_instructions()) if kw == keyword)
+
+
+def test_base_image_is_a_build_argument_with_a_pinned_default() -> None:
+    assert next(rest for kw, rest in _instructions() if kw == "FROM") == "${BASE_IMAGE}"
+    assert _default_base_image() == "python:3.11.14-slim-bookworm"
+
+
+def test_image_has_oci_labels_and_the_version_label_matches_pyproject() -> None:
+    instructions = _instructions()
+    labels = dict(
+        (key, value.strip('"'))
+        for kw, rest in instructions if kw == "LABEL"
+        for key, _, value in (word.partition("=") for word in shlex.split(rest, posix=False))
+    )
+    for name in ("title", "description", "version", "revision", "base.name"):
+        assert f"org.opencontainers.image.{name}" in labels, f"missing OCI label {name}: {labels}"
+    args = dict(rest.partition("=")[::2] for kw, rest in instructions if kw == "ARG")
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert args["VERSION"] == version, "the VERSION build argument's default must follow pyproject.toml"
+    last_run = max(i for i, _ in _run_steps())
+    late = [i for i, (kw, _) in enumerate(instructions) if kw == "ARG" and i > _first("FROM")]
+    assert late and min(late) > last_run, "a RUN after a per-build ARG (REVISION) would miss the build cache"
+
+
+def test_dependencies_are_installed_in_a_layer_before_the_sources_are_copied(tmp_path: Path) -> None:
+    """So a change to agent/ rebuilds one small layer instead of reinstalling boto3."""
+    deps_at, deps_run = _dependency_install_run()
+    package_at, _ = _package_install_run()
+    copies = [(i, rest) for i, (kw, rest) in enumerate(_instructions()) if kw == "COPY"]
+    sources_at = next(i for i, rest in copies if rest.startswith("agent/"))
+    assert deps_at < sources_at < package_at
+    assert [rest for i, rest in copies if i < deps_at] == ["pyproject.toml ./"], "only pyproject.toml before the deps"
+    assert "--no-deps" in next(c for c in _shell_commands(_package_install_run()[1]) if _installs_package(c))
+    # The requirements the dependency layer installs are exactly pyproject.toml's dependencies.
+    ctx = _replay_copies_until(tmp_path, stop=lambda c: _is_pip_install(c) and "-r" in c)
+    generate = next(c for c in _shell_commands(deps_run) if c[:2] == ["python", "-c"])
+    proc = _run([sys.executable, "-c", generate[2]], cwd=ctx.host(ctx.workdir))
+    assert proc.returncode == 0, _explain(proc)
+    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert proc.stdout.splitlines() == wanted
 
 
 def test_pinned_tini_resolves_on_debian_bookworm_like_the_base_image() -> None:
     """The apt pin is checked against the same Debian release as the base image, if this is it."""
-    base = next(rest for kw, rest in _instructions() if kw == "FROM")
+    base = _default_base_image()
     assert base.startswith("python:3.11") and "-slim" in base, base
     os_release = Path("/etc/os-release")
     if "bookworm" not in base or not os_release.exists():
@@ -220,7 +291,8 @@ def test_pinned_tini_resolves_on_debian_bookworm_like_the_base_image() -> None:
     policy = _run(["apt-cache", "policy", *names]).stdout
     if not policy.strip() or "Candidate: (none)" in policy:
         pytest.skip("this host has no apt package lists (run apt-get update)")
-    proc = _run(["apt-get", "install", "-s", *args])  # -s: simulate only, installs nothing
+    # -s: simulate only, installs nothing; --reinstall: the same answer on a host that has tini already.
+    proc = _run(["apt-get", "install", "-s", "--reinstall", *args])
     assert proc.returncode == 0, _explain(proc)
     for name in names:
         assert f"Inst {name} " in proc.stdout, _explain(proc)
@@ -235,20 +307,22 @@ class InstalledVenv:
     python: Path
     site_packages: Path
     neutral_cwd: Path  # not the repo, so `python -m agent` cannot pick up the source tree
+    source_dir: Path  # the image's WORKDIR where the sources were built
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> InstalledVenv:
-    """A fresh venv with the package installed by the Dockerfile's own `pip install` arguments.
+    """A fresh venv with the package installed by the Dockerfile's own `RUN pip install ... .` line.
 
-    `--no-deps` is added: the runtime dependencies are not fetched again but made visible from
-    the test interpreter's site-packages through a .pth line (appended after the venv's own
-    site-packages, and without running that folder's .pth files, so the editable install of the
-    repo stays out of the picture). The build itself keeps pip's build isolation, exactly as
-    `docker build` runs it, so it fetches the `[build-system]` requirements from the index.
+    The whole RUN line runs through /bin/sh with the venv first on PATH, cleanup included. The
+    runtime dependencies (the layer before) are not fetched again but made visible from the test
+    interpreter's site-packages through a .pth line (appended after the venv's own site-packages,
+    and without running that folder's .pth files, so the editable install of the repo stays out
+    of the picture). The build itself keeps pip's build isolation, exactly as `docker build` runs
+    it, so it fetches the `[build-system]` requirements from the index.
     """
     base = tmp_path_factory.mktemp("packaging")
-    ctx = _replay_copies_until_pip(base / "image")
+    ctx = _replay_copies_until(base / "image")
     venv = base / "venv"
     proc = _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
     assert proc.returncode == 0, _explain(proc)
@@ -256,19 +330,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> InstalledVenv:
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     (site / "zz_outer_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
-    args = _pip_install_args()
-    assert any(not a.startswith("-") for a in args), f"pip install has no target: {args}"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_USER")}
-    proc = _run(
-        [str(python), "-m", "pip", "install", "--no-deps", *args],
-        cwd=ctx.host(ctx.workdir),
-        env=env,
-        timeout=180,
-    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_USER", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    proc = _run(["/bin/sh", "-c", _package_install_run()[1]], cwd=ctx.host(ctx.workdir), env=env, timeout=180)
     assert proc.returncode == 0, _explain(proc)
     neutral = base / "elsewhere"
     neutral.mkdir()
-    return InstalledVenv(venv / "bin", python, site, neutral)
+    return InstalledVenv(venv / "bin", python, site, neutral, ctx.host(ctx.workdir))
+
+
+def test_install_step_leaves_no_build_folder_or_egg_info_in_the_image(installed: InstalledVenv) -> None:
+    leftovers = [p.name for p in installed.source_dir.iterdir() if p.name == "build" or p.name.endswith(".egg-info")]
+    assert leftovers == [], f"build leftovers in the image's {installed.source_dir.name}: {leftovers}"
 
 
 def _clean_env(installed: InstalledVenv) -> dict[str, str]:
@@ -304,7 +377,7 @@ def test_entrypoint_execs_command_in_place_keeping_pid_and_exit_status(
 ) -> None:
     """PID equality proves every hop (sh -> ckpt-agent -> command) exec'd, none forked."""
     proc = subprocess.Popen(
-        [str(ENTRYPOINT), "sh", "-c", "echo $$; exit 7"],
+        [str(ENTRYPOINT), "python", "-c", "import os; print(os.getpid()); raise SystemExit(7)"],
         cwd=installed.neutral_cwd,
         env=_clean_env(installed),
         stdout=subprocess.PIPE,
@@ -325,3 +398,21 @@ def test_entrypoint_passes_arguments_through_verbatim(installed: InstalledVenv) 
     )
     assert proc.returncode == 0, _explain(proc)
     assert json.loads(proc.stdout) == awkward, _explain(proc)
+
+
+def test_entrypoint_accepts_a_leading_double_dash(installed: InstalledVenv) -> None:
+    proc = _run([str(ENTRYPOINT), "--", "sh", "-c", "echo hi"], cwd=installed.neutral_cwd, env=_clean_env(installed))
+    assert proc.returncode == 0 and proc.stdout == "hi\n", _explain(proc)
+
+
+def test_entrypoint_without_a_command_or_start_commands_is_a_one_line_error_exit_2(installed: InstalledVenv) -> None:
+    env = {k: v for k, v in _clean_env(installed).items() if k != "BT_START_COMMANDS"}
+    proc = _run([str(ENTRYPOINT)], cwd=installed.neutral_cwd, env=env)
+    assert proc.returncode == 2, _explain(proc)
+    assert proc.stderr.count("\n") == 1 and "BT_START_COMMANDS" in proc.stderr, _explain(proc)
+
+
+def test_entrypoint_runs_start_commands_when_no_command_is_given(installed: InstalledVenv) -> None:
+    env = {**_clean_env(installed), "BT_START_COMMANDS": '["echo from-start-commands"]'}
+    proc = _run([str(ENTRYPOINT)], cwd=installed.neutral_cwd, env=env)
+    assert proc.returncode == 0 and proc.stdout == "from-start-commands\n", _explain(proc)

@@ -15,12 +15,23 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def test_run_execs_the_command_keeping_pid_and_exit_status():
-    proc = subprocess.Popen([AGENT, "run", "--", "sh", "-c", "echo $$; exit 7"], env=clean_env(),
+def test_run_execs_a_plain_command_keeping_pid_and_exit_status():
+    code = "import os; print(os.getpid()); raise SystemExit(7)"
+    proc = subprocess.Popen([AGENT, "run", "--", sys.executable, "-c", code], env=clean_env(),
                             stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 7
     assert int(out.strip()) == proc.pid
+
+
+def test_a_shell_command_runs_as_the_agents_child_in_its_own_process_group():
+    """So SIGTERM can be forwarded to the trainer behind the shell (tests/test_signals.py)."""
+    proc = subprocess.Popen([AGENT, "run", "--", "sh", "-c", "echo $PPID $(ps -o pgid= -p $$) $$; exit 7"],
+                            env=clean_env(), stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 7
+    parent, group, shell = map(int, out.split())
+    assert parent == proc.pid and group == shell
 
 
 def test_disabled_loading_does_not_set_load_dir_or_import_boto3():

@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import NotFoundError, StoreError
 from agent.stores.base import Listing, RangeReader, Store, Upload, upload_in_parts
+
+# copy_file_range's answers for "not between these two files": across filesystems (EXDEV), or a
+# kernel or filesystem (FUSE, some network mounts) that lacks it. An ordinary copy works there.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
+_COPY_BUFFER = 8 << 20
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new hidden file beside `path`, mode 0666 less the umask (mkstemp's 0600 would lock other users out)."""
+    while True:
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.incomplete"))
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _plain_copy(src: int, dst: int, start: int, offset: int, length: int) -> None:
+    while length > 0:
+        data = os.pread(src, min(length, _COPY_BUFFER), start)
+        if not data:
+            raise EOFError
+        os.pwrite(dst, data, offset)
+        start, offset, length = start + len(data), offset + len(data), length - len(data)
 
 
 class _FileRange:
@@ -31,15 +56,19 @@ class _FileRange:
 
 
 class _LocalUpload(Upload):
-    """Parts are copied in the kernel into a hidden temporary file, renamed into place at the end."""
+    """Parts are copied into a hidden temporary file, renamed into place at the end.
+
+    In the kernel (copy_file_range) where it can; by reading and writing where it can't.
+    """
 
     part_size = 64 << 20
 
     def __init__(self, path: Path, key: str, size: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".incomplete")
+        fd, tmp = _create_temp(path)
         os.ftruncate(fd, size)
         self._fd, self._tmp, self._path, self._key = fd, tmp, path, key
+        self._kernel_copy = True
 
     def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
         offset = index * self.part_size
@@ -50,13 +79,20 @@ class _LocalUpload(Upload):
                 source.seek(start)
                 os.pwrite(self._fd, source.read(length), offset)
                 return
-            while length > 0:
-                n = os.copy_file_range(src, self._fd, min(length, 1 << 30), start, offset)
+            while length > 0 and self._kernel_copy:
+                try:
+                    n = os.copy_file_range(src, self._fd, min(length, 1 << 30), start, offset)
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    self._kernel_copy = False
+                    break
                 if n == 0:
-                    raise StoreError(f"{self._key}: source ended early")
+                    raise EOFError
                 start, offset, length = start + n, offset + n, length - n
-        except StoreError:
-            raise
+            _plain_copy(src, self._fd, start, offset, length)
+        except EOFError:
+            raise StoreError(f"{self._key}: source ended early") from None
         except OSError as exc:
             raise StoreError(f"{self._key}: cannot write to the local store: {exc.strerror}") from None
 
@@ -93,7 +129,7 @@ class LocalStore(Store):
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".incomplete")
+            fd, tmp = _create_temp(path)
             try:
                 with os.fdopen(fd, "wb") as out:
                     fill(out)
