@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agent.errors import LocalError
+from agent.errors import IntegrityError, LocalError
 from agent.safefs import Folder, open_or_create, remove_tree
 
 STATE_DIR = ".ckpt-agent"
@@ -45,6 +45,7 @@ class VerifiedIndex:
     """Relative path -> [size, mtime_ns, ctime_ns, inode, device, fingerprint of the manifest entry]."""
 
     def __init__(self, folder: Folder | None) -> None:
+        """A link or special file at verified.json is refused (IntegrityError), like one anywhere else."""
         self._folder = folder
         self._lock = threading.Lock()
         try:
@@ -151,18 +152,27 @@ def write_json_atomic(folder: Folder, rel: str, obj: object) -> None:
 
 def prune_checkpoint(folder: Folder, rel: str, keep: set[str]) -> list[str]:
     """Remove everything below checkpoint folder `rel` that its manifest (`keep`) does not list, so
-    the trainer never resumes from a mix of two runs; links are removed, never followed."""
+    the trainer never resumes from a mix of two runs; links are removed, never followed.
+
+    It walks again from the root, so a folder swapped for a link at any moment of the load is
+    refused here, before the load is recorded and the trainer starts."""
+    folder.forget()
     on_the_way = {p.rsplit("/", i)[0] for p in keep for i in range(1, p.count("/") + 1)}
     removed: list[str] = []
 
     def visit(dfd: int, prefix: str) -> None:
-        for name in sorted(os.listdir(dfd)):
+        with os.scandir(dfd) as entries:
+            listing = sorted((e.name, e.is_file(follow_symlinks=False)) for e in entries)
+        for name, regular in listing:
             path = prefix + name
-            if path in keep:
+            if path in keep and regular:
                 continue
             if path in on_the_way:
                 visit(folder.dir(f"{rel}/{path}"), f"{path}/")
                 continue
+            if path in keep:
+                raise IntegrityError(f"{folder.shown(f'{rel}/{path}')}: replaced by a link or special file "
+                                     "during the load; remove it and load again")
             remove_tree(dfd, name)
             removed.append(path)
 

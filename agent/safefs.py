@@ -167,6 +167,14 @@ class Folder:
                 os.close(fd)
             self._dirs.clear()
 
+    def forget(self) -> None:
+        """Drop cached folder fds, so the next lookups walk from the root again."""
+        with self._lock:
+            for rel, fd in list(self._dirs.items()):
+                if rel:
+                    os.close(fd)
+                    del self._dirs[rel]
+
     def shown(self, rel: str) -> Path:
         return self.root / rel if rel else self.root
 
