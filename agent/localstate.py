@@ -154,11 +154,12 @@ def prune_checkpoint(folder: Folder, rel: str, keep: set[str]) -> list[str]:
     """Remove everything below checkpoint folder `rel` that its manifest (`keep`) does not list, so
     the trainer never resumes from a mix of two runs; links are removed, never followed.
 
-    It walks again from the root, so a folder swapped for a link at any moment of the load is
-    refused here, before the load is recorded and the trainer starts."""
+    It walks again from the root, so a folder swapped for a link, or a file moved away, at any moment
+    of the load is refused here, before the load is recorded and the trainer starts."""
     folder.forget()
     on_the_way = {p.rsplit("/", i)[0] for p in keep for i in range(1, p.count("/") + 1)}
     removed: list[str] = []
+    seen: set[str] = set()
 
     def visit(dfd: int, prefix: str) -> None:
         with os.scandir(dfd) as entries:
@@ -166,6 +167,7 @@ def prune_checkpoint(folder: Folder, rel: str, keep: set[str]) -> list[str]:
         for name, regular in listing:
             path = prefix + name
             if path in keep and regular:
+                seen.add(path)
                 continue
             if path in on_the_way:
                 visit(folder.dir(f"{rel}/{path}"), f"{path}/")
@@ -179,4 +181,8 @@ def prune_checkpoint(folder: Folder, rel: str, keep: set[str]) -> list[str]:
     top = folder.dir(rel)
     if top is not None:
         visit(top, "")
+    if seen != keep:
+        gone = sorted(keep - seen)[0]
+        raise IntegrityError(f"{folder.shown(f'{rel}/{gone}')}: disappeared during the load (moved or removed by "
+                             "someone else); load again")
     return removed

@@ -253,6 +253,14 @@ def test_symlink_planted_while_downloading_is_refused_and_never_written_through(
     assert not (box.dl / ".ckpt-agent" / "loaded-rank-0.json").exists()
 
 
+def test_folder_moved_away_while_downloading_fails_the_load_before_it_is_recorded(tmp_path, monkeypatch):
+    box = Box(tmp_path)
+    commit(box.store, {"sub/a.bin": b"a" * 1000, "z.bin": b"z"})
+    with pytest.raises(IntegrityError, match="disappeared during the load"):
+        load_with_hook(box, monkeypatch, _when("z.bin", lambda: (box.ckpt() / "sub").rename(box.dl / "moved")))
+    assert not (box.dl / ".ckpt-agent" / "loaded-rank-0.json").exists()
+
+
 # ---- item 5: the ready file --------------------------------------------------------------------
 
 def test_ready_file_temporary_name_cannot_be_planted_and_a_link_at_it_is_replaced(box):
