@@ -205,7 +205,8 @@ def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | No
             entries = json.loads(raw)["checkpoints"] if raw is not None else []
             prefix = f"rank-{rank}/"
             mine = [e for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)
-                    and e["path"].startswith(prefix) and e["path"].count("/") == 1]
+                    and e["path"].startswith(prefix) and e["path"].count("/") == 1
+                    and e["path"][len(prefix):] not in ("", ".", "..")]
             for entry in sorted(mine, key=lambda e: e.get("order", 0)):
                 with contextlib.suppress(IntegrityError):
                     if folder.dir(entry["path"]) is not None:

@@ -295,6 +295,15 @@ def test_fifo_at_the_load_record_fails_verify_and_latest_local_checkpoint_withou
     assert result.returncode == 1 and "not a load record" in result.stderr
 
 
+def test_planted_load_record_naming_a_parent_folder_is_ignored_by_latest_local_checkpoint(box):
+    assert box.run("load").returncode == 0
+    record = box.dl / ".ckpt-agent" / "loaded-rank-0.json"
+    body = json.loads(record.read_text())
+    body["checkpoints"].insert(0, {**body["checkpoints"][0], "path": "rank-0/..", "order": -1})
+    record.write_text(json.dumps(body))
+    assert latest_local(box, 0).stdout.strip() == str(box.ckpt())
+
+
 def test_fifo_at_a_loaded_file_is_flagged_by_verify_without_hanging(box):
     assert box.run("load").returncode == 0
     (box.ckpt() / "model.bin").unlink()
