@@ -189,9 +189,11 @@ class Folder:
                 depth -= 1
             fd = self._dirs["/".join(parts[:depth])]
             for i in range(depth, len(parts)):
-                sub = self._open_dir(fd, parts[i], "/".join(parts[: i + 1]), create)
-                if fd not in self._dirs.values():
-                    os.close(fd)
+                try:
+                    sub = self._open_dir(fd, parts[i], "/".join(parts[: i + 1]), create)
+                finally:
+                    if i > depth:  # an intermediate folder we opened on the way, not a cached one
+                        os.close(fd)
                 if sub is None:
                     return None
                 fd = sub
