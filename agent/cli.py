@@ -112,7 +112,8 @@ def cmd_load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporte
     if ready is not None:
         from agent.load import write_ready_file
 
-        write_ready_file(ready, Path(settings.spec.download_folder) if settings.spec.enabled else None)
+        write_ready_file(ready, Path(settings.spec.download_folder) if settings.spec.enabled else None,
+                         settings.node_rank)
         reporter.info(f"wrote ready file {ready}", event="ready_file", path=str(ready))
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -13,23 +14,25 @@ from agent import __version__, layout
 from agent.cancel import Cancel
 from agent.errors import LocalError
 from agent.localstate import (
+    INCOMPLETE_SUFFIX,
+    STATE_DIR,
     VerifiedIndex,
     check_root,
     folder_lock,
-    incomplete_path,
+    loaded_record,
     prepare_root,
+    prune_checkpoint,
     state_dir,
-    write_bytes_atomic,
     write_json_atomic,
 )
 from agent.manifest import checksum, format_checksum, natural_key
 from agent.plan import FileTask, Plan, make_plan
 from agent.report import Reporter, human_bytes
 from agent.resolve import Resolution, Resolved, resolve
+from agent.safefs import Folder, write_atomic
 from agent.settings import Settings
 from agent.stores import open_store
 from agent.transfer import TransferOptions, TransferStats, run_plan
-from agent.verify import LOADED_RECORD
 
 
 @dataclass(frozen=True)
@@ -39,20 +42,20 @@ class LoadResult:
     stats: TransferStats
 
 
-def _bytes_needed(plan: Plan) -> int:
+def _bytes_needed(plan: Plan, folder: Folder | None) -> int:
     """Bytes still to be allocated: partial files from an earlier run already hold theirs."""
     needed = 0
     for task in plan.fetch:
         have = 0
-        for path in (incomplete_path(task.dest), task.dest):
-            with contextlib.suppress(FileNotFoundError):
-                have = max(have, os.stat(path).st_blocks * 512)
+        for rel in ((task.rel + INCOMPLETE_SUFFIX, task.rel) if folder is not None else ()):
+            st = folder.lstat(rel)
+            have = max(have, st.st_blocks * 512 if st is not None else 0)
         needed += max(0, task.entry.size - have)
     return needed
 
 
-def check_free_space(plan: Plan) -> None:
-    needed = _bytes_needed(plan)
+def check_free_space(plan: Plan, folder: Folder) -> None:
+    needed = _bytes_needed(plan, folder)
     free = shutil.disk_usage(plan.root).free
     if needed > free:
         raise LocalError(
@@ -71,24 +74,34 @@ def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
     return {r.key: i for i, r in enumerate(newest_first)}
 
 
-def _forget_last_load(root: Path) -> None:
+def _forget_last_load(folder: Folder, rank: int) -> None:
     """Before any file is touched: a record must only ever describe a load that completed."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state_dir(root) / LOADED_RECORD)
+    folder.unlink(f"{STATE_DIR}/{loaded_record(rank)}")
 
 
-def _record(root: Path, result: LoadResult, started: float, rank: int) -> None:
-    """loaded.json, plus the manifests it names under .ckpt-agent/manifests/rank-<r>/<checkpoint>.json
-    (written first, so the record never names a manifest that is not on disk)."""
-    state = state_dir(root)
+def _prune(folder: Folder, result: LoadResult, rank: int, reporter: Reporter) -> None:
+    """Each checkpoint folder ends up holding exactly what its manifest lists, and we say what went."""
+    for r in result.resolution.checkpoints:
+        rel = layout.local_checkpoint_dir(rank, r.manifest.checkpoint_name)
+        removed = prune_checkpoint(folder, rel, {f.path for f in r.manifest.files})
+        if removed:
+            shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else "")
+            reporter.warn(f"removed {len(removed)} entries from {folder.shown(rel)} that its manifest does "
+                          f"not list: {shown}", event="removed_unlisted", path=rel, removed=removed)
+
+
+def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> None:
+    """loaded-rank-<r>.json, plus the manifests it names under .ckpt-agent/manifests/rank-<r>/<checkpoint>.json
+    (written first, so the record never names a manifest that is not on disk). Only this rank's are touched."""
     order = store_order(result.resolution.checkpoints)
     entries, written = [], set()
+    mine = f"{STATE_DIR}/{MANIFESTS_DIR}/rank-{rank}"
     for r in result.resolution.checkpoints:
         m = r.manifest
         raw = m.raw
         manifest_rel = f"{MANIFESTS_DIR}/rank-{rank}/{m.checkpoint_name}.json"
-        write_bytes_atomic(state / manifest_rel, raw)
-        written.add(state / manifest_rel)
+        folder.write_atomic(f"{STATE_DIR}/{manifest_rel}", raw)
+        written.add(f"{m.checkpoint_name}.json")
         entries.append({
             "reference": r.reference.describe(), "job_id": m.job_id, "project_name": m.project_name,
             "checkpoint_name": m.checkpoint_name, "rank": m.rank, "committed_at": m.committed_at,
@@ -97,15 +110,16 @@ def _record(root: Path, result: LoadResult, started: float, rank: int) -> None:
             "manifest": manifest_rel, "manifest_crc32c": format_checksum(checksum(raw)),
             "order": order[r.key],
         })
-    for stale in state.glob(f"{MANIFESTS_DIR}/*/*.json"):
-        if stale not in written:
-            stale.unlink()
+    dfd = folder.dir(mine, create=True)
+    for stale in set(os.listdir(dfd)) - written:
+        if stale.endswith(".json"):
+            os.unlink(stale, dir_fd=dfd)
     stats, plan = result.stats, result.plan
-    write_json_atomic(state / LOADED_RECORD, {
+    write_json_atomic(folder, f"{STATE_DIR}/{loaded_record(rank)}", {
         "agent_version": __version__,
         "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.monotonic() - started, 3),
-        "download_folder": str(root.absolute()),
+        "download_folder": str(folder.root.absolute()),
         "node_rank": rank,
         "files_total": plan.total_files,
         "bytes_total": plan.total_bytes,
@@ -136,21 +150,21 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
                           event="resolved", reference=r.reference.describe(), job_id=m.job_id,
                           checkpoint_name=m.checkpoint_name, rank=m.rank, files=len(m.files),
                           bytes=m.total_bytes, reason=r.reason)
-        prepare_root(root)
-        with folder_lock(root, reporter.info, cancel.check):
-            index = VerifiedIndex(root)
-            plan = make_plan(root, tuple(r.manifest for r in resolution.checkpoints),
+        with prepare_root(root) as folder, folder_lock(folder, reporter.info, cancel.check):
+            index = VerifiedIndex(folder)
+            plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints),
                              settings.node_rank, index)
-            check_free_space(plan)
-            _forget_last_load(root)
+            check_free_space(plan, folder)
+            _forget_last_load(folder, settings.node_rank)
             sink = reporter.progress(plan.fetch_bytes, "download")
             try:
                 options = TransferOptions(workers=settings.workers, chunk_size=settings.chunk_size)
-                stats = run_plan(store, plan, options, sink, cancel, index)
+                stats = run_plan(store, plan, folder, options, sink, cancel, index)
             finally:
                 sink.close()
             result = LoadResult(resolution, plan, stats)
-            _record(root, result, started, settings.node_rank)
+            _prune(folder, result, settings.node_rank, reporter)
+            _record(folder, result, started, settings.node_rank)
     finally:
         store.close()
     seconds = time.monotonic() - started
@@ -208,15 +222,18 @@ def plan_load(settings: Settings, reporter: Reporter) -> DryRun:
         store.close()
     for warning in resolution.warnings:
         reporter.warn(warning, event="no_checkpoint")
-    plan = make_plan(root, tuple(r.manifest for r in resolution.checkpoints), settings.node_rank,
-                     VerifiedIndex(root))
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(Folder(root)) if root.is_dir() else None
+        plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints), settings.node_rank,
+                         VerifiedIndex(folder))
+        needed = _bytes_needed(plan, folder)
     per_checkpoint = []
     for r in resolution.checkpoints:
-        folder = layout.local_checkpoint_dir(settings.node_rank, r.manifest.checkpoint_name)
-        per_checkpoint.append(CheckpointPlan(r, folder,
-                                             tuple(t for t in plan.intact if t.rel.startswith(folder + "/")),
-                                             tuple(t for t in plan.fetch if t.rel.startswith(folder + "/"))))
-    dry = DryRun(root, root.is_dir(), resolution, plan, tuple(per_checkpoint), _bytes_needed(plan),
+        rel = layout.local_checkpoint_dir(settings.node_rank, r.manifest.checkpoint_name)
+        per_checkpoint.append(CheckpointPlan(r, rel,
+                                             tuple(t for t in plan.intact if t.rel.startswith(rel + "/")),
+                                             tuple(t for t in plan.fetch if t.rel.startswith(rel + "/"))))
+    dry = DryRun(root, root.is_dir(), resolution, plan, tuple(per_checkpoint), needed,
                  shutil.disk_usage(_nearest_existing(root)).free)
     if dry.needed_bytes > dry.free_bytes:
         reporter.warn(f"a load would fail: download_folder {root} needs {human_bytes(dry.needed_bytes)} but only "
@@ -275,14 +292,20 @@ def clear_ready_file(path: Path) -> None:
         raise LocalError(f"--ready-file {path}: cannot remove the old one ({exc.strerror})") from None
 
 
-def write_ready_file(path: Path, root: Path | None) -> None:
-    """Written last and atomically (rename): it exists only once every file is verified and in place."""
-    record = str(state_dir(root).absolute() / LOADED_RECORD) if root is not None else None
+def write_ready_file(path: Path, root: Path | None, rank: int) -> None:
+    """Written last and atomically (rename from an unpredictable name, created O_EXCL, so a planted link
+    is replaced, never followed): it exists only once every file is verified and in place."""
+    record = str(state_dir(root).absolute() / loaded_record(rank)) if root is not None else None
+    body = json.dumps({"ready": True, "agent_version": __version__,
+                       "download_folder": str(root.absolute()) if root is not None else None,
+                       "loaded_record": record,
+                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1).encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {"ready": True, "agent_version": __version__,
-                                 "download_folder": str(root.absolute()) if root is not None else None,
-                                 "loaded_record": record,
-                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            write_atomic(dfd, path.name, body)
+        finally:
+            os.close(dfd)
     except OSError as exc:
         raise LocalError(f"--ready-file {path}: cannot write it ({exc.strerror})") from None

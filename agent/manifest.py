@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -17,6 +18,7 @@ from pathlib import PurePosixPath
 import crc32c
 
 from agent.errors import IntegrityError
+from agent.localstate import INCOMPLETE_SUFFIX
 
 FORMAT = 1
 ALGORITHM = "crc32c"
@@ -24,6 +26,8 @@ DEFAULT_PART_SIZE = 8 * 1024 * 1024
 # A checkpoint is a folder of files, or one file saved on its own (`ckpt-5.pt`): the manifest then
 # lists that one file, and a load hands the trainer the file's path instead of the folder's.
 FOLDER_KIND, FILE_KIND = "folder", "file"
+NAME_MAX = 255 - len(INCOMPLETE_SUFFIX.encode())  # the temporary twin of a file must fit too
+PATH_MAX = 4096 - 256  # room for the download folder and rank-<r>/<checkpoint>/ in front
 
 
 def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
@@ -177,7 +181,36 @@ def check_relative_path(path: object, where: str) -> str:
     pure = PurePosixPath(path)
     if pure.is_absolute() or any(p in ("..", ".", "") for p in path.split("/")):
         raise IntegrityError(f"{where}: path {path!r} is absolute or has '.'/'..' components")
+    if len(path.encode(errors="surrogatepass")) > PATH_MAX or any(
+            len(p.encode(errors="surrogatepass")) > NAME_MAX for p in path.split("/")):
+        raise IntegrityError(f"{where}: path {path[:80]!r}... is longer than a file system allows "
+                             f"({NAME_MAX} bytes a name, {PATH_MAX} in all)")
     return path
+
+
+def fold(path: str) -> str:
+    """What a case-insensitive or normalising file system would store: two paths with one fold collide."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", path).casefold())
+
+
+def _check_collisions(paths: list[str], where: str) -> None:
+    """No path may be another's folder, or its temporary twin, on any file system, even after folding."""
+    files: dict[str, str] = {}
+    for path in paths:
+        folded = fold(path)
+        if folded in files:
+            raise IntegrityError(f"{where}: paths {files[folded]!r} and {path!r} are the same file on a "
+                                 "case-insensitive or normalising file system")
+        if any(p.endswith(fold(INCOMPLETE_SUFFIX)) for p in folded.split("/")):
+            raise IntegrityError(f"{where}: path {path!r} ends in {INCOMPLETE_SUFFIX}, the name ckpt-agent "
+                                 "gives a file while it downloads")
+        files[folded] = path
+    for folded, path in files.items():
+        parent = folded.rpartition("/")[0]
+        while parent:
+            if parent in files:
+                raise IntegrityError(f"{where}: {files[parent]!r} is both a file and a folder (of {path!r})")
+            parent = parent.rpartition("/")[0]
 
 
 def _require(obj: dict, key: str, kind: type | tuple, where: str):
@@ -190,8 +223,8 @@ def _require(obj: dict, key: str, kind: type | tuple, where: str):
 def parse_manifest(text: str | bytes, where: str) -> Manifest:
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IntegrityError(f"{where}: manifest is not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise IntegrityError(f"{where}: manifest is not valid JSON (or nested too deeply)") from None
     if not isinstance(obj, dict):
         raise IntegrityError(f"{where}: manifest is not a JSON object")
     if obj.get("format") != FORMAT:
@@ -226,12 +259,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         if pack is not None and not _fits_pack(pack, offset, size, len(parts), packs):
             raise IntegrityError(f"{fw}: pack {pack!r} offset {offset!r} does not fit a pack of the manifest")
         files.append(FileEntry(path, size, tuple(parts), pack, offset if pack is not None else 0))
-    for path in seen:
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        while parent:
-            if parent in seen:
-                raise IntegrityError(f"{where}: {parent!r} is both a file and a folder")
-            parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
+    _check_collisions([f.path for f in files], where)
     kind = obj.get("kind", FOLDER_KIND)
     if kind not in (FOLDER_KIND, FILE_KIND):
         raise IntegrityError(f"{where}: unknown checkpoint kind {kind!r}; upgrade ckpt-agent")
@@ -276,8 +304,8 @@ def _parse_packs(raw: object, where: str) -> dict[int, int]:
 def parse_job_record(text: str | bytes, where: str) -> JobRecord:
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IntegrityError(f"{where}: not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise IntegrityError(f"{where}: not valid JSON (or nested too deeply)") from None
     if not isinstance(obj, dict):
         raise IntegrityError(f"{where}: not a JSON object")
     num_nodes = obj.get("num_nodes", 1)

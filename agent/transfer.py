@@ -2,7 +2,8 @@
 
 Each file is written with `os.pwrite` into `<name>.ckpt-incomplete` next to its destination and
 renamed into place only when all of its parts match the manifest. A temporary file left by an
-earlier, killed run is kept: its parts are checked locally and only the bad ones are fetched.
+earlier, killed run is kept (if it is a regular file with one link): its parts are checked
+locally and only the bad ones are fetched. Every file and folder is reached through agent.safefs.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from dataclasses import dataclass, field
 
 from agent.cancel import Cancel
 from agent.errors import AgentError, IntegrityError, LoadTimeoutError, TransientError
-from agent.localstate import VerifiedIndex, incomplete_path
+from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
 from agent.manifest import checksum, format_checksum, read_checksums
 from agent.plan import FileTask, Plan
 from agent.pool import run_tasks
+from agent.safefs import Folder, open_file, open_or_create
 from agent.stores.base import Store
 
 Progress = Callable[[int], None]
@@ -60,14 +62,14 @@ class _FileState:
 
 
 class _Engine:
-    def __init__(self, store: Store, plan: Plan, options: TransferOptions, progress: Progress,
+    def __init__(self, store: Store, plan: Plan, folder: Folder, options: TransferOptions, progress: Progress,
                  cancel: Cancel, index: VerifiedIndex) -> None:
-        self.store, self.plan, self.options = store, plan, options
+        self.store, self.plan, self.folder, self.options = store, plan, folder, options
         self.progress, self.cancel, self.index = progress, cancel, index
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
         self._local = threading.local()
-        self._made: set = set()
+        self.placed: set[str] = set()
 
     def _buffer(self) -> memoryview:
         buf = getattr(self._local, "buf", None)
@@ -98,12 +100,12 @@ class _Engine:
     def _prepare(self, state: _FileState) -> None:
         """Create or adopt the temporary file; an existing destination is adopted for re-checking."""
         task = state.task
-        tmp = incomplete_path(task.dest)
-        task.dest.parent.mkdir(parents=True, exist_ok=True)
-        if task.dest.exists():
-            os.replace(task.dest, tmp)
-        state.resumed = tmp.exists()
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        dfd, name = self.folder.parent(task.rel, create=True)
+        existing = open_file(dfd, name, task.dest, write=True)
+        if existing is not None:
+            os.close(existing)
+            os.replace(name, name + INCOMPLETE_SUFFIX, src_dir_fd=dfd, dst_dir_fd=dfd)
+        fd, state.resumed = self._open_temp(task)
         try:
             if os.fstat(fd).st_size != task.entry.size:
                 os.ftruncate(fd, task.entry.size)
@@ -118,7 +120,7 @@ class _Engine:
         with state.lock:
             if not state.prepared:
                 self._prepare(state)
-        fd = os.open(incomplete_path(task.dest), os.O_RDWR | os.O_NOFOLLOW)
+        fd, _ = self._open_temp(task)
         try:
             todo = [p for p in range(first, last) if not (state.resumed and self._part_ok(fd, task, p))]
             for run_start, run_end in _runs(todo):
@@ -244,11 +246,9 @@ class _Engine:
 
     def _write_member(self, task: FileTask, reader) -> None:
         """One packed file: written whole to its temporary name, checked, then renamed into place."""
-        parent = task.dest.parent
-        if parent not in self._made:
-            parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(parent)
-        fd = os.open(incomplete_path(task.dest), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        fd, existed = self._open_temp(task)
+        if existed:
+            os.ftruncate(fd, 0)
         crc = 0
 
         def sink(chunk: memoryview) -> None:
@@ -271,11 +271,27 @@ class _Engine:
     def _finish(self, state: _FileState) -> None:
         self._place(state.task)
 
+    def _open_temp(self, task: FileTask) -> tuple[int, bool]:
+        """(fd, existed) of the file's temporary twin, created in its folder if need be."""
+        dfd, name = self.folder.parent(task.rel, create=True)
+        return open_or_create(dfd, name + INCOMPLETE_SUFFIX, f"{task.dest}{INCOMPLETE_SUFFIX}")
+
     def _place(self, task: FileTask) -> None:
-        os.replace(incomplete_path(task.dest), task.dest)
-        self.index.record(task.rel, task.fingerprint, os.stat(task.dest))
+        """Rename into place and record the stat of the inode we wrote (fstat after the rename, which
+        moves ctime), so a file swapped in by someone else never matches the record."""
+        dfd, name = self.folder.parent(task.rel)
+        tmp = name + INCOMPLETE_SUFFIX
+        fd = open_file(dfd, tmp, f"{task.dest}{INCOMPLETE_SUFFIX}", write=True)
+        if fd is None:
+            raise IntegrityError(f"{task.dest}{INCOMPLETE_SUFFIX}: removed while it was being downloaded")
+        try:
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            self.index.record(task.rel, task.fingerprint, os.fstat(fd))
+        finally:
+            os.close(fd)
         with self._stats_lock:
             self.stats.files_fetched += 1
+            self.placed.add(task.rel)
 
 
 def _spans(members: list[FileTask], max_bytes: int, max_gap: int = 1 << 20) -> Iterator[list[FileTask]]:
@@ -326,16 +342,16 @@ def _runs(parts: list[int]) -> Iterator[tuple[int, int]]:
         i = j + 1
 
 
-def run_plan(store: Store, plan: Plan, options: TransferOptions, progress: Progress,
+def run_plan(store: Store, plan: Plan, folder: Folder, options: TransferOptions, progress: Progress,
              cancel: Cancel, index: VerifiedIndex) -> TransferStats:
     """Download and verify everything in `plan.fetch`; intact files are only counted."""
     started = time.monotonic()
-    engine = _Engine(store, plan, options, progress, cancel, index)
+    engine = _Engine(store, plan, folder, options, progress, cancel, index)
     engine.stats.files_reused = len(plan.intact)
     try:
         run_tasks(engine.units(), options.workers, cancel)
     except LoadTimeoutError as exc:
-        missing = [t.rel for t in plan.fetch if not t.dest.exists()]
+        missing = [t.rel for t in plan.fetch if t.rel not in engine.placed]
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LoadTimeoutError(f"{exc}; still missing {len(missing)} files: {shown}") from None
     finally:

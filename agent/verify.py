@@ -1,35 +1,40 @@
 """`ckpt-agent verify` and `agent.latest_local_checkpoint`: reading back what a load left behind.
 
-A load records what it resolved in `<download_folder>/.ckpt-agent/loaded.json` and the manifests
-it used under `.ckpt-agent/manifests/`. Verify re-reads every file of every recorded checkpoint
+A load records what it resolved in `<download_folder>/.ckpt-agent/loaded-rank-<r>.json` (one per
+rank, so ranks sharing a folder keep theirs) and the manifests it used under
+`.ckpt-agent/manifests/rank-<r>/`. Everything is read through agent.safefs (no link followed, no
+FIFO waited on). Verify re-reads every file of every recorded checkpoint
 byte for byte against those manifests (it never trusts the stat cache, and never touches the
 store) and calls each file ok, missing, changed or extra.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.errors import IntegrityError, NotFoundError
-from agent.localstate import INCOMPLETE_SUFFIX, state_dir
+from agent.errors import AgentError, IntegrityError, LocalError, NotFoundError
+from agent.localstate import INCOMPLETE_SUFFIX, STATE_DIR, loaded_record, state_dir
 from agent.manifest import (
     FILE_KIND,
     FileEntry,
     Manifest,
     check_relative_path,
     checksum,
-    file_checksums,
     format_checksum,
     parse_manifest,
+    read_checksums,
 )
+from agent.safefs import Folder, open_file
 
-LOADED_RECORD = "loaded.json"  # the same name agent.load writes; kept here so this module stays light
+_RECORD_RE = re.compile(r"loaded-rank-\d+\.json")
 
 OK, MISSING, CHANGED, EXTRA = "ok", "missing", "changed", "extra"
 
@@ -55,41 +60,52 @@ class VerifyReport:
         return {s: sum(1 for f in self.files if f.status == s) for s in (OK, MISSING, CHANGED, EXTRA)}
 
 
-def read_load_record(root: Path) -> dict:
-    """loaded.json of a download folder; NotFoundError when no load completed there."""
-    path = state_dir(root) / LOADED_RECORD
+def _open(root: Path) -> Folder:
+    if not root.is_dir():
+        raise NotFoundError(f"{root}: no such download folder; give the download folder a load wrote, "
+                            "or run `ckpt-agent load`")
+    return Folder(root)
+
+
+def read_load_record(folder: Folder, name: str) -> dict:
+    """One rank's load record; IntegrityError when it is not one (a FIFO or a link included)."""
+    path = folder.shown(f"{STATE_DIR}/{name}")
     try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NotFoundError(
-            f"{root}: no record of a completed load ({path} is missing); give the download folder a "
-            "load wrote, or run `ckpt-agent load`"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{path}: unreadable ({exc}); run `ckpt-agent load` again") from None
+        raw = folder.read(f"{STATE_DIR}/{name}")
+        record = json.loads(raw) if raw is not None else None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise IntegrityError(f"{path}: unreadable ({type(exc).__name__}); run `ckpt-agent load` again") from None
+    if record is None:
+        raise NotFoundError(f"{path}: missing; run `ckpt-agent load`")
     if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), list):
         raise IntegrityError(f"{path}: not a load record; run `ckpt-agent load` again")
     return record
 
 
-def _scan(folder: Path) -> dict[str, bool]:
-    """Every entry below `folder` that is not a plain folder: relative path -> is a regular file.
-    Symlinks are listed (as not regular) and never followed."""
-    found: dict[str, bool] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        base = Path(dirpath)
-        for name in dirnames + filenames:
-            st = os.lstat(base / name)
-            if not stat.S_ISDIR(st.st_mode):
-                found[(base / name).relative_to(folder).as_posix()] = stat.S_ISREG(st.st_mode)
-    return found
+def _record_names(folder: Folder) -> list[str]:
+    """Every rank's loaded-rank-<r>.json in the folder: ranks may share one download folder."""
+    state = folder.dir(STATE_DIR)
+    names = sorted(n for n in os.listdir(state) if _RECORD_RE.fullmatch(n)) if state is not None else []
+    if not names:
+        raise NotFoundError(
+            f"{folder.shown(STATE_DIR)}: no record of a completed load (no {loaded_record(0)} or other rank's); "
+            "give the download folder a load wrote, or run `ckpt-agent load`"
+        )
+    return names
 
 
-def _check_file(path: Path, rel: str, entry: FileEntry, part_size: int) -> FileCheck:
-    size = os.lstat(path).st_size
-    if size != entry.size:
-        return FileCheck(rel, CHANGED, f"{size} bytes, the manifest says {entry.size}")
-    parts = file_checksums(path, part_size)
+def _check_file(folder: Folder, rel: str, entry: FileEntry, part_size: int) -> FileCheck:
+    dfd, name = folder.parent(rel)
+    fd = open_file(dfd, name, folder.shown(rel)) if dfd is not None else None
+    if fd is None:
+        return FileCheck(rel, MISSING)
+    try:
+        size = os.fstat(fd).st_size
+        if size != entry.size:
+            return FileCheck(rel, CHANGED, f"{size} bytes, the manifest says {entry.size}")
+        parts = tuple(read_checksums(fd, 0, size, part_size, memoryview(bytearray(min(1 << 20, part_size)))) or ())
+    finally:
+        os.close(fd)
     count = max(len(parts), len(entry.parts))  # they differ only if the file changed while it was read
     bad = [i for i in range(count) if parts[i:i + 1] != entry.parts[i:i + 1]]
     if bad:
@@ -98,62 +114,65 @@ def _check_file(path: Path, rel: str, entry: FileEntry, part_size: int) -> FileC
     return FileCheck(rel, OK)
 
 
-def _load_manifest(root: Path, entry: dict) -> tuple[Manifest | None, FileCheck | None]:
-    rel = check_relative_path(entry.get("manifest"), f"{LOADED_RECORD}: manifest")
-    path = state_dir(root) / rel
-    shown = f"{state_dir(root).name}/{rel}"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+def _load_manifest(folder: Folder, entry: dict, record: str) -> tuple[Manifest | None, FileCheck | None]:
+    rel = check_relative_path(entry.get("manifest"), f"{record}: manifest")
+    shown = f"{STATE_DIR}/{rel}"
+    raw = folder.read(shown)
+    if raw is None:
         return None, FileCheck(shown, MISSING, "the recorded manifest is gone; its files cannot be checked")
     if format_checksum(checksum(raw)) != entry.get("manifest_crc32c"):
-        return None, FileCheck(shown, CHANGED, "the recorded manifest does not match its crc32c in loaded.json")
-    return parse_manifest(raw, str(path)), None
+        return None, FileCheck(shown, CHANGED, f"the recorded manifest does not match its crc32c in {record}")
+    return parse_manifest(raw, str(folder.shown(shown))), None
 
 
 def verify_folder(root: Path, workers: int = 8) -> VerifyReport:
-    """Every file of every checkpoint the last load recorded, read back and checked."""
-    record = read_load_record(root)
-    if any(not isinstance(c, dict) or "manifest" not in c or "path" not in c for c in record["checkpoints"]):
-        raise NotFoundError(f"{state_dir(root) / LOADED_RECORD}: written by an older ckpt-agent without the "
-                            "manifests it used; run `ckpt-agent load` again to record them")
-    checks: list[FileCheck] = []
-    jobs: list[tuple[Path, str, FileEntry, int]] = []
-    folders: list[str] = []
-    for entry in record["checkpoints"]:
-        folder_rel = check_relative_path(entry["path"], f"{LOADED_RECORD}: path")
-        folders.append(folder_rel)
-        manifest, problem = _load_manifest(root, entry)
-        if problem is not None:
-            checks.append(problem)
-            continue
-        folder = root / folder_rel
-        try:
-            folder_mode = os.lstat(folder).st_mode
-        except FileNotFoundError:
-            checks.extend(FileCheck(f"{folder_rel}/{f.path}", MISSING) for f in manifest.files)
-            continue
-        if not stat.S_ISDIR(folder_mode):
-            checks.append(FileCheck(folder_rel, CHANGED, "is not a plain folder (a symlink or a file)"))
-            continue
-        present = _scan(folder)
-        expected = {f.path for f in manifest.files}
-        for f in manifest.files:
-            rel = f"{folder_rel}/{f.path}"
-            if f.path not in present:
-                checks.append(FileCheck(rel, MISSING))
-            elif not present[f.path]:
-                checks.append(FileCheck(rel, CHANGED, "is not a regular file (a symlink?)"))
-            else:
-                jobs.append((folder / f.path, rel, f, manifest.part_size))
-        for path in sorted(set(present) - expected):
-            why = ("a partial download" if path.endswith(INCOMPLETE_SUFFIX)
-                   else "not in the manifest" if present[path] else "a symlink or special file, not in the manifest")
-            checks.append(FileCheck(f"{folder_rel}/{path}", EXTRA, why))
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # crc32c releases the GIL
-        checks.extend(pool.map(lambda j: _check_file(*j), jobs))
+    """Every file of every checkpoint each rank's last load recorded, read back and checked."""
+    with _open(root) as folder:
+        checks: list[FileCheck] = []
+        jobs: list[tuple[Folder, str, FileEntry, int]] = []
+        folders: list[str] = []
+        for name in _record_names(folder):
+            record = read_load_record(folder, name)
+            if any(not isinstance(c, dict) or "manifest" not in c or "path" not in c for c in record["checkpoints"]):
+                raise NotFoundError(f"{folder.shown(STATE_DIR + '/' + name)}: not a record this ckpt-agent "
+                                    "wrote; run `ckpt-agent load` again to record the manifests")
+            for entry in record["checkpoints"]:
+                folder_rel = check_relative_path(entry["path"], f"{name}: path")
+                folders.append(folder_rel)
+                manifest, problem = _load_manifest(folder, entry, name)
+                if problem is not None:
+                    checks.append(problem)
+                    continue
+                checks.extend(_check_listing(folder, folder_rel, manifest, jobs))
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # crc32c releases the GIL
+            checks.extend(pool.map(lambda j: _check_file(*j), jobs))
     checks.sort(key=lambda c: c.path)
     return VerifyReport(root, tuple(folders), tuple(checks))
+
+
+def _check_listing(folder: Folder, folder_rel: str, manifest: Manifest,
+                   jobs: list[tuple[Folder, str, FileEntry, int]]) -> list[FileCheck]:
+    """Missing, not regular and extra entries of one checkpoint folder; regular files go to `jobs`."""
+    try:
+        present = dict(folder.walk_files(folder_rel))
+    except IntegrityError:
+        return [FileCheck(folder_rel, CHANGED, "is not a plain folder (a symlink or a file)")]
+    if folder.dir(folder_rel) is None:
+        return [FileCheck(f"{folder_rel}/{f.path}", MISSING) for f in manifest.files]
+    checks = []
+    for f in manifest.files:
+        rel = f"{folder_rel}/{f.path}"
+        if f.path not in present:
+            checks.append(FileCheck(rel, MISSING))
+        elif not present[f.path]:
+            checks.append(FileCheck(rel, CHANGED, "is not a regular file (a symlink?)"))
+        else:
+            jobs.append((folder, rel, f, manifest.part_size))
+    for path in sorted(set(present) - {f.path for f in manifest.files}):
+        why = ("a partial download" if path.endswith(INCOMPLETE_SUFFIX)
+               else "not in the manifest" if present[path] else "a symlink or special file, not in the manifest")
+        checks.append(FileCheck(f"{folder_rel}/{path}", EXTRA, why))
+    return checks
 
 
 def render_verify(report: VerifyReport, as_json: bool = False) -> str:
@@ -185,36 +204,37 @@ def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | No
         return None
     if rank is None:
         rank = int(env.get("BT_NODE_RANK") or 0)
-    path = state_dir(Path(base)) / LOADED_RECORD
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        entries = json.loads(text)["checkpoints"]
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path}: not a load record; run `ckpt-agent load` again") from None
-    prefix = f"rank-{rank}/"
-    mine = [e for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)
-            and e["path"].startswith(prefix) and e["path"].count("/") == 1]
-    for entry in sorted(mine, key=lambda e: e.get("order", 0)):
-        folder = Path(base) / entry["path"]
-        if folder.is_dir():
-            return _resume_path(Path(base), entry, folder)
+        with Folder(Path(base)) as folder:
+            raw = folder.read(f"{STATE_DIR}/{loaded_record(rank)}")
+            entries = json.loads(raw)["checkpoints"] if raw is not None else []
+            prefix = f"rank-{rank}/"
+            mine = [e for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)
+                    and e["path"].startswith(prefix) and e["path"].count("/") == 1
+                    and e["path"][len(prefix):] not in ("", ".", "..")]
+            for entry in sorted(mine, key=lambda e: e.get("order", 0)):
+                with contextlib.suppress(IntegrityError):
+                    if folder.dir(entry["path"]) is not None:
+                        return _resume_path(folder, Path(base), entry, loaded_record(rank))
+    except LocalError:
+        return None  # no download folder at all
+    except (AgentError, ValueError, KeyError, TypeError, RecursionError):
+        raise ValueError(f"{state_dir(Path(base)) / loaded_record(rank)}: not a load record; "
+                         "run `ckpt-agent load` again") from None
     return None
 
 
-def _resume_path(root: Path, entry: dict, folder: Path) -> str | None:
+def _resume_path(folder: Folder, base: Path, entry: dict, record: str) -> str | None:
     """The folder, or the one file of a single-file checkpoint (its recorded manifest says which)."""
+    path = base / entry["path"]
     if not isinstance(entry.get("manifest"), str):  # a record from before manifests were kept
-        return str(folder)
-    try:
-        manifest, problem = _load_manifest(root, entry)
-    except IntegrityError as exc:
-        raise ValueError(f"{exc}; run `ckpt-agent load` again") from None
+        return str(path)
+    manifest, problem = _load_manifest(folder, entry, record)
     if problem is not None:
         raise ValueError(f"{problem.path}: {problem.detail}; run `ckpt-agent load` again")
+    assert manifest is not None
     if manifest.kind != FILE_KIND:
-        return str(folder)
-    file = folder / manifest.files[0].path
-    return str(file) if file.is_file() else None
+        return str(path)
+    rel = f"{entry['path']}/{manifest.files[0].path}"
+    st = folder.lstat(rel)
+    return str(base / rel) if st is not None and stat.S_ISREG(st.st_mode) else None

@@ -533,6 +533,7 @@ def test_free_space_check_counts_what_partial_files_already_hold(tmp_path, monke
     from agent.errors import EXIT_LOCAL, LocalError
     from agent.manifest import FileEntry
     from agent.plan import FileTask, Plan
+    from agent.safefs import Folder
 
     dest = tmp_path / "rank-0" / NAME / "model.bin"
     dest.parent.mkdir(parents=True)
@@ -544,10 +545,12 @@ def test_free_space_check_counts_what_partial_files_already_hold(tmp_path, monke
         usage = shutil.disk_usage(tmp_path)._replace(free=n)
         monkeypatch.setattr(load.shutil, "disk_usage", lambda path: usage)
 
+    folder = Folder(tmp_path)
     free(6 * MIB + 1)
-    load.check_free_space(plan)  # 10 MiB minus the 4 MiB already on disk fits
+    load.check_free_space(plan, folder)  # 10 MiB minus the 4 MiB already on disk fits
     free(5 * MIB)
     with pytest.raises(LocalError) as info:
-        load.check_free_space(plan)
+        load.check_free_space(plan, folder)
+    folder.close()
     assert info.value.exit_code == EXIT_LOCAL == 6
     assert "needs 6.3 MB but only 5.2 MB is free" in str(info.value)

@@ -158,7 +158,7 @@ def test_loaded_json_records_resolution_manifest_checksums_bytes_duration_and_ve
     refs = (latest(job_id="job-a"), named("checkpoint-20", "job-a"))
     result = agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)})
     assert result.returncode == 0, result.stderr
-    record = json.loads((dl / ".ckpt-agent" / "loaded.json").read_text())
+    record = json.loads((dl / ".ckpt-agent" / "loaded-rank-0.json").read_text())
     from agent import __version__
 
     assert record["agent_version"] == __version__ and record["seconds"] >= 0
@@ -183,7 +183,7 @@ def test_ready_file_is_written_only_after_everything_is_in_place(env, job, tmp_p
     assert result.returncode == 0, result.stderr
     content = json.loads(ready.read_text())
     assert content["ready"] is True and Path(content["download_folder"]) == dl
-    assert ready.stat().st_mtime_ns >= (dl / ".ckpt-agent" / "loaded.json").stat().st_mtime_ns
+    assert ready.stat().st_mtime_ns >= (dl / ".ckpt-agent" / "loaded-rank-0.json").stat().st_mtime_ns
     assert (dl / "rank-0" / "checkpoint-100" / "model.safetensors").read_bytes() == \
         (job["checkpoint-100"] / "model.safetensors").read_bytes()
 
@@ -206,7 +206,7 @@ def test_failed_load_leaves_no_record_of_the_previous_one(env, job, tmp_path):
     data[7] ^= 1
     key.write_bytes(bytes(data))
     assert agent(["load"], env).returncode == 5
-    assert not (dl / ".ckpt-agent" / "loaded.json").exists()
+    assert not (dl / ".ckpt-agent" / "loaded-rank-0.json").exists()
 
 
 # --- dry run ------------------------------------------------------------------------------------
@@ -259,9 +259,10 @@ def test_dry_run_does_not_wait_for_a_load_holding_the_folder(env, job, tmp_path)
 
 
 def test_verified_index_of_a_missing_folder_creates_nothing(tmp_path):
-    index = VerifiedIndex(tmp_path / "absent")
+    index = VerifiedIndex(None)  # what a dry run uses when the download folder does not exist
     assert not index.is_intact("rank-0/x", "1:00000000", os.stat(tmp_path))
-    assert not (tmp_path / "absent").exists()
+    index.save()
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- agent.latest_local_checkpoint --------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_verify_of_a_folder_no_load_wrote_fails_with_not_found(tmp_path):
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
     result = agent(["verify", str(tmp_path)], keep)
     assert result.returncode == 3
-    assert "loaded.json" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "loaded-rank-0.json" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_verify_flags_a_recorded_manifest_that_was_edited(loaded):
