@@ -8,6 +8,7 @@ store.
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -138,9 +139,9 @@ def ensure_job(store: Store, ident: CheckpointId) -> None:
     if ident.project_name:
         key = layout.project_job_key(ident.project_name, ident.job_id)
         try:
-            store.read_bytes(key)
+            store.read_bytes(key, limit=layout.MAX_RECORD_BYTES)
         except NotFoundError:
-            entry = f'{{"job_id": "{ident.job_id}", "created_at": "{job.created_at}"}}'
+            entry = json.dumps({"job_id": ident.job_id, "created_at": job.created_at})
             store.write_bytes(key, entry.encode())
 
 
@@ -180,6 +181,8 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
     any difference from it, or any change during the upload, raises CheckpointChanged before
     the manifest is written.
     """
+    if (problem := layout.name_problem(ident.name)) is not None:
+        raise ConfigError(f"{folder}: checkpoint name {layout.quote_name(ident.name)} {problem}; rename the folder")
     try:
         files = scan_folder(folder)
     except FileNotFoundError as exc:
