@@ -182,7 +182,7 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
     the manifest is written.
     """
     if (problem := layout.name_problem(ident.name)) is not None:
-        raise ConfigError(f"{folder}: checkpoint name {layout.quote_name(ident.name)} {problem}; rename the folder")
+        raise ConfigError(f"checkpoint folder {layout.quote_name(str(folder))}: its name {problem}; rename it")
     try:
         files = scan_folder(folder)
     except FileNotFoundError as exc:
