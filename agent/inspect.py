@@ -14,7 +14,7 @@ from agent import layout
 from agent.errors import NotFoundError
 from agent.manifest import natural_key
 from agent.report import human_bytes
-from agent.resolve import Warn, list_checkpoints, project_jobs, read_job, read_manifest, valid_names
+from agent.resolve import Warn, list_checkpoints, no_warnings, project_jobs, read_job, read_manifest, valid_names
 from agent.stores.base import Store
 
 _READ_WORKERS = 16
@@ -64,9 +64,8 @@ def _job_row(store: Store, job_id: str) -> JobRow:
     return JobRow(job.job_id, job.project_name, job.created_at, job.num_nodes)
 
 
-def list_jobs(store: Store, project: str | None = None, warn: Warn | None = None) -> JobListing:
+def list_jobs(store: Store, project: str | None = None, warn: Warn = no_warnings) -> JobListing:
     """Every job under jobs/ (or only the project's, from its index), most recently created first."""
-    warn = warn or (lambda _message: None)
     if project is None:
         ids = valid_names(store.list_dir(layout.jobs_prefix()).dirs, layout.jobs_prefix(), warn)
     else:
@@ -78,7 +77,7 @@ def list_jobs(store: Store, project: str | None = None, warn: Warn | None = None
 
 
 def list_job_checkpoints(store: Store, job_id: str, project: str | None = None,
-                         warn: Warn | None = None) -> CheckpointListing:
+                         warn: Warn = no_warnings) -> CheckpointListing:
     """One job's checkpoints in the store's latest order (newest first), committed or not."""
     job = read_job(store, job_id)
     if job is None:
@@ -88,7 +87,7 @@ def list_job_checkpoints(store: Store, job_id: str, project: str | None = None,
             f"job {job_id} belongs to project {job.project_name!r}, not {project!r}; "
             f"list the project's jobs with `ckpt-agent ls --project {project}`"
         )
-    infos = list_checkpoints(store, job, warn or (lambda _message: None))
+    infos = list_checkpoints(store, job, warn)
 
     def row(info) -> CheckpointRow:
         manifests = [read_manifest(store, job.job_id, info.name, rank) for rank in info.ranks_committed]

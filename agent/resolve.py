@@ -22,7 +22,7 @@ _READ_WORKERS = 16
 Warn = Callable[[str], None]
 
 
-def _ignore(_message: str) -> None:
+def no_warnings(_message: str) -> None:
     """The default for callers that have nowhere to show a warning."""
 
 
@@ -89,7 +89,7 @@ def read_manifest(store: Store, job_id: str, name: str, rank: int) -> Manifest:
     return manifest
 
 
-def list_checkpoints(store: Store, job: JobRecord, warn: Warn = _ignore) -> list[CheckpointInfo]:
+def list_checkpoints(store: Store, job: JobRecord, warn: Warn = no_warnings) -> list[CheckpointInfo]:
     """Every checkpoint folder of a job with its commit state, newest first."""
     prefix = layout.checkpoints_prefix(job.job_id)
     names = valid_names(store.list_dir(prefix).dirs, prefix, warn)
@@ -108,7 +108,7 @@ def list_checkpoints(store: Store, job: JobRecord, warn: Warn = _ignore) -> list
     return infos
 
 
-def project_jobs(store: Store, project: str, warn: Warn = _ignore) -> list[tuple[str, str]]:
+def project_jobs(store: Store, project: str, warn: Warn = no_warnings) -> list[tuple[str, str]]:
     """(created_at, job_id) of every job indexed under a project, most recent first.
 
     One damaged or planted entry is skipped with a warning: it must not hide every other job of
