@@ -94,14 +94,14 @@ class S3Store(Store):
     def read_bytes(self, key: str, limit: int | None = None) -> bytes:
         for attempt in range(_BODY_ATTEMPTS):
             try:
-                body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+                response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             except (ClientError, BotoCoreError) as exc:
                 raise self._error(exc, "GET", key) from None
+            if limit is not None and response.get("ContentLength", 0) > limit:
+                response["Body"].close()
+                raise too_large(key, limit)
             try:
-                data = body.read() if limit is None else body.read(limit + 1)
-                if limit is not None and len(data) > limit:
-                    raise too_large(key, limit)
-                return data
+                return response["Body"].read()  # read() checks the length: a body cut short raises
             except (BotoCoreError, OSError) as exc:
                 # botocore retries a request, not a body cut short after the headers arrived
                 if attempt == _BODY_ATTEMPTS - 1:

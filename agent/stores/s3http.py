@@ -174,10 +174,8 @@ class S3Http:
             try:
                 response = self.request(method, key, action, **kw)
                 try:
-                    data = response._response.read() if limit is None else response._response.read(limit + 1)
-                    if limit is not None and len(data) > limit:
-                        raise too_large(key or self.where(""), limit)
-                    return data, response._response.getheader("ETag", "")
+                    return _read_body(response._response, limit, key or self.where("")), \
+                        response._response.getheader("ETag", "")
                 except (OSError, http.client.HTTPException) as exc:
                     raise TransientError(f"{self.where(key)}: {action} body failed ({type(exc).__name__})") from None
                 finally:
@@ -190,6 +188,18 @@ class S3Http:
                     body.seek(0)
                 time.sleep(min(4.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
+
+
+def _read_body(response: http.client.HTTPResponse, limit: int | None, key: str) -> bytes:
+    """At most `limit` bytes. A declared length is checked before reading and read with read(),
+    which (unlike read(n)) raises on a body cut short; a chunked one is read to limit + 1 bytes."""
+    declared = response.length
+    if limit is not None and declared is not None and declared > limit:
+        raise too_large(key, limit)
+    data = response.read() if limit is None or declared is not None else response.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise too_large(key, limit)
+    return data
 
 
 def _text(element: ET.Element, tag: str) -> str:
