@@ -9,12 +9,13 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agent import __version__
 from agent.cancel import Cancel
-from agent.errors import AgentError, ConfigError
+from agent.errors import EXIT_INTERNAL, AgentError, ConfigError
 from agent.report import Reporter, make_reporter
 from agent.settings import Settings, settings_from_env
 from agent.spec import check_name
@@ -160,7 +161,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter
 def _run_as_child(argv: list[str], env: Mapping[str, str], reporter: Reporter) -> int:
     """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
     from agent.procgroup import TrainerGroup
-    from agent.sidecar import sync_options
+    from agent.syncopts import sync_options
 
     grace = sync_options(env, env.get("BT_CHECKPOINT_DIR", "")).grace_seconds
     with TrainerGroup(argv, env, grace, reporter) as group:
@@ -237,7 +238,8 @@ def cmd_ls(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter)
     job_id = check_name(args.job_id, "--job-id", nullable=True)
     store = open_store(_settings(args, env))
     try:
-        data = list_job_checkpoints(store, job_id, project) if job_id else list_jobs(store, project)
+        data = (list_job_checkpoints(store, job_id, project, reporter.warn) if job_id
+                else list_jobs(store, project, reporter.warn))
     finally:
         store.close()
     print(render(data, as_json=args.json), flush=True)
@@ -368,6 +370,14 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except KeyboardInterrupt:
         reporter.error("interrupted", exit_code=130)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last line: its text may quote a secret, so only the class
+        if env.get("CKPT_AGENT_DEBUG") == "1":
+            traceback.print_exc()
+        detail = f": {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else ""
+        reporter.error(f"unexpected {type(exc).__name__}{detail}; this is a bug in ckpt-agent, please report it "
+                       "(CKPT_AGENT_DEBUG=1 prints the traceback, which may quote secrets)",
+                       exit_code=EXIT_INTERNAL, error=type(exc).__name__)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ only know Python's exceptions still catch them sensibly.
 """
 
 EXIT_OK = 0
+EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
 EXIT_NOT_FOUND = 3
 EXIT_STORE = 4
@@ -20,7 +21,7 @@ EXIT_SIGTERM = 143
 class AgentError(Exception):
     """Base of every error the agent reports to the user."""
 
-    exit_code = 1
+    exit_code = EXIT_INTERNAL
 
 
 class ConfigError(AgentError, ValueError):

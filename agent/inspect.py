@@ -14,7 +14,7 @@ from agent import layout
 from agent.errors import NotFoundError
 from agent.manifest import natural_key
 from agent.report import human_bytes
-from agent.resolve import list_checkpoints, project_jobs, read_job, read_manifest
+from agent.resolve import Warn, list_checkpoints, no_warnings, project_jobs, read_job, read_manifest, valid_names
 from agent.stores.base import Store
 
 _READ_WORKERS = 16
@@ -64,19 +64,20 @@ def _job_row(store: Store, job_id: str) -> JobRow:
     return JobRow(job.job_id, job.project_name, job.created_at, job.num_nodes)
 
 
-def list_jobs(store: Store, project: str | None = None) -> JobListing:
+def list_jobs(store: Store, project: str | None = None, warn: Warn = no_warnings) -> JobListing:
     """Every job under jobs/ (or only the project's, from its index), most recently created first."""
     if project is None:
-        ids = list(store.list_dir(layout.jobs_prefix()).dirs)
+        ids = valid_names(store.list_dir(layout.jobs_prefix()).dirs, layout.jobs_prefix(), warn)
     else:
-        ids = [job_id for _, job_id in project_jobs(store, project)]
+        ids = [job_id for _, job_id in project_jobs(store, project, warn)]
     with ThreadPoolExecutor(_READ_WORKERS) as pool:
         rows = list(pool.map(lambda j: _job_row(store, j), ids))
     rows.sort(key=lambda r: (r.created_at or "", natural_key(r.job_id)), reverse=True)
     return JobListing(tuple(rows), project)
 
 
-def list_job_checkpoints(store: Store, job_id: str, project: str | None = None) -> CheckpointListing:
+def list_job_checkpoints(store: Store, job_id: str, project: str | None = None,
+                         warn: Warn = no_warnings) -> CheckpointListing:
     """One job's checkpoints in the store's latest order (newest first), committed or not."""
     job = read_job(store, job_id)
     if job is None:
@@ -86,7 +87,7 @@ def list_job_checkpoints(store: Store, job_id: str, project: str | None = None) 
             f"job {job_id} belongs to project {job.project_name!r}, not {project!r}; "
             f"list the project's jobs with `ckpt-agent ls --project {project}`"
         )
-    infos = list_checkpoints(store, job)
+    infos = list_checkpoints(store, job, warn)
 
     def row(info) -> CheckpointRow:
         manifests = [read_manifest(store, job.job_id, info.name, rank) for rank in info.ranks_committed]

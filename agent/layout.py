@@ -9,10 +9,39 @@
 
 from __future__ import annotations
 
+import json
 import re
+import unicodedata
 
 MANIFEST_SUFFIX = ".manifest.json"
+MAX_NAME_BYTES = 200
+# What a store object we parse may weigh: a hostile store must not make us read without end.
+MAX_RECORD_BYTES = 64 << 10  # job.json and project index entries
+MAX_MANIFEST_BYTES = 64 << 20  # hundreds of thousands of files fit
 _MANIFEST_RE = re.compile(r"^rank-(\d+)\.manifest\.json$")
+
+
+def name_problem(name: str) -> str | None:
+    """Why a job id, project or checkpoint name can't be one store key segment and one local folder
+    name (None when it can). The one rule for names a user gives and names a store lists."""
+    if not name.strip():
+        return "is empty"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    if name.startswith("."):
+        return "starts with '.'"
+    if name != name.strip():
+        return "starts or ends with white space"
+    if any(c in name for c in '/\\"'):
+        return "contains '/', '\\' or '\"'"
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        return "contains a control or invisible character"
+    return None
+
+
+def quote_name(name: str) -> str:
+    """A name as one printable ASCII token, so a planted newline or bidi mark can't forge a log line."""
+    return json.dumps(name)
 
 
 def job_record_key(job_id: str) -> str:

@@ -8,6 +8,7 @@ committed_at, ties broken by the natural order of names.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,6 +19,24 @@ from agent.spec import LatestRef, NamedRef, Reference
 from agent.stores.base import Store
 
 _READ_WORKERS = 16
+Warn = Callable[[str], None]
+
+
+def no_warnings(_message: str) -> None:
+    """The default for callers that have nowhere to show a warning."""
+
+
+def valid_names(names: Iterable[str], where: str, warn: Warn) -> list[str]:
+    """Names a store listing offers, without those no job, project or checkpoint could have: a planted
+    `..`, `x/y` or a name with a newline is never chosen, never becomes a path, and is shown escaped."""
+    kept = []
+    for name in names:
+        problem = layout.name_problem(name)
+        if problem is None:
+            kept.append(name)
+        else:
+            warn(f"{where}: ignoring {layout.quote_name(name)}: {problem}")
+    return kept
 
 
 @dataclass(frozen=True)
@@ -54,14 +73,14 @@ class CheckpointInfo:
 def read_job(store: Store, job_id: str) -> JobRecord | None:
     key = layout.job_record_key(job_id)
     try:
-        return parse_job_record(store.read_bytes(key), key)
+        return parse_job_record(store.read_bytes(key, limit=layout.MAX_RECORD_BYTES), key)
     except NotFoundError:
         return None
 
 
 def read_manifest(store: Store, job_id: str, name: str, rank: int) -> Manifest:
     key = layout.manifest_key(job_id, name, rank)
-    manifest = parse_manifest(store.read_bytes(key), key)
+    manifest = parse_manifest(store.read_bytes(key, limit=layout.MAX_MANIFEST_BYTES), key)
     if (manifest.job_id, manifest.checkpoint_name, manifest.rank) != (job_id, name, rank):
         raise IntegrityError(
             f"{key}: manifest names {manifest.job_id}/{manifest.checkpoint_name}/rank-{manifest.rank}, "
@@ -70,9 +89,10 @@ def read_manifest(store: Store, job_id: str, name: str, rank: int) -> Manifest:
     return manifest
 
 
-def list_checkpoints(store: Store, job: JobRecord) -> list[CheckpointInfo]:
+def list_checkpoints(store: Store, job: JobRecord, warn: Warn = no_warnings) -> list[CheckpointInfo]:
     """Every checkpoint folder of a job with its commit state, newest first."""
-    names = store.list_dir(layout.checkpoints_prefix(job.job_id)).dirs
+    prefix = layout.checkpoints_prefix(job.job_id)
+    names = valid_names(store.list_dir(prefix).dirs, prefix, warn)
 
     def info(name: str) -> CheckpointInfo:
         files = store.list_dir(layout.checkpoint_prefix(job.job_id, name)).files
@@ -88,21 +108,31 @@ def list_checkpoints(store: Store, job: JobRecord) -> list[CheckpointInfo]:
     return infos
 
 
-def project_jobs(store: Store, project: str) -> list[tuple[str, str]]:
-    """(created_at, job_id) of every job indexed under a project, most recent first."""
-    prefix = layout.project_jobs_prefix(project)
-    ids = [j for j in map(layout.job_id_from_index_entry, store.list_dir(prefix).files) if j]
+def project_jobs(store: Store, project: str, warn: Warn = no_warnings) -> list[tuple[str, str]]:
+    """(created_at, job_id) of every job indexed under a project, most recent first.
 
-    def entry(job_id: str) -> tuple[str, str]:
+    One damaged or planted entry is skipped with a warning: it must not hide every other job of
+    the project (the job's own job.json is what a load trusts)."""
+    prefix = layout.project_jobs_prefix(project)
+    ids = valid_names([j for j in map(layout.job_id_from_index_entry, store.list_dir(prefix).files) if j],
+                      prefix, warn)
+
+    def entry(job_id: str) -> tuple[str, str] | None:
         key = layout.project_job_key(project, job_id)
         try:
-            created = json.loads(store.read_bytes(key)).get("created_at", "")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise IntegrityError(f"{key}: project index entry is not a JSON object") from None
-        return (str(created), job_id)
+            record = json.loads(store.read_bytes(key, limit=layout.MAX_RECORD_BYTES))
+            created = record["created_at"]
+            if not isinstance(created, str):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, IntegrityError):
+            warn(f"{key}: ignoring a project index entry that is not a JSON object with created_at")
+            return None
+        except NotFoundError:
+            return None
+        return (created, job_id)
 
     with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        entries = list(pool.map(entry, ids))
+        entries = [e for e in pool.map(entry, ids) if e is not None]
     return sorted(entries, key=lambda e: (e[0], natural_key(e[1])), reverse=True)
 
 
@@ -112,14 +142,15 @@ def _manifest_for_rank(store: Store, job: JobRecord, name: str, rank: int) -> Ma
     return read_manifest(store, job.job_id, name, source_rank)
 
 
-def _latest_of_job(store: Store, job: JobRecord, rank: int) -> Manifest | None:
-    for info in list_checkpoints(store, job):
+def _latest_of_job(store: Store, job: JobRecord, rank: int, warn: Warn) -> Manifest | None:
+    for info in list_checkpoints(store, job, warn):
         if info.complete:
             return _manifest_for_rank(store, job, info.name, rank)
     return None
 
 
-def _resolve_latest(store: Store, ref: LatestRef, rank: int, project: str | None) -> tuple[Manifest | None, str]:
+def _resolve_latest(store: Store, ref: LatestRef, rank: int, project: str | None,
+                    warn: Warn) -> tuple[Manifest | None, str]:
     if ref.job_id:
         job = read_job(store, ref.job_id)
         if job is None:
@@ -129,7 +160,7 @@ def _resolve_latest(store: Store, ref: LatestRef, rank: int, project: str | None
                 f"{ref.describe()}: job {ref.job_id} belongs to project {job.project_name!r}, "
                 f"not {ref.project_name!r}; fix project_name or job_id"
             )
-        found = _latest_of_job(store, job, rank)
+        found = _latest_of_job(store, job, rank, warn)
         return found, (f"newest complete checkpoint of job {job.job_id}" if found
                        else f"job {job.job_id} has no complete checkpoint")
     project = ref.project_name or project
@@ -137,11 +168,11 @@ def _resolve_latest(store: Store, ref: LatestRef, rank: int, project: str | None
         raise ConfigError(
             f"{ref.describe()}: names neither project_name nor job_id and BT_TRAINING_PROJECT_NAME is unset"
         )
-    for _, job_id in project_jobs(store, project):
+    for _, job_id in project_jobs(store, project, warn):
         job = read_job(store, job_id)
         if job is None:
             continue
-        found = _latest_of_job(store, job, rank)
+        found = _latest_of_job(store, job, rank, warn)
         if found:
             return found, (f"newest complete checkpoint of job {job_id}, "
                            f"the most recent job of project {project} that has one")
@@ -167,11 +198,16 @@ def resolve(store: Store, refs: tuple[Reference, ...], rank: int, project: str |
     chosen: dict[tuple[str, str], Resolved] = {}
     by_name: dict[str, Resolved] = {}
     warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        if message not in warnings:
+            warnings.append(message)
+
     for ref in refs:
         if isinstance(ref, NamedRef):
             manifest, reason = _resolve_named(store, ref, rank), "named"
         else:
-            manifest, reason = _resolve_latest(store, ref, rank, project)
+            manifest, reason = _resolve_latest(store, ref, rank, project, warn)
             if manifest is None:
                 message = f"{ref.describe()}: no checkpoint found ({reason})"
                 if required:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import stat
 import threading
@@ -204,9 +205,9 @@ def ensure_job(store: Store, ident: CheckpointId) -> None:
     if ident.project_name:
         key = layout.project_job_key(ident.project_name, ident.job_id)
         try:
-            store.read_bytes(key)
+            store.read_bytes(key, limit=layout.MAX_RECORD_BYTES)
         except NotFoundError:
-            entry = f'{{"job_id": "{ident.job_id}", "created_at": "{job.created_at}"}}'
+            entry = json.dumps({"job_id": ident.job_id, "created_at": job.created_at})
             store.write_bytes(key, entry.encode())
 
 
@@ -246,6 +247,8 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
     any difference from it, or any change during the upload, raises CheckpointChanged before
     the manifest is written.
     """
+    if (problem := layout.name_problem(ident.name)) is not None:
+        raise ConfigError(f"checkpoint folder {layout.quote_name(str(folder))}: its name {problem}; rename it")
     try:
         files = scan_checkpoint(folder)
     except FileNotFoundError as exc:

@@ -20,6 +20,7 @@ from agent.spec import (
     parse_store_location,
 )
 
+PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy")  # the S3 engines honour them as botocore does
 DEFAULT_STORE = "/tmp/ckpt-store"
 DEFAULT_CHUNK_MB = 64
 DEFAULT_READ_TIMEOUT = 20
@@ -106,7 +107,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         load_timeout=load_timeout,
         read_timeout=read_timeout,
         s3_engine=engine,
-        aws_env={k: v for k, v in env.items() if k.startswith("AWS_")},
+        aws_env={k: v for k, v in env.items() if k.startswith("AWS_") or k.lower() in PROXY_VARS},
         checkpoint_dir=env.get("BT_CHECKPOINT_DIR", "").strip() or DEFAULT_CHECKPOINT_DIR,
         checkpointing_enabled=_flag(env, "BT_CHECKPOINTING_ENABLED"),
     )

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from agent import layout
 from agent.errors import ConfigError
 
 DEFAULT_DOWNLOAD_FOLDER = "/tmp/loaded_checkpoints"
 LATEST = "baseten_latest_checkpoint"
 NAMED = "baseten_named_checkpoint"
 CONFIG_VAR = "BT_LOAD_CHECKPOINT_CONFIG"
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,9 @@ def check_name(value: object, field: str, *, nullable: bool = False) -> str | No
         raise ConfigError(f"{field}: expected a string, got {json.dumps(value)}")
     if not value.strip():
         raise ConfigError(f"{field}: must not be empty")
-    if "/" in value or "\\" in value or "\0" in value or value in (".", ".."):
-        raise ConfigError(f"{field}: {value!r} must be a plain name without '/', '\\' or '..'")
+    problem = layout.name_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{field}: {layout.quote_name(value)} {problem}; use a plain name such as checkpoint-20")
     return value
 
 
@@ -156,10 +160,17 @@ def parse_store_location(text: str) -> StoreLocation:
         if not text.strip():
             raise ConfigError("BT_CHECKPOINT_STORE: must not be empty")
         return StoreLocation("file", "", os.path.abspath(text))
+    if "@" in text.split("://", 1)[1].split("/", 1)[0]:
+        # Never echoed: what precedes the '@' is a user and often a secret key.
+        raise ConfigError("BT_CHECKPOINT_STORE: must not hold a user or password (user:secret@); "
+                          "use s3://bucket/prefix and give credentials through the AWS environment")
     url = urlparse(text)
     if url.scheme == "s3":
         if not url.netloc:
             raise ConfigError(f"BT_CHECKPOINT_STORE: {text!r} has no bucket (use s3://bucket/prefix)")
+        if not _BUCKET.fullmatch(url.netloc):
+            raise ConfigError(f"BT_CHECKPOINT_STORE: {url.netloc!r} is not a bucket name "
+                              "(letters, digits, '.', '-' and '_'; use s3://bucket/prefix)")
         return StoreLocation("s3", url.netloc, url.path.strip("/"))
     if url.scheme == "file":
         if url.netloc not in ("", "localhost") or not url.path.startswith("/"):

@@ -113,7 +113,7 @@ SPEC_CASES = {
     "empty job_id": ({"checkpoints": [{**REF, "job_id": ""}]}, "checkpoints[0].job_id: must not be empty"),
     "blank checkpoint_name": ({"checkpoints": [{**REF, "checkpoint_name": "  "}]},
                               "checkpoints[0].checkpoint_name: must not be empty"),
-    "job_id with a slash": ({"checkpoints": [{**REF, "job_id": "a/b"}]}, "checkpoints[0].job_id: 'a/b'"),
+    "job_id with a slash": ({"checkpoints": [{**REF, "job_id": "a/b"}]}, 'checkpoints[0].job_id: "a/b"'),
     "checkpoint_name ..": ({"checkpoints": [{**REF, "checkpoint_name": ".."}]}, "checkpoints[0].checkpoint_name"),
     "project_name with a slash": ({"checkpoints": [latest("../p")]}, "checkpoints[0].project_name"),
     "named without job_id": ({"checkpoints": [{"typ": REF["typ"], "checkpoint_name": NAME}]},

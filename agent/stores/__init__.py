@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
+from agent import settings as defaults
+from agent.errors import StoreError
 from agent.settings import Settings
 from agent.stores.base import Listing, RangeReader, Store
 
@@ -21,4 +26,25 @@ def open_store(settings: Settings) -> Store:
         return S3HttpStore(location.bucket, location.root, settings.aws_env, settings.read_timeout)
     from agent.stores.local import LocalStore
 
+    if location.root == defaults.DEFAULT_STORE:
+        check_owned_folder(location.root)
     return LocalStore(location.root)
+
+
+def check_owned_folder(path: str) -> None:
+    """The default store lies in /tmp, where any local user may create it first and plant checkpoints
+    in it: trust it only if it is this user's (or root's) and no one else can write to it."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        why = "not a folder (a link or a file)"
+    elif info.st_uid not in (os.getuid(), 0):
+        why = f"owned by another user (uid {info.st_uid})"
+    elif info.st_mode & stat.S_IWOTH:
+        why = "writable by every user"
+    else:
+        return
+    raise StoreError(f"{path}: the default local store is {why}, so anyone could have planted checkpoints in it; "
+                     "remove it, or set BT_CHECKPOINT_STORE to a folder of your own")

@@ -11,6 +11,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
+from agent.errors import IntegrityError
+
+MAX_LISTING_ENTRIES = 1_000_000
+
 
 class RangeReader(Protocol):
     """A readable stream over one byte range of an object.
@@ -70,6 +74,18 @@ def upload_in_parts(upload: Upload, source: BinaryIO, size: int) -> None:
         raise
 
 
+def too_large(key: str, limit: int) -> IntegrityError:
+    return IntegrityError(f"{key}: larger than {limit} bytes, more than the agent ever writes there; "
+                          "the store holds a damaged or planted object")
+
+
+def check_listing_size(prefix: str, count: int) -> None:
+    """A listing is buffered whole (and a hostile store may never end one): bound it."""
+    if count > MAX_LISTING_ENTRIES:
+        raise IntegrityError(f"{prefix}: lists more than {MAX_LISTING_ENTRIES} entries; "
+                             "the store holds planted objects or BT_CHECKPOINT_STORE is the wrong prefix")
+
+
 @dataclass(frozen=True)
 class Listing:
     """Immediate children of a prefix: object names and sub-folder names, both sorted."""
@@ -82,8 +98,9 @@ class Store(ABC):
     """Keys are '/'-separated, relative to the store root, never starting with '/'."""
 
     @abstractmethod
-    def read_bytes(self, key: str) -> bytes:
-        """The whole object; NotFoundError when it does not exist."""
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """The whole object; NotFoundError when it does not exist; `too_large` when it holds more than
+        `limit` bytes, read no further, so a hostile store can't make us buffer without end."""
 
     @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None:

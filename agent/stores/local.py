@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import NotFoundError, StoreError
-from agent.stores.base import Listing, RangeReader, Store, Upload, upload_in_parts
+from agent.stores.base import Listing, RangeReader, Store, Upload, too_large, upload_in_parts
 
 # copy_file_range's answers for "not between these two files": across filesystems (EXDEV), or a
 # kernel or filesystem (FUSE, some network mounts) that lacks it. An ordinary copy works there.
@@ -117,13 +117,17 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as source:
+                data = source.read() if limit is None else source.read(limit + 1)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"{key}: not found in {self.describe()}") from None
         except OSError as exc:
             raise StoreError(f"{key}: cannot read from {self.describe()}: {exc.strerror}") from None
+        if limit is not None and len(data) > limit:
+            raise too_large(key, limit)
+        return data
 
     def _atomic_write(self, key: str, fill) -> None:
         path = self._path(key)

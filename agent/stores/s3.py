@@ -13,11 +13,20 @@ from typing import BinaryIO
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
 
 from agent.errors import TransientError
-from agent.stores.base import Listing, RangeReader, Store
-from agent.stores.s3errors import content_range_size, store_error
+from agent.stores.base import Listing, RangeReader, Store, check_listing_size, too_large
+from agent.stores.s3errors import content_range_size, credentials_error, store_error
+
+_CREDENTIAL_ERRORS = (CredentialRetrievalError, NoCredentialsError, PartialCredentialsError, ProfileNotFound)
 
 _BODY_ATTEMPTS = 5
 
@@ -60,7 +69,10 @@ class S3Store(Store):
             read_timeout=read_timeout,
             tcp_keepalive=True,
         )
-        self._client = boto3.session.Session().client("s3", config=config)
+        try:
+            self._client = boto3.session.Session().client("s3", config=config)
+        except BotoCoreError as exc:
+            raise credentials_error(exc) from None
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.root}".rstrip("/")
@@ -74,17 +86,22 @@ class S3Store(Store):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             return store_error(code, status, where, action, self.bucket)
+        if isinstance(exc, _CREDENTIAL_ERRORS):
+            return credentials_error(exc)
         name = type(exc).__name__
         return TransientError(f"{where}: {action} failed ({name}); check AWS_ENDPOINT_URL and the network")
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
         for attempt in range(_BODY_ATTEMPTS):
             try:
-                body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+                response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             except (ClientError, BotoCoreError) as exc:
                 raise self._error(exc, "GET", key) from None
+            if limit is not None and response.get("ContentLength", 0) > limit:
+                response["Body"].close()
+                raise too_large(key, limit)
             try:
-                return body.read()
+                return response["Body"].read()  # read() checks the length: a body cut short raises
             except (BotoCoreError, OSError) as exc:
                 # botocore retries a request, not a body cut short after the headers arrived
                 if attempt == _BODY_ATTEMPTS - 1:
@@ -116,9 +133,10 @@ class S3Store(Store):
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full, Delimiter="/"
             )
-            for page in pages:
+            for count, page in enumerate(pages, 1):
                 files.extend(o["Key"][len(full):] for o in page.get("Contents", ()))
                 dirs.extend(p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", ()))
+                check_listing_size(full, len(files) + len(dirs) + count)  # pages: empty ones must end too
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "LIST", prefix) from None
         return Listing(tuple(sorted(f for f in files if f)), tuple(sorted(dirs)))

@@ -27,6 +27,15 @@ def store_error(code: str, status: int, where: str, action: str, bucket: str) ->
     return kind(f"{where}: {action} failed with {code or status}")
 
 
+def credentials_error(exc: Exception) -> StoreError:
+    """botocore's credential errors quote config files and a credential_process's stderr, which may
+    hold a secret: only the error's class is kept."""
+    if type(exc).__name__ == "NoCredentialsError":
+        return StoreError("no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+    return StoreError(f"AWS credentials could not be loaded ({type(exc).__name__}); check AWS_PROFILE, "
+                      "the AWS config and credentials files and any credential_process they name")
+
+
 def content_range_size(header: str | None) -> int | None:
     """`bytes 0-99/1234` -> 1234; None when absent or the size is unknown (`*`)."""
     total = (header or "").rpartition("/")[2].strip()

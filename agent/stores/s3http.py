@@ -3,14 +3,14 @@
 botocore spends milliseconds of CPU per request in its event machinery and copies every body
 through urllib3; on a 2-core node that shares its CPU with the network stack, that halves
 throughput. Here a request is one signature and one `readinto` straight from the socket into
-our buffer. Credentials still come from botocore's chain (profiles, IMDS, web identity) unless
-they are plain environment variables, in which case botocore is not imported at all.
+our buffer. The AWS environment (credentials, region, endpoint, proxies) is read in awsenv.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import os
 import random
 import re
@@ -18,69 +18,21 @@ import ssl
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
-from agent.errors import AgentError, NotFoundError, StoreError, TransientError
-from agent.stores.base import Listing, RangeReader, Store, Upload, upload_in_parts
+from agent.errors import AgentError, NotFoundError, TransientError
+from agent.stores.awsenv import credentials_provider, proxy_for, resolve_endpoint
+from agent.stores.base import Listing, RangeReader, Store, Upload, check_listing_size, too_large, upload_in_parts
 from agent.stores.s3errors import content_range_size, store_error
-from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, Credentials, canonical_query, sign, uri_encode
+from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, canonical_query, sign, uri_encode
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 ATTEMPTS = 6
 MULTIPART_THRESHOLD = 64 << 20
 UPLOAD_PART_SIZE = 64 << 20
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    scheme: str
-    host: str
-    port: int
-    path_style: bool
-    region: str
-
-
-def _env_region(env: Mapping[str, str]) -> str | None:
-    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-
-
-def credentials_provider(env: Mapping[str, str]) -> tuple[Callable[[], Credentials], str]:
-    """(a callable giving current credentials, the region), without botocore when env has both."""
-    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-    region = _env_region(env)
-    if key and secret and not env.get("AWS_PROFILE"):
-        static = Credentials(key, secret, env.get("AWS_SESSION_TOKEN") or None)
-        return (lambda: static), region or "us-east-1"
-    import botocore.session
-
-    session = botocore.session.Session()
-    found = session.get_credentials()
-    if found is None:
-        raise StoreError("no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
-
-    def current() -> Credentials:
-        frozen = found.get_frozen_credentials()
-        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-
-    return current, region or session.get_config_variable("region") or "us-east-1"
-
-
-def resolve_endpoint(env: Mapping[str, str], bucket: str, region: str) -> Endpoint:
-    """A custom endpoint (AWS_ENDPOINT_URL[_S3]) is path-style; AWS itself is virtual-hosted."""
-    url = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if url:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise StoreError("AWS_ENDPOINT_URL: expected http(s)://host[:port]")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return Endpoint(parts.scheme, parts.hostname, port, True, region)
-    if "." in bucket:
-        return Endpoint("https", f"s3.{region}.amazonaws.com", 443, True, region)
-    return Endpoint("https", f"{bucket}.s3.{region}.amazonaws.com", 443, False, region)
+ANSWER_LIMIT = 16 << 20  # a LIST page or an upload answer; S3's are well under 1 MiB
 
 
 class _Response:
@@ -115,24 +67,38 @@ class _Response:
 class S3Http:
     """Signed requests with per-thread connections; small requests are retried here."""
 
-    def __init__(self, bucket: str, endpoint: Endpoint, credentials: Callable[[], Credentials],
-                 timeout: float, ca_bundle: str | None = None) -> None:
-        self.bucket, self.endpoint, self._credentials, self._timeout = bucket, endpoint, credentials, timeout
+    def __init__(self, bucket: str, env: Mapping[str, str], timeout: float) -> None:
+        self._credentials, region = credentials_provider(env)
+        self.bucket, self._env, self._timeout = bucket, env, timeout
         self._local = threading.local()
-        self._ssl = ssl.create_default_context(cafile=ca_bundle) if endpoint.scheme == "https" else None
-        self._host_header = endpoint.host if endpoint.port in (80, 443) else f"{endpoint.host}:{endpoint.port}"
+        self._ssl: ssl.SSLContext | None = None
+        self._moved(region)
+
+    def _moved(self, region: str) -> None:
+        """Point at the bucket's region (first, or after S3 said the bucket lives elsewhere)."""
+        self.endpoint = resolve_endpoint(self._env, self.bucket, region)
+        self._proxy = proxy_for(self._env, self.endpoint)
+        # A forward proxy (plain HTTP) takes the absolute URL; an HTTPS one is reached through CONNECT.
+        self._origin = f"http://{self.endpoint.host_header}" if self._proxy and self.endpoint.scheme == "http" else ""
+        if self.endpoint.scheme == "https" and self._ssl is None:
+            self._ssl = ssl.create_default_context(cafile=self._env.get("AWS_CA_BUNDLE"))
 
     def _connect(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
-        if conn is not None:
+        if conn is not None and conn.ckpt_endpoint is self.endpoint:
             return conn
-        if self._ssl is not None:
-            conn = http.client.HTTPSConnection(self.endpoint.host, self.endpoint.port, timeout=self._timeout,
-                                               context=self._ssl)
+        if conn is not None:  # kept from before the bucket's region was learnt
+            conn.close()
+        host, port = (self._proxy.host, self._proxy.port) if self._proxy else (self.endpoint.host, self.endpoint.port)
+        if self.endpoint.scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self._timeout, context=self._ssl)
         else:
-            conn = http.client.HTTPConnection(self.endpoint.host, self.endpoint.port, timeout=self._timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
+        if self._proxy and self.endpoint.scheme == "https":
+            conn.set_tunnel(self.endpoint.host, self.endpoint.port, headers=self._proxy.headers)
         conn.blocksize = 1 << 20
+        conn.ckpt_endpoint = self.endpoint
         return conn
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
@@ -151,23 +117,21 @@ class S3Http:
     def request(self, method: str, key: str, action: str, params: dict[str, str] | None = None,
                 headers: dict[str, str] | None = None, body: bytes | BinaryIO | None = None,
                 length: int | None = None) -> _Response:
-        """Send one request; raise our error for any non-2xx answer, leaving the body to the caller."""
-        query = canonical_query(params or {})
-        path = self._path(key)
-        signed = sign(method, self._host_header, path, query, self._credentials(), self.endpoint.region,
-                      payload_hash=UNSIGNED_PAYLOAD if body is not None else EMPTY_SHA256,
-                      extra_headers={k: v for k, v in (headers or {}).items() if k.startswith("x-amz-")})
-        all_headers = {**signed, **(headers or {})}
-        if body is not None:
-            all_headers["content-length"] = str(length if length is not None else len(body))
-        conn = self._connect()
-        try:
-            conn.request(method, f"{path}?{query}" if query else path, body=body, headers=all_headers)
-            response = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
+        """Send one request; raise our error for any non-2xx answer, leaving the body to the caller.
+
+        S3 answers a request signed for the wrong region with the bucket's region in a header
+        (301 PermanentRedirect, 400): botocore follows it once, and so do we."""
+        for redirected in (False, True):
+            signed_for = self.endpoint.region
+            response, conn = self._send(method, key, action, params, headers, body, length)
+            region = response.getheader("x-amz-bucket-region")
+            if redirected or response.status not in (301, 307, 400) or region in (None, signed_for):
+                break
             conn.close()
-            raise TransientError(f"{self.where(key)}: {action} failed ({type(exc).__name__}); "
-                                 "check AWS_ENDPOINT_URL and the network") from None
+            if region != self.endpoint.region:
+                self._moved(region)
+            if body is not None and not isinstance(body, bytes):
+                body.seek(0)
         if response.status >= 300:
             try:
                 payload = response.read(64 << 10)
@@ -179,16 +143,39 @@ class S3Http:
             raise store_error(code, response.status, self.where(key), action, self.bucket)
         return _Response(self, conn, response)
 
+    def _send(self, method: str, key: str, action: str, params: dict[str, str] | None,
+              headers: dict[str, str] | None, body: bytes | BinaryIO | None,
+              length: int | None) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        query = canonical_query(params or {})
+        path = self._path(key)
+        signed = sign(method, self.endpoint.host_header, path, query, self._credentials(), self.endpoint.region,
+                      payload_hash=UNSIGNED_PAYLOAD if body is not None else EMPTY_SHA256,
+                      extra_headers={k: v for k, v in (headers or {}).items() if k.startswith("x-amz-")})
+        all_headers = {**signed, **(headers or {}), **(self._proxy.headers if self._origin else {})}
+        if body is not None:
+            all_headers["content-length"] = str(length if length is not None else len(body))
+        conn = self._connect()
+        try:
+            conn.request(method, self._origin + (f"{path}?{query}" if query else path), body=body,
+                         headers=all_headers)
+            return conn.getresponse(), conn
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise TransientError(f"{self.where(key)}: {action} failed ({type(exc).__name__}); "
+                                 "check AWS_ENDPOINT_URL, the proxy variables and the network") from None
+
     def call(self, method: str, key: str, action: str, **kw) -> bytes:
         """A whole small request with its body read, retried with backoff on transient errors."""
         return self.call_with_etag(method, key, action, **kw)[0]
 
-    def call_with_etag(self, method: str, key: str, action: str, **kw) -> tuple[bytes, str]:
+    def call_with_etag(self, method: str, key: str, action: str, limit: int | None = ANSWER_LIMIT,
+                       **kw) -> tuple[bytes, str]:
         for attempt in range(ATTEMPTS):
             try:
                 response = self.request(method, key, action, **kw)
                 try:
-                    return response._response.read(), response._response.getheader("ETag", "")
+                    return _read_body(response._response, limit, key or self.where("")), \
+                        response._response.getheader("ETag", "")
                 except (OSError, http.client.HTTPException) as exc:
                     raise TransientError(f"{self.where(key)}: {action} body failed ({type(exc).__name__})") from None
                 finally:
@@ -201,6 +188,18 @@ class S3Http:
                     body.seek(0)
                 time.sleep(min(4.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
+
+
+def _read_body(response: http.client.HTTPResponse, limit: int | None, key: str) -> bytes:
+    """At most `limit` bytes. A declared length is checked before reading and read with read(),
+    which (unlike read(n)) raises on a body cut short; a chunked one is read to limit + 1 bytes."""
+    declared = response.length
+    if limit is not None and declared is not None and declared > limit:
+        raise too_large(key, limit)
+    data = response.read() if limit is None or declared is not None else response.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise too_large(key, limit)
+    return data
 
 
 def _text(element: ET.Element, tag: str) -> str:
@@ -280,10 +279,8 @@ class _MultipartUpload(Upload):
 
 class S3HttpStore(Store):
     def __init__(self, bucket: str, root: str, env: Mapping[str, str], read_timeout: float = 20) -> None:
-        credentials, region = credentials_provider(env)
-        endpoint = resolve_endpoint(env, bucket, region)
         self.bucket, self.root = bucket, root.strip("/")
-        self._http = S3Http(bucket, endpoint, credentials, read_timeout, env.get("AWS_CA_BUNDLE"))
+        self._http = S3Http(bucket, env, read_timeout)
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.root}".rstrip("/")
@@ -291,8 +288,8 @@ class S3HttpStore(Store):
     def _key(self, key: str) -> str:
         return f"{self.root}/{key}" if self.root else key
 
-    def read_bytes(self, key: str) -> bytes:
-        return self._http.call("GET", self._key(key), "GET")
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        return self._http.call("GET", self._key(key), "GET", limit=limit)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._http.call("PUT", self._key(key), "PUT", body=data)
@@ -302,7 +299,7 @@ class S3HttpStore(Store):
         files: list[str] = []
         dirs: list[str] = []
         params = {"list-type": "2", "prefix": full, "delimiter": "/"}
-        while True:
+        for pages in itertools.count(1):
             body = self._http.call("GET", "", "LIST", params=params)
             try:
                 root = ET.fromstring(body)
@@ -310,6 +307,7 @@ class S3HttpStore(Store):
                 raise TransientError(f"{self._http.where(full)}: LIST answer is not XML") from None
             files.extend(_text(c, "Key")[len(full):] for c in root.iter(_NS + "Contents"))
             dirs.extend(_text(p, "Prefix")[len(full):].rstrip("/") for p in root.iter(_NS + "CommonPrefixes"))
+            check_listing_size(full, len(files) + len(dirs) + pages)  # pages: empty ones must end too
             token = _text(root, "NextContinuationToken")
             if _text(root, "IsTruncated") != "true" or not token:
                 break
