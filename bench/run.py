@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
 
     sys.path.insert(0, str(REPO))
-    from tests.seaweed import start_seaweed
+    from bench.seaweed import start_seaweed
 
     def terminate(signum, _frame):
         raise SystemExit(128 + signum)

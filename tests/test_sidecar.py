@@ -27,7 +27,7 @@ from agent.save import CheckpointId, commit_checkpoint
 from agent.settings import settings_from_env
 from agent.sidecar import CUT, Sidecar, SyncOptions, open_for_writing, sync_options
 from agent.stores.local import LocalStore
-from tests.seaweed import SeaweedServer
+from bench.seaweed import SeaweedServer
 from tests.specs import AGENT
 
 TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
