@@ -48,7 +48,7 @@ def test_quick_benchmark_races_both_engines_in_every_s3_workload_and_verifies_ev
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(out),
          "--workdir", str(tmp_path / "work")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert "| workload | contender |" in proc.stdout
 
