@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.seaweed import SeaweedServer, start_seaweed
+from bench.seaweed import SeaweedServer, start_seaweed
 
 MOTO_BUCKET = "ckpt-agent-moto"
 

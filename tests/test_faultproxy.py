@@ -18,8 +18,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bench.seaweed import start_seaweed
 from tests.faultproxy import LOOPBACK, FaultProxy
-from tests.seaweed import start_seaweed
 
 pytestmark = pytest.mark.seaweed
 

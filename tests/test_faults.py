@@ -26,8 +26,8 @@ from agent.cancel import Cancel
 from agent.localstate import INCOMPLETE_SUFFIX
 from agent.save import CheckpointId, commit_checkpoint
 from agent.stores.s3 import S3Store
+from bench.seaweed import SeaweedServer
 from tests.faultproxy import LOOPBACK, FaultProxy
-from tests.seaweed import SeaweedServer
 from tests.specs import AGENT, spec
 
 pytestmark = pytest.mark.seaweed

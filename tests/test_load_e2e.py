@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent import layout
-from tests.seaweed import SeaweedServer
+from bench.seaweed import SeaweedServer
 from tests.specs import AGENT, latest, named, spec
 
 

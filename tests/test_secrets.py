@@ -26,10 +26,10 @@ from xml.sax.saxutils import escape
 import boto3
 import pytest
 
-import tests.seaweed as seaweed_module
+import bench.seaweed as seaweed_module
 from agent import layout
+from bench.seaweed import SeaweedServer, start_seaweed
 from tests.faultproxy import LOOPBACK, FaultProxy
-from tests.seaweed import SeaweedServer, start_seaweed
 from tests.test_faults import (
     AGENT,
     JOB,

@@ -30,7 +30,7 @@ from agent.settings import settings_from_env
 from agent.sidecar import Sidecar
 from agent.stores.local import LocalStore
 from agent.syncopts import SyncOptions, sync_options
-from tests.seaweed import SeaweedServer
+from bench.seaweed import SeaweedServer
 from tests.specs import AGENT
 
 TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]

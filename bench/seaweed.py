@@ -1,6 +1,7 @@
 """Starts a real SeaweedFS S3 server (`weed mini`) on 127.0.0.1 for tests and the benchmark.
 
-Standalone (no pytest) so bench/ can use it too. Every port is chosen free on loopback and the
+It lives in bench/ and needs no pytest, so the benchmark never imports tests/; the test
+fixtures (tests/conftest.py) import it from here. Every port is chosen free on loopback and the
 server binds 127.0.0.1 only.
 """
 

@@ -1,0 +1,67 @@
+"""Racing one workload's contenders round by round, and summarising each into a result row."""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+from bench.checks import remove
+from bench.contenders import Contender, slug
+from bench.datasets import MB
+from bench.harness import Harness
+from bench.timing import check_exit, run_timed
+from bench.workloads import files_of, lineup
+
+
+def run_workload(h: Harness, workload: str, runs: int) -> list[dict]:
+    """Every contender `runs` times, alternating, each round starting with the next one."""
+    contenders, nbytes = lineup(h, workload)
+    timeout = h.timeout(nbytes)
+    results: dict[str, list[dict]] = {c.name: [] for c in contenders}
+    for r in range(runs):
+        shift = r % len(contenders)  # ABC BCA CAB...: no contender always runs right after another's cleanup
+        for c in contenders[shift:] + contenders[:shift]:
+            results[c.name].append(_one_run(h, workload, c, r, timeout))
+    if workload.startswith("warm"):
+        remove(h.work / "dest" / workload)
+    reference = results[contenders[0].name]
+    return [summarise(workload, c, contenders[0].name, results[c.name], reference, nbytes,
+                      files_of(h, workload)) for c in contenders]
+
+
+def _one_run(h: Harness, workload: str, c: Contender, r: int, timeout: float) -> dict:
+    c.prepare(r)
+    os.sync()  # flush the previous run's dirty pages so they are not billed here
+    argv = c.argv(r)
+    log = h.log(f"{workload}-{slug(c.name)}-{r}")
+    m = run_timed(argv, c.env, log, timeout)
+    check_exit(m, f"{workload}/{c.name} round {r}", argv, log)
+    verified = c.check(r)
+    print(f"  {workload:<10} {c.name:<28} round {r}: {m.wall_s:8.3f}s "
+          f"{m.maxrss_kib / 1024:8.1f} MiB", flush=True)
+    return {"round": r, "wall_s": m.wall_s, "outer_wall_s": m.outer_wall_s,
+            "peak_rss_mib": m.maxrss_kib / 1024, "verified": verified}
+
+
+def summarise(workload: str, c: Contender, reference_name: str, runs: list[dict],
+              reference: list[dict], nbytes: int, files: int) -> dict:
+    """One result row: medians, spread, throughput, peak RSS and the paired ratio per round."""
+    walls = [x["wall_s"] for x in runs]
+    ratios = [x["wall_s"] / ref["wall_s"] for x, ref in zip(runs, reference, strict=True)]
+    median = statistics.median(walls)
+    return {
+        "workload": workload,
+        "contender": c.name,
+        "reference": reference_name,
+        "command": c.command(),
+        "bytes": nbytes,
+        "files": files,
+        "runs": runs,
+        "median_s": median,
+        "min_s": min(walls),
+        "max_s": max(walls),
+        "mb_per_s": nbytes / MB / median if nbytes else None,
+        "peak_rss_mib": max(x["peak_rss_mib"] for x in runs),
+        "ratio_vs_ckpt_agent": statistics.median(ratios),
+        "ratios": ratios,
+    }
