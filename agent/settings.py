@@ -69,7 +69,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     return value
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    """One spelling of yes/no for every boolean variable; anything else is an error, not a guess."""
     raw = env.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no"):
         return False
@@ -100,7 +101,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         job_id=check_name(job_id, "BT_TRAINING_JOB_ID", nullable=True),
         node_rank=_int(env, "BT_NODE_RANK", 0, 0),
         num_nodes=_int(env, "BT_NUM_NODES", 1, 1),
-        required=_flag(env, "BT_LOAD_CHECKPOINT_REQUIRED"),
+        required=env_flag(env, "BT_LOAD_CHECKPOINT_REQUIRED"),
         start_commands=parse_start_commands(env.get("BT_START_COMMANDS")),
         workers=workers or _int(env, "CKPT_AGENT_WORKERS", default_workers(), 1),
         chunk_size=(chunk_mb or _int(env, "CKPT_AGENT_CHUNK_MB", DEFAULT_CHUNK_MB, 1)) << 20,
@@ -109,5 +110,5 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         s3_engine=engine,
         aws_env={k: v for k, v in env.items() if k.startswith("AWS_") or k.lower() in PROXY_VARS},
         checkpoint_dir=env.get("BT_CHECKPOINT_DIR", "").strip() or DEFAULT_CHECKPOINT_DIR,
-        checkpointing_enabled=_flag(env, "BT_CHECKPOINTING_ENABLED"),
+        checkpointing_enabled=env_flag(env, "BT_CHECKPOINTING_ENABLED"),
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from agent.errors import ConfigError
 from agent.formats import Rules
+from agent.settings import env_flag
 
 DEFAULT_QUIET_SECONDS = 5.0
 DEFAULT_POLL_SECONDS = 2.0
@@ -72,17 +73,6 @@ def _markers(flags: Sequence[str] | None, env: Mapping[str, str]) -> tuple[str, 
     return names
 
 
-def _flag(flag: bool | None, env: Mapping[str, str], var: str) -> bool:
-    if flag:
-        return True
-    raw = env.get(var, "").strip().lower()
-    if raw in ("", "0", "false", "no"):
-        return False
-    if raw in ("1", "true", "yes"):
-        return True
-    raise ConfigError(f"{var}: expected 1 or 0, got {raw!r}")
-
-
 def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: float | None = None,
                  poll_seconds: float | None = None, grace_seconds: float | None = None,
                  keep_last: int | None = None, complete_file: Sequence[str] | None = None,
@@ -94,5 +84,5 @@ def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: 
         _seconds(poll_seconds, "--poll-seconds", env, "CKPT_AGENT_POLL_SECONDS", DEFAULT_POLL_SECONDS, True),
         _seconds(grace_seconds, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS),
         _keep_last(keep_last, env),
-        Rules(_markers(complete_file, env), _flag(commit_on_quiet, env, "CKPT_AGENT_COMMIT_ON_QUIET")),
+        Rules(_markers(complete_file, env), bool(commit_on_quiet) or env_flag(env, "CKPT_AGENT_COMMIT_ON_QUIET")),
     )

@@ -191,6 +191,15 @@ BIG = "model.safetensors"
 CUT = 1 * MIB + 100 * KIB  # mid-part: parts 0-3 arrive whole, part 4 is cut short
 
 
+def _on_disk(folder: Path, rel: str, size: int) -> bytes:
+    """The first `size` bytes of a file still being downloaded (empty if it has no temporary file yet)."""
+    try:
+        with open(loaded(folder) / f"{rel}.ckpt-incomplete", "rb") as f:
+            return f.read(size)
+    except FileNotFoundError:
+        return b""
+
+
 def _retried_ranges(proxy: FaultProxy, rel: str) -> list[str | None]:
     return [e.range for e in proxy.exchanges if e.method == "GET" and e.target.split("?")[0].endswith(rel)]
 
@@ -265,6 +274,10 @@ def test_server_restarted_mid_download_resumes_and_loads_exact_content(four_file
     agent = start_agent(["load"], four_files.env(dl, proxy, CKPT_AGENT_READ_TIMEOUT="20"))
     try:
         wait_for(lambda: sum(e.outcome == "stalled" for e in proxy.exchanges) == 4, 30, "four stalled shards")
+        # A reset discards bytes still in the agent's socket buffer: restart only once every shard's
+        # whole parts before the cut are on disk, which is what the resumed ranges below assume.
+        wait_for(lambda: all(_on_disk(dl, f"shard-{i}.bin", 4 * PART) == four_files.files[f"shard-{i}.bin"][:4 * PART]
+                             for i in range(4)), 30, "the whole parts before the cut on disk")
         proxy.pause_upstream(4)
         out, err = agent.communicate(timeout=60)
     finally:

@@ -28,8 +28,9 @@ FIXTURES = (procs,)  # imported for the tests' `procs` argument: kills what a te
 SCRIPTS = Path(__file__).with_name("trainers")
 STEPS, EVERY, HOLD = 20, 5, 12  # checkpoints at 5, 10, (SIGTERM after 12), then 15, 20 in the resumed job
 TIMEOUT = 180
-# `run` exits with the trainer's status; every script here saves on SIGTERM and exits 0.
-PREEMPTED_STATUS = 0
+# Every script here saves on SIGTERM and exits 0; `run` then exits 143, so a preempted job is not
+# taken for a finished one (README, exit codes).
+PREEMPTED_STATUS = 143
 
 
 @dataclass
