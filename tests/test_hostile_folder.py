@@ -406,13 +406,17 @@ def _shared(tmp_path: Path) -> Path:
     return shared
 
 
+def _load_named_into(box, dl: Path):
+    return box.run(BT_LOAD_CHECKPOINT_CONFIG=spec(dl, {"typ": "baseten_named_checkpoint",
+                                                       "checkpoint_name": NAME, "job_id": JOB}))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a folder owned by another user")
 def test_download_folder_another_user_made_in_a_world_writable_parent_is_refused_with_exit_6(box):
     dl = _shared(box.tmp) / "loaded_checkpoints"
     dl.mkdir()
     os.chown(dl, 65534, 65534)
-    result = box.run(BT_LOAD_CHECKPOINT_CONFIG=spec(dl, {"typ": "baseten_named_checkpoint",
-                                                         "checkpoint_name": NAME, "job_id": JOB}))
+    result = _load_named_into(box, dl)
     box.refused(result, 6, str(dl), "owned by uid 65534")
     assert list(dl.iterdir()) == []
 
@@ -421,15 +425,13 @@ def test_world_writable_download_folder_in_a_world_writable_parent_is_refused_wi
     dl = _shared(box.tmp) / "loaded_checkpoints"
     dl.mkdir()
     dl.chmod(0o777)
-    result = box.run(BT_LOAD_CHECKPOINT_CONFIG=spec(dl, {"typ": "baseten_named_checkpoint",
-                                                         "checkpoint_name": NAME, "job_id": JOB}))
+    result = _load_named_into(box, dl)
     box.refused(result, 6, str(dl), "writable by others")
     assert list(dl.iterdir()) == []
 
 
 def test_own_download_folder_in_a_world_writable_parent_is_created_and_loaded(box):
     dl = _shared(box.tmp) / "loaded_checkpoints"
-    result = box.run(BT_LOAD_CHECKPOINT_CONFIG=spec(dl, {"typ": "baseten_named_checkpoint",
-                                                         "checkpoint_name": NAME, "job_id": JOB}))
+    result = _load_named_into(box, dl)
     assert result.returncode == 0, result.stderr
     assert dl.stat().st_uid == os.geteuid() and not dl.stat().st_mode & stat.S_IWOTH
