@@ -1,0 +1,50 @@
+"""One backoff rule and one retry loop, so every caller waits the same way and a signal ends the wait."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from agent.errors import TransientError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter; jitter keeps many ranks from retrying in lockstep."""
+
+    attempts: int = 6
+    base: float = 0.2
+    cap: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1 is the first failure)."""
+        return min(self.cap, self.base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def retry(
+    fn: Callable[[], T],
+    backoff: Backoff,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    before_retry: Callable[[], None] | None = None,
+) -> T:
+    """Call `fn` until it returns, retrying TransientError up to `backoff.attempts` times in all.
+
+    `sleep` is `Cancel.sleep` where a signal or deadline must end the wait; `before_retry` rewinds
+    whatever the failed attempt consumed (an upload body, say).
+    """
+    for attempt in range(1, backoff.attempts + 1):
+        try:
+            return fn()
+        except TransientError:
+            if attempt == backoff.attempts:
+                raise
+            sleep(backoff.delay(attempt))
+            if before_retry is not None:
+                before_retry()
+    raise ValueError(f"Backoff.attempts must be at least 1, not {backoff.attempts}")
