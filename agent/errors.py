@@ -46,6 +46,10 @@ class TransientError(StoreError):
     """A failure worth retrying: reset, truncated or stalled body, 5xx, throttling."""
 
 
+class ThrottledError(TransientError):
+    """The store asked us to slow down (503 SlowDown, 429): retry, and send fewer requests at once."""
+
+
 class IntegrityError(AgentError):
     """Data or a manifest does not match what was committed: never hand it to the trainer."""
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, TransientError
+from agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, ThrottledError, TransientError
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
            "ExpiredToken", "TokenRefreshRequired", "Forbidden"}
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-              "ServiceUnavailable"}
+_RETRYABLE = {"RequestTimeout", "InternalError"}
+# botocore's throttling codes that S3-compatible stores use; S3 answers 503 (with no body on HEAD)
+# for both SlowDown and ServiceUnavailable, and its advice for both is "reduce your request rate".
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "ServiceUnavailable", "RequestLimitExceeded",
+              "TooManyRequestsException", "RequestThrottled", "BandwidthLimitExceeded"}
+_THROTTLED_STATUS = {429, 503}
 
 
 def store_error(code: str, status: int, where: str, action: str, bucket: str) -> AgentError:
@@ -23,7 +27,11 @@ def store_error(code: str, status: int, where: str, action: str, bucket: str) ->
         return StoreError(
             f"{where}: access denied ({code or status}) on {action}; check the AWS credentials and their permissions"
         )
-    kind = TransientError if status >= 500 or code in _THROTTLED else StoreError
+    kind: type[StoreError] = StoreError
+    if code in _THROTTLED or status in _THROTTLED_STATUS:
+        kind = ThrottledError
+    elif status >= 500 or code in _RETRYABLE:
+        kind = TransientError
     return kind(f"{where}: {action} failed with {code or status}")
 
 
