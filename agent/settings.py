@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.errors import ConfigError
+from agent.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
+from agent.sizes import parse_size
 from agent.spec import (
     CONFIG_VAR,
     LoadSpec,
@@ -111,4 +113,35 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         aws_env={k: v for k, v in env.items() if k.startswith("AWS_") or k.lower() in PROXY_VARS},
         checkpoint_dir=env.get("BT_CHECKPOINT_DIR", "").strip() or DEFAULT_CHECKPOINT_DIR,
         checkpointing_enabled=env_flag(env, "BT_CHECKPOINTING_ENABLED"),
+    )
+
+
+# --- limits (issue 12): the rate cap and selective loads ---------------------------------------
+# Defaults: no rate cap; every file of a checkpoint. The concurrency ceiling is CKPT_AGENT_WORKERS;
+# throttling answers lower it, never below one request at a time (agent.ratelimit).
+
+MAX_RATE_VAR = "CKPT_AGENT_MAX_RATE"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rate: int | None  # bytes per second for this agent process, loads and uploads; None: no cap
+    selection: Selection
+
+
+def max_rate_from_env(env: Mapping[str, str]) -> int | None:
+    """`200MB`, `200MB/s`, `1.5GiB`, `500M` or a plain number of bytes per second; unset: no cap."""
+    raw = env.get(MAX_RATE_VAR, "").strip()
+    if not raw:
+        return None
+    rate = parse_size(raw.removesuffix("/s"), MAX_RATE_VAR)
+    if rate < 1:
+        raise ConfigError(f"{MAX_RATE_VAR}: must be at least 1 byte per second, got {raw!r}; unset it for no cap")
+    return rate
+
+
+def limits_from_env(env: Mapping[str, str]) -> Limits:
+    return Limits(
+        max_rate=max_rate_from_env(env),
+        selection=Selection.from_patterns(env.get(INCLUDE_VAR, ""), env.get(EXCLUDE_VAR, "")),
     )
