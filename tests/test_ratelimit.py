@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import signal
 import threading
 
@@ -11,8 +12,11 @@ import pytest
 from agent.cancel import Cancel
 from agent.errors import Interrupted, StoreError, ThrottledError, TransientError
 from agent.ratelimit import Aimd, ConcurrencyGate, TokenBucket, paced
-from agent.retry import Backoff
+from agent.retry import Backoff, retry
 from agent.stores.s3errors import store_error
+from agent.stores.s3http import S3HttpStore
+from bench.seaweed import SeaweedServer
+from tests.faultproxy import LOOPBACK, FaultProxy
 
 DEADLINE = 10.0  # seconds a test waits for a thread before failing; never reached when it works
 
@@ -311,3 +315,60 @@ def test_store_error_marks_throttling_answers_so_the_gate_can_see_them(code, sta
 def test_store_error_keeps_other_failures_unthrottled(code, status, kind):
     error = store_error(code, status, "s3://b/k", "GET", "b")
     assert type(error) is kind
+
+
+# ---- against a real S3 server: SeaweedFS behind the fault proxy, the native engine ---------------
+
+KEY = "limits/blob.bin"
+SIZE = 1 << 20
+
+
+@pytest.fixture
+def through_proxy(s3_env: SeaweedServer, s3_prefix: str):
+    """A 1 MiB object put straight into SeaweedFS, and a store that reads it through the proxy."""
+    data = random.Random("limits").randbytes(SIZE)
+    direct = S3HttpStore(s3_env.bucket, s3_prefix, s3_env.env())
+    direct.write_bytes(KEY, data)
+    with FaultProxy(LOOPBACK, s3_env.s3_port) as proxy:
+        yield S3HttpStore(s3_env.bucket, s3_prefix, {**s3_env.env(), "AWS_ENDPOINT_URL": proxy.endpoint}), proxy, data
+
+
+def read_all(reader, size: int, piece: int = 256 << 10) -> tuple[bytes, int]:
+    """The body, and the largest single read the reader handed back."""
+    buf, out, largest = bytearray(piece), bytearray(), 0
+    while len(out) < size:
+        n = reader.readinto(buf)
+        assert n, "body ended early"
+        largest = max(largest, n)
+        out += buf[:n]
+    reader.close()
+    return bytes(out), largest
+
+
+@pytest.mark.seaweed
+def test_a_slowdown_answer_from_s3_halves_the_gate_and_the_retry_gets_the_bytes(through_proxy):
+    store, proxy, data = through_proxy
+    rule = proxy.add_rule("status", method="GET", path=KEY, range_only=True, status=503, count=1)
+    gate = ConcurrencyGate(8)
+
+    def ranged_get() -> bytes:
+        with gate.slot():
+            return read_all(store.open_range(KEY, 0, SIZE), SIZE)[0]
+
+    with pytest.raises(ThrottledError, match="SlowDown"), gate.slot():
+        store.open_range(KEY, 0, SIZE)
+    assert rule.fired == 1 and gate.limit == 4
+    assert retry(ranged_get, Backoff(base=0.001), sleep=Cancel().sleep) == data
+    assert gate.active == 0
+
+
+@pytest.mark.seaweed
+def test_paced_reads_from_s3_pay_for_every_byte_the_proxy_forwarded(through_proxy):
+    store, proxy, data = through_proxy
+    clock = FakeClock()
+    bucket = TokenBucket(256 << 10, clock.sleep, burst=64 << 10, clock=clock)
+    body, largest = read_all(paced(store.open_range(KEY, 0, SIZE), bucket), SIZE)
+    assert body == data
+    assert largest <= 64 << 10  # never more than one burst at once
+    assert proxy.body_bytes("GET", KEY) == SIZE
+    assert clock() == pytest.approx((SIZE - (64 << 10)) / (256 << 10))  # 3.75 s of fake time at 256 KiB/s
