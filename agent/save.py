@@ -30,7 +30,7 @@ from agent.manifest import (
     JobRecord,
     Manifest,
     PackEntry,
-    read_checksums,
+    read_part_digests,
     utc_now,
 )
 from agent.packing import Member, Pack, PackReader, assign_packs
@@ -136,16 +136,19 @@ def open_regular(f: LocalFile) -> int:
     return fd
 
 
-def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel: Cancel) -> dict[str, tuple[str, ...]]:
-    """Every file's part checksums, computed in regions on the pool so one huge file uses every core."""
+Digests = dict[str, tuple[str, ...]]
+
+
+def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel: Cancel) -> tuple[Digests, Digests]:
+    """Every file's part crc32c and sha256 (one read), in regions on the pool so one huge file uses every core."""
     region = part_size * max(1, CHECKSUM_REGION // part_size)
-    found: dict[tuple[str, int], list[str]] = {}
+    found: dict[tuple[str, int], list[tuple[str, str]]] = {}
 
     def one(f: LocalFile, start: int) -> None:
         fd = open_regular(f)
         try:
-            sums = read_checksums(fd, start, min(f.size, start + region), part_size,
-                                  memoryview(bytearray(min(1 << 20, part_size))))
+            sums = read_part_digests(fd, start, min(f.size, start + region), part_size,
+                                     memoryview(bytearray(min(1 << 20, part_size))))
         finally:
             os.close(fd)
         if sums is None:
@@ -153,7 +156,9 @@ def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel:
         found[(f.rel, start)] = sums
 
     run_tasks((lambda f=f, s=s: one(f, s) for f in files for s in range(0, max(f.size, 1), region)), workers, cancel)
-    return {f.rel: tuple(c for s in range(0, max(f.size, 1), region) for c in found[(f.rel, s)]) for f in files}
+    both = {f.rel: [d for s in range(0, max(f.size, 1), region) for d in found[(f.rel, s)]] for f in files}
+    return ({rel: tuple(crc for crc, _ in d) for rel, d in both.items()},
+            {rel: tuple(sha for _, sha in d) for rel, d in both.items()})
 
 
 def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress) -> Iterator[Callable[[], None]]:
@@ -259,7 +264,7 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
         raise CheckpointChanged(f"{folder / rel}: changed since it was judged stable; checkpoint {ident.name} "
                                 "not committed")
     ensure_job(store, ident)
-    sums = _checksums(files, part_size, workers, cancel)
+    sums, strong = _checksums(files, part_size, workers, cancel)
     same_as_before: dict[str, tuple[int, tuple[str, ...]]] = {}
     if previous is not None and previous.part_size == part_size and _copies_server_side(store):
         same_as_before = {e.path: (e.size, e.parts) for e in previous.files if e.size <= MAX_STORE_COPY}
@@ -306,7 +311,8 @@ def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: 
     manifest = Manifest(
         project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,
         rank=ident.rank, committed_at=utc_now(), part_size=part_size,
-        files=tuple(FileEntry(f.rel, f.size, sums[f.rel], *pack_of.get(f.rel, (None, 0))) for f in files),
+        files=tuple(FileEntry(f.rel, f.size, sums[f.rel], *pack_of.get(f.rel, (None, 0)), strong[f.rel])
+                    for f in files),
         packs=tuple(PackEntry(p.id, p.size) for p in packs),
         kind=FILE_KIND if single else FOLDER_KIND,
     )

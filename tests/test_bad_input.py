@@ -194,7 +194,7 @@ def _file(path: str, size: int = 3, parts: list[str] | None = None) -> dict:
 MANIFEST_CASES = {
     "not JSON": (lambda m: b"{not json", "manifest is not valid JSON"),
     "not an object": (lambda m: [m], "manifest is not a JSON object"),
-    "unknown format": (lambda m: {**m, "format": 2}, "unknown manifest format 2"),
+    "unknown format": (lambda m: {**m, "format": 3}, "unknown manifest format 3"),
     "unknown algorithm": (lambda m: {**m, "algorithm": "md5"}, "unknown checksum algorithm 'md5'"),
     "absolute path": (lambda m: {**m, "files": [_file(EVIL_ABSOLUTE)]}, EVIL_ABSOLUTE),
     "dotdot component": (lambda m: {**m, "files": [_file("sub/../../../escaped.bin")]}, "escaped.bin"),

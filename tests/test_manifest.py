@@ -11,7 +11,7 @@ import pytest
 from agent.errors import IntegrityError
 from agent.manifest import (
     ALGORITHM,
-    FORMAT,
+    FORMAT_V1,
     FileEntry,
     JobRecord,
     Manifest,
@@ -78,7 +78,7 @@ def test_manifest_round_trips_from_bytes():
 
 def test_manifest_json_has_the_v1_fields():
     body = json.loads(_manifest().to_json())
-    assert body["format"] == FORMAT == 1
+    assert body["format"] == FORMAT_V1 == 1  # no strong hashes: still written as format 1
     assert body["algorithm"] == ALGORITHM == "crc32c"
     assert body["files"][0] == {"path": "model.safetensors", "size": 9,
                                 "parts": ["00000001", "00000002", "00000003"]}
@@ -144,7 +144,7 @@ def test_manifest_that_is_not_an_object_is_refused(text):
     assert "not a JSON object" in _refused(text)
 
 
-@pytest.mark.parametrize("fmt", [2, 0, "1", None])
+@pytest.mark.parametrize("fmt", [3, 0, "1", None, True])
 def test_manifest_of_unknown_format_is_refused(fmt):
     assert "unknown manifest format" in _refused(_body(format=fmt))
 
