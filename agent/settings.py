@@ -145,3 +145,30 @@ def limits_from_env(env: Mapping[str, str]) -> Limits:
         max_rate=max_rate_from_env(env),
         selection=Selection.from_patterns(env.get(INCLUDE_VAR, ""), env.get(EXCLUDE_VAR, "")),
     )
+
+
+# --- the persistent part cache (issue 12) -------------------------------------------------------
+
+CACHE_DIR_NAME = "ckpt-agent-cache"  # inside the platform's BT_PROJECT_CACHE_DIR
+DEFAULT_CACHE_MAX_BYTES = 20 << 30
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    root: str
+    max_bytes: int
+
+
+def cache_settings_from_env(env: Mapping[str, str]) -> CacheSettings | None:
+    """None (no cache) unless CKPT_AGENT_CACHE_DIR or the platform's BT_PROJECT_CACHE_DIR names a
+    folder; CKPT_AGENT_CACHE_MAX_BYTES=0 turns it off. The cap is read even then, so a typo shows."""
+    raw_cap = env.get("CKPT_AGENT_CACHE_MAX_BYTES", "").strip()
+    max_bytes = parse_size(raw_cap, "CKPT_AGENT_CACHE_MAX_BYTES") if raw_cap else DEFAULT_CACHE_MAX_BYTES
+    field_name, root = "CKPT_AGENT_CACHE_DIR", env.get("CKPT_AGENT_CACHE_DIR", "").strip()
+    if not root and (project_cache := env.get("BT_PROJECT_CACHE_DIR", "").strip()):
+        field_name, root = "BT_PROJECT_CACHE_DIR", os.path.join(project_cache, CACHE_DIR_NAME)
+    if not root or max_bytes == 0:
+        return None
+    if not os.path.isabs(root):
+        raise ConfigError(f"{field_name}: expected an absolute path, got {root!r}")
+    return CacheSettings(root, max_bytes)
