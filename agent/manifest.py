@@ -25,6 +25,9 @@ from agent.localstate import INCOMPLETE_SUFFIX
 # (and read) as format 1, so the two differ only in that key.
 FORMAT, FORMAT_V1 = 2, 1
 ALGORITHM = "crc32c"
+# Collision-resistant, so equal hashes may stand for equal bytes (cache keys, incremental uploads);
+# sha256 over blake2b because SHA-NI makes it 2-2.5x faster here (bench/hashspeed.py), and hashlib
+# releases the GIL for it, so save still hashes regions on every core.
 STRONG_ALGORITHM = "sha256"
 _STRONG_HEX = re.compile(r"[0-9a-f]{64}")
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
@@ -42,15 +45,6 @@ def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
 
 def format_checksum(value: int) -> str:
     return f"{value:08x}"
-
-
-def strong_hash(data: bytes | bytearray | memoryview) -> str:
-    """sha256: collision-resistant, so equal hashes may stand for equal bytes (cache keys, dedup).
-
-    Chosen over blake2b because SHA-NI makes it ~2.5x faster here (bench/hashspeed.py), and
-    hashlib releases the GIL for it, so save still hashes regions on every core.
-    """
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_part_digests(fd: int, start: int, end: int, part_size: int, buf: memoryview,
