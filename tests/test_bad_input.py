@@ -188,7 +188,8 @@ EVIL_ABSOLUTE = f"/tmp/ckpt-agent-escaped-{uuid.uuid4().hex}"
 
 
 def _file(path: str, size: int = 3, parts: list[str] | None = None) -> dict:
-    return {"path": path, "size": size, "parts": parts if parts is not None else ["00000000"]}
+    parts = parts if parts is not None else ["00000000"]
+    return {"path": path, "size": size, "parts": parts, "sha256": ["0" * 64] * len(parts)}  # format 2
 
 
 MANIFEST_CASES = {
