@@ -86,7 +86,8 @@ class PartCache:
                 return self._count(hit=False)
             if not _copy(src, fd, offset, length):
                 return self._count(hit=False)
-            os.utime(src)  # the hit makes it the most recently used
+            with suppress(OSError):  # the hit makes it the most recently used, where the disk allows
+                os.utime(src)
         finally:
             os.close(src)
         return self._count(hit=True)
