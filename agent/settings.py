@@ -1,7 +1,6 @@
 """Everything the agent is told by its environment, parsed once into a frozen Settings.
 
-Pure functions of a mapping, so tests pass dicts and only cli.py touches os.environ; no other
-module reads a variable for itself.
+A pure function of a mapping, so tests pass dicts and only cli.py touches os.environ.
 """
 
 from __future__ import annotations
