@@ -120,6 +120,31 @@ def _verify(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter
     return verify(reporter, VerifyOptions(Path(args.folder or load_spec(env).download_folder), args.json))
 
 
+def _add_sync_flags(p: argparse._ActionsContainer) -> None:
+    """The upload flags `sync` and `run` share (SyncFlags); None when not given, so the variable applies."""
+    p.add_argument("--quiet-seconds", type=float, metavar="S",
+                   help="no change for this long makes a checkpoint stable (env CKPT_AGENT_QUIET_SECONDS, "
+                        "default 5)")
+    p.add_argument("--poll-seconds", type=float, metavar="S",
+                   help="how often to look (env CKPT_AGENT_POLL_SECONDS, default 2)")
+    p.add_argument("--grace-seconds", type=float, metavar="S",
+                   help="after SIGTERM, time to finish uploads (env CKPT_AGENT_GRACE_SECONDS, default 25)")
+    p.add_argument("--keep-last", type=int, metavar="N",
+                   help="delete this job's older committed checkpoints beyond N (env CKPT_AGENT_KEEP_LAST)")
+    p.add_argument("--complete-file", action="append", metavar="PATH",
+                   help="a checkpoint folder is complete once one of these files is in it (repeatable or "
+                        "comma-separated; env CKPT_AGENT_COMPLETE_FILE); replaces the built-in HF Trainer, "
+                        "DCP and DeepSpeed rules for folders")
+    p.add_argument("--commit-on-quiet", action="store_true", default=None,
+                   help="commit folders of no known format on the quiet period alone: a crashed save can "
+                        "then be committed (env CKPT_AGENT_COMMIT_ON_QUIET=1)")
+
+
+def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, help="concurrent requests (env CKPT_AGENT_WORKERS)")
+    p.add_argument("--chunk-mb", type=int, help="MiB per ranged GET (env CKPT_AGENT_CHUNK_MB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt-agent",
@@ -129,33 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckpt-agent {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def sync_flags(p) -> None:
-        p.add_argument("--quiet-seconds", type=float, metavar="S",
-                       help="no change for this long makes a checkpoint stable (env CKPT_AGENT_QUIET_SECONDS, "
-                            "default 5)")
-        p.add_argument("--poll-seconds", type=float, metavar="S",
-                       help="how often to look (env CKPT_AGENT_POLL_SECONDS, default 2)")
-        p.add_argument("--grace-seconds", type=float, metavar="S",
-                       help="after SIGTERM, time to finish uploads (env CKPT_AGENT_GRACE_SECONDS, default 25)")
-        p.add_argument("--keep-last", type=int, metavar="N",
-                       help="delete this job's older committed checkpoints beyond N (env CKPT_AGENT_KEEP_LAST)")
-        p.add_argument("--complete-file", action="append", metavar="PATH",
-                       help="a checkpoint folder is complete once one of these files is in it (repeatable or "
-                            "comma-separated; env CKPT_AGENT_COMPLETE_FILE); replaces the built-in HF Trainer, "
-                            "DCP and DeepSpeed rules for folders")
-        p.add_argument("--commit-on-quiet", action="store_true", default=None,
-                       help="commit folders of no known format on the quiet period alone: a crashed save can "
-                            "then be committed (env CKPT_AGENT_COMMIT_ON_QUIET=1)")
-
-    def transfer_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--workers", type=int, help="concurrent requests (env CKPT_AGENT_WORKERS)")
-        p.add_argument("--chunk-mb", type=int, help="MiB per ranged GET (env CKPT_AGENT_CHUNK_MB)")
-
     run = sub.add_parser("run", help="load checkpoints, then exec the training command (or supervise it and "
                                      "upload its checkpoints, with BT_CHECKPOINTING_ENABLED=1)",
                          epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    transfer_flags(run)
-    sync_flags(run.add_argument_group("checkpoint upload (with BT_CHECKPOINTING_ENABLED=1)"))
+    _add_transfer_flags(run)
+    _add_sync_flags(run.add_argument_group("checkpoint upload (with BT_CHECKPOINTING_ENABLED=1)"))
     run.add_argument("--dry-run", action="store_true",
                      help="print what would be loaded and executed; download and run nothing")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command after `--`")
@@ -163,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = sub.add_parser("load", help="load checkpoints, then exit",
                           epilog=EPILOG_LOAD, formatter_class=argparse.RawDescriptionHelpFormatter)
-    transfer_flags(load)
+    _add_transfer_flags(load)
     load.add_argument("--dry-run", action="store_true",
                       help="resolve every reference and print the plan; download nothing")
     load.add_argument("--ready-file", metavar="PATH",
@@ -172,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     save = sub.add_parser("save", help="upload a checkpoint folder and commit it",
                           epilog=EPILOG_SAVE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    transfer_flags(save)
+    _add_transfer_flags(save)
     save.add_argument("folder", help="the checkpoint folder to upload")
     save.add_argument("--project", help="project name (env BT_TRAINING_PROJECT_NAME)")
     save.add_argument("--job-id", help="job id (env BT_TRAINING_JOB_ID)")
@@ -183,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = sub.add_parser("sync", help="upload checkpoints from BT_CHECKPOINT_DIR as training writes them",
                           epilog=EPILOG_SYNC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    transfer_flags(sync)
+    _add_transfer_flags(sync)
     sync.add_argument("--once", action="store_true", help="upload what is stable now, then exit")
     sync.add_argument("--checkpoint-dir", metavar="DIR",
                       help="the folder to watch (env BT_CHECKPOINT_DIR, default /tmp/training_checkpoints)")
-    sync_flags(sync)
+    _add_sync_flags(sync)
     sync.set_defaults(func=_sync)
 
     ls = sub.add_parser("ls", help="list jobs, or one job's checkpoints, in the store",
