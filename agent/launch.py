@@ -71,4 +71,4 @@ def runs_through_shell(argv: Sequence[str], env: Mapping[str, str]) -> bool:
     if os.path.basename(argv[0]) in SHELLS:
         return True
     path = shutil.which(argv[0], path=env.get("PATH", os.defpath))
-    return bool(path) and _interpreter(path) in SHELLS
+    return path is not None and _interpreter(path) in SHELLS

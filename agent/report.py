@@ -53,9 +53,6 @@ class Reporter:
         return _LineSink(total, label, self)
 
 
-LOG_FORMATS = ("human", "json")
-
-
 class JsonReporter(Reporter):
     """BT_LOG_FORMAT=json: one JSON object per line, {timestamp, level, event, message, fields},
     for every line the human Reporter would print, progress and errors included. Never a tqdm bar."""
@@ -81,13 +78,8 @@ class JsonReporter(Reporter):
 
 
 def make_reporter(log_format: str | None, stream: TextIO | None = None) -> Reporter:
-    """The Reporter for BT_LOG_FORMAT: unset or `human` (the default), or `json`."""
-    from agent.errors import ConfigError
-
-    fmt = (log_format or "").strip().lower() or "human"
-    if fmt not in LOG_FORMATS:
-        raise ConfigError(f"BT_LOG_FORMAT: expected {' or '.join(LOG_FORMATS)}, got {log_format!r}")
-    return JsonReporter(stream) if fmt == "json" else Reporter(stream)
+    """The Reporter for a format agent.settings.log_format accepted: `json`, else the human one."""
+    return JsonReporter(stream) if log_format == "json" else Reporter(stream)
 
 
 class ProgressSink:
@@ -102,7 +94,7 @@ class ProgressSink:
 
 class _BarSink(ProgressSink):
     def __init__(self, total: int, label: str, stream: TextIO) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]  # ships no type hints
 
         self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, file=stream,
                          mininterval=0.2, leave=False)

@@ -27,6 +27,7 @@ DEFAULT_STORE = "/tmp/ckpt-store"
 DEFAULT_CHUNK_MB = 64
 DEFAULT_READ_TIMEOUT = 20
 DEFAULT_CHECKPOINT_DIR = "/tmp/training_checkpoints"
+LOG_FORMATS = ("human", "json")
 
 
 def default_workers() -> int:
@@ -81,6 +82,25 @@ def env_flag(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name}: expected 1 or 0, got {raw!r}")
 
 
+def log_format(env: Mapping[str, str]) -> str:
+    """BT_LOG_FORMAT, read before everything else so that every later error comes out in it."""
+    raw = env.get("BT_LOG_FORMAT")
+    fmt = (raw or "").strip().lower() or "human"
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"BT_LOG_FORMAT: expected {' or '.join(LOG_FORMATS)}, got {raw!r}")
+    return fmt
+
+
+def debug(env: Mapping[str, str]) -> bool:
+    """CKPT_AGENT_DEBUG=1 exactly: read while reporting a crash, where a bad value must not raise again."""
+    return env.get("CKPT_AGENT_DEBUG") == "1"
+
+
+def load_spec(env: Mapping[str, str]) -> LoadSpec:
+    """The spec alone: `verify` needs nothing more, so a broken store or rank variable doesn't stop it."""
+    return parse_load_spec(env.get(CONFIG_VAR))
+
+
 def settings_from_env(env: Mapping[str, str], workers: int | None = None,
                       chunk_mb: int | None = None) -> Settings:
     timeout = env.get("BT_LOAD_TIMEOUT", "").strip()
@@ -97,7 +117,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
     project = env.get("BT_TRAINING_PROJECT_NAME") or None
     job_id = env.get("BT_TRAINING_JOB_ID") or None
     return Settings(
-        spec=parse_load_spec(env.get(CONFIG_VAR)),
+        spec=load_spec(env),
         store=parse_store_location(env.get("BT_CHECKPOINT_STORE") or DEFAULT_STORE),
         project_name=check_name(project, "BT_TRAINING_PROJECT_NAME", nullable=True),
         job_id=check_name(job_id, "BT_TRAINING_JOB_ID", nullable=True),

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 from urllib.parse import unquote, urlparse
 
 from agent import layout
@@ -69,6 +69,10 @@ class StoreLocation:
         return self.root
 
 
+@overload
+def check_name(value: object, field: str, *, nullable: Literal[False] = False) -> str: ...
+@overload
+def check_name(value: object, field: str, *, nullable: bool) -> str | None: ...
 def check_name(value: object, field: str, *, nullable: bool = False) -> str | None:
     """A store name becomes a path component, so it must be a plain non-empty segment."""
     if value is None and nullable:

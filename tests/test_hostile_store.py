@@ -435,7 +435,7 @@ def test_unexpected_exception_is_one_line_exit_1_without_its_text(monkeypatch, c
     def explode(*_args, **_kw):
         raise RuntimeError(f"credential helper said {SECRET}")
 
-    monkeypatch.setattr("agent.inspect.list_jobs", explode)
+    monkeypatch.setattr("agent.listing.list_jobs", explode)
     code = cli.main(["ls"], {"BT_CHECKPOINT_STORE": str(tmp_path / "store")})
     err = capsys.readouterr().err
     assert code == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent import layout
-from agent.inspect import CheckpointListing, CheckpointRow, JobRow, render
+from agent.listing import CheckpointListing, CheckpointRow, JobRow, render
 from tests.specs import AGENT
 
 

@@ -1,6 +1,6 @@
-"""`ckpt-agent ls`: what the store holds. Reads only, through the same functions a load uses.
+"""What the store holds, for `ckpt-agent ls`. Reads only, through the same functions a load uses.
 
-The commands are plain functions returning data; `render` turns that data into a table for a
+The listings are plain functions returning data; `render` turns that data into a table for a
 person or JSON for a machine, so both always show the same thing.
 """
 

@@ -1,0 +1,51 @@
+"""`ckpt-agent save`: upload one checkpoint folder and commit it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.commands.context import Context, cancelled_by_signals
+from agent.errors import ConfigError
+from agent.save import CheckpointId, commit_checkpoint, scan_checkpoint
+from agent.spec import check_name
+from agent.stores import open_store
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """The flags as given; None falls back to the environment (the name: to the folder's name)."""
+
+    folder: str
+    project: str | None = None
+    job_id: str | None = None
+    name: str | None = None
+    rank: int | None = None
+    num_nodes: int | None = None
+
+
+def save(ctx: Context, options: SaveOptions) -> int:
+    settings = ctx.settings
+    ident = CheckpointId(
+        project_name=check_name(options.project or settings.project_name, "--project", nullable=True),
+        job_id=check_name(options.job_id or settings.job_id, "--job-id"),
+        name=check_name(options.name or Path(os.path.abspath(options.folder)).name, "--name"),
+        rank=settings.node_rank if options.rank is None else options.rank,
+        num_nodes=options.num_nodes or settings.num_nodes,
+    )
+    if not 0 <= ident.rank < ident.num_nodes:
+        raise ConfigError(f"--rank {ident.rank}: must be below --num-nodes {ident.num_nodes}")
+    folder = Path(os.path.realpath(options.folder))  # the path given is the user's choice; links inside are not
+    total = sum(f.size for f in scan_checkpoint(folder))
+    with cancelled_by_signals(ctx.cancel):
+        store = open_store(settings)
+        sink = ctx.reporter.progress(total, "upload")
+        try:
+            manifest = commit_checkpoint(store, folder, ident, settings.workers, sink, ctx.cancel)
+        finally:
+            sink.close()
+            store.close()
+    ctx.reporter.info(f"committed {ident.job_id}/{ident.name} rank {ident.rank} to {settings.store}: "
+                      f"{len(manifest.files)} files, {manifest.total_bytes} bytes")
+    return 0
