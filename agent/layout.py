@@ -97,8 +97,3 @@ def manifest_rank(filename: str) -> int | None:
 
 def job_id_from_index_entry(filename: str) -> str | None:
     return filename[: -len(".json")] if filename.endswith(".json") else None
-
-
-def local_checkpoint_dir(rank: int, name: str) -> str:
-    """Relative to the download folder: where one checkpoint lands on this node."""
-    return f"rank-{rank}/{name}"

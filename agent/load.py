@@ -10,20 +10,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import __version__, layout
+from agent import __version__
 from agent.cancel import Cancel
 from agent.errors import LocalError
+from agent.loadrecord import LoadedCheckpoint, LoadRecord, forget_load_record, recorded_manifest_path, save_load_record
 from agent.localstate import (
     INCOMPLETE_SUFFIX,
-    STATE_DIR,
     VerifiedIndex,
     check_root,
+    checkpoint_dir,
     folder_lock,
     loaded_record,
     prepare_root,
     prune_checkpoint,
     state_dir,
-    write_json_atomic,
 )
 from agent.manifest import checksum, format_checksum, natural_key
 from agent.plan import FileTask, Plan, make_plan
@@ -64,9 +64,6 @@ def check_free_space(plan: Plan, folder: Folder) -> None:
         )
 
 
-MANIFESTS_DIR = "manifests"
-
-
 def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
     """Position of each checkpoint in the store's latest order (committed_at, then natural name); 0 = newest."""
     newest_first = sorted(resolved, key=lambda r: (r.manifest.committed_at, natural_key(r.manifest.checkpoint_name)),
@@ -74,15 +71,10 @@ def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
     return {r.key: i for i, r in enumerate(newest_first)}
 
 
-def _forget_last_load(folder: Folder, rank: int) -> None:
-    """Before any file is touched: a record must only ever describe a load that completed."""
-    folder.unlink(f"{STATE_DIR}/{loaded_record(rank)}")
-
-
 def _prune(folder: Folder, result: LoadResult, rank: int, reporter: Reporter) -> None:
     """Each checkpoint folder ends up holding exactly what its manifest lists, and we say what went."""
     for r in result.resolution.checkpoints:
-        rel = layout.local_checkpoint_dir(rank, r.manifest.checkpoint_name)
+        rel = checkpoint_dir(rank, r.manifest.checkpoint_name)
         removed = prune_checkpoint(folder, rel, {f.path for f in r.manifest.files})
         if removed:
             shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else "")
@@ -91,44 +83,25 @@ def _prune(folder: Folder, result: LoadResult, rank: int, reporter: Reporter) ->
 
 
 def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> None:
-    """loaded-rank-<r>.json, plus the manifests it names under .ckpt-agent/manifests/rank-<r>/<checkpoint>.json
-    (written first, so the record never names a manifest that is not on disk). Only this rank's are touched."""
+    """What this load placed, in the store's order, with the manifests it used."""
     order = store_order(result.resolution.checkpoints)
-    entries, written = [], set()
-    mine = f"{STATE_DIR}/{MANIFESTS_DIR}/rank-{rank}"
+    checkpoints, manifests = [], {}
     for r in result.resolution.checkpoints:
         m = r.manifest
-        raw = m.raw
-        manifest_rel = f"{MANIFESTS_DIR}/rank-{rank}/{m.checkpoint_name}.json"
-        folder.write_atomic(f"{STATE_DIR}/{manifest_rel}", raw)
-        written.add(f"{m.checkpoint_name}.json")
-        entries.append({
-            "reference": r.reference.describe(), "job_id": m.job_id, "project_name": m.project_name,
-            "checkpoint_name": m.checkpoint_name, "rank": m.rank, "committed_at": m.committed_at,
-            "files": len(m.files), "bytes": m.total_bytes, "reason": r.reason,
-            "path": layout.local_checkpoint_dir(rank, m.checkpoint_name),
-            "manifest": manifest_rel, "manifest_crc32c": format_checksum(checksum(raw)),
-            "order": order[r.key],
-        })
-    dfd = folder.dir(mine, create=True)
-    for stale in set(os.listdir(dfd)) - written:
-        if stale.endswith(".json"):
-            os.unlink(stale, dir_fd=dfd)
+        manifest_rel = recorded_manifest_path(rank, m.checkpoint_name)
+        manifests[manifest_rel] = m.raw
+        checkpoints.append(LoadedCheckpoint(
+            reference=r.reference.describe(), job_id=m.job_id, project_name=m.project_name,
+            checkpoint_name=m.checkpoint_name, rank=m.rank, committed_at=m.committed_at, files=len(m.files),
+            bytes=m.total_bytes, reason=r.reason, path=checkpoint_dir(rank, m.checkpoint_name),
+            manifest=manifest_rel, manifest_crc32c=format_checksum(checksum(m.raw)), order=order[r.key]))
     stats, plan = result.stats, result.plan
-    write_json_atomic(folder, f"{STATE_DIR}/{loaded_record(rank)}", {
-        "agent_version": __version__,
-        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.monotonic() - started, 3),
-        "download_folder": str(folder.root.absolute()),
-        "node_rank": rank,
-        "files_total": plan.total_files,
-        "bytes_total": plan.total_bytes,
-        "files_fetched": stats.files_fetched,
-        "bytes_fetched": stats.bytes_fetched,
-        "files_reused": stats.files_reused,
-        "warnings": list(result.resolution.warnings),
-        "checkpoints": entries,
-    })
+    save_load_record(folder, LoadRecord(
+        agent_version=__version__, loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        seconds=round(time.monotonic() - started, 3), download_folder=str(folder.root.absolute()),
+        node_rank=rank, files_total=plan.total_files, bytes_total=plan.total_bytes,
+        files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
+        warnings=tuple(result.resolution.warnings), checkpoints=tuple(checkpoints)), manifests)
 
 
 def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> LoadResult:
@@ -155,7 +128,7 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
             plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints),
                              settings.node_rank, index)
             check_free_space(plan, folder)
-            _forget_last_load(folder, settings.node_rank)
+            forget_load_record(folder, settings.node_rank)
             sink = reporter.progress(plan.fetch_bytes, "download")
             try:
                 options = TransferOptions(workers=settings.workers, chunk_size=settings.chunk_size)
@@ -229,7 +202,7 @@ def plan_load(settings: Settings, reporter: Reporter) -> DryRun:
         needed = _bytes_needed(plan, folder)
     per_checkpoint = []
     for r in resolution.checkpoints:
-        rel = layout.local_checkpoint_dir(settings.node_rank, r.manifest.checkpoint_name)
+        rel = checkpoint_dir(settings.node_rank, r.manifest.checkpoint_name)
         per_checkpoint.append(CheckpointPlan(r, rel,
                                              tuple(t for t in plan.intact if t.rel.startswith(rel + "/")),
                                              tuple(t for t in plan.fetch if t.rel.startswith(rel + "/"))))

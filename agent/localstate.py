@@ -1,4 +1,5 @@
-"""The download folder's own bookkeeping under `<download_folder>/.ckpt-agent/`.
+"""The download folder: where each checkpoint lands (`rank-<r>/<name>`), and its own bookkeeping
+under `<download_folder>/.ckpt-agent/` (lock, verified files, the load record of agent.loadrecord).
 
 `verified.json` remembers the stat of every file we placed after verifying it, so a warm start
 trusts an unchanged file without re-reading it (as git's index does); anything whose stat moved
@@ -30,6 +31,21 @@ VERIFIED = f"{STATE_DIR}/verified.json"
 
 def state_dir(root: Path) -> Path:
     return root / STATE_DIR
+
+
+def rank_dir(rank: int) -> str:
+    """Relative to the download folder: one node's checkpoints, so ranks can share a folder."""
+    return f"rank-{rank}"
+
+
+def checkpoint_dir(rank: int, name: str) -> str:
+    """Relative to the download folder: where one checkpoint lands on this node."""
+    return f"{rank_dir(rank)}/{name}"
+
+
+def manifests_dir(rank: int) -> str:
+    """Relative to STATE_DIR (as the load record names them): the manifests this rank's last load used."""
+    return f"manifests/{rank_dir(rank)}"
 
 
 def loaded_record(rank: int) -> str:
@@ -144,10 +160,6 @@ def folder_lock(folder: Folder, on_wait: Callable[[str], None], check_cancel: Ca
         yield
     finally:
         os.close(fd)
-
-
-def write_json_atomic(folder: Folder, rel: str, obj: object) -> None:
-    folder.write_atomic(rel, json.dumps(obj, indent=1).encode())
 
 
 def prune_checkpoint(folder: Folder, rel: str, keep: set[str]) -> list[str]:

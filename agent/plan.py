@@ -12,7 +12,7 @@ from pathlib import Path
 
 from agent import layout
 from agent.errors import IntegrityError
-from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
+from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex, checkpoint_dir
 from agent.manifest import FileEntry, Manifest, checksum
 from agent.safefs import Folder, refuse_hardlink
 
@@ -58,9 +58,9 @@ def make_plan(root: Path, folder: Folder | None, manifests: tuple[Manifest, ...]
     fetch: list[FileTask] = []
     intact: list[FileTask] = []
     for m in manifests:
-        checkpoint_dir = layout.local_checkpoint_dir(rank, m.checkpoint_name)
+        folder_rel = checkpoint_dir(rank, m.checkpoint_name)
         for entry in m.files:
-            rel = f"{checkpoint_dir}/{entry.path}"
+            rel = f"{folder_rel}/{entry.path}"
             dest = root / rel
             if not os.path.normpath(dest).startswith(os.path.normpath(root) + os.sep):
                 raise IntegrityError(

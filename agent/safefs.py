@@ -5,7 +5,7 @@ a load. So every path is reached from a folder fd, one component at a time, with
 (openat-style): a symlink at any depth, at any moment, is refused instead of followed. A file is
 written only if fstat shows a regular file with one link, so a hardlink planted to an outside
 file is never written through; new files are created with O_EXCL; reads use O_NONBLOCK so a FIFO
-never hangs; records are replaced atomically from an unpredictable temporary name.
+never hangs; records are replaced atomically (AtomicFile), from an unpredictable temporary name.
 """
 
 from __future__ import annotations
@@ -100,20 +100,61 @@ def read_file(dfd: int, name: str, shown: object) -> bytes | None:
         os.close(fd)
 
 
-def write_atomic(dfd: int, name: str, data: bytes) -> None:
-    """Readers see the old file or the new one; the temporary name cannot be guessed or pre-planted,
-    and rename replaces a link at `name` instead of following it."""
-    tmp = f".ckpt-agent-{secrets.token_hex(8)}.tmp"
-    fd = create_file(dfd, tmp)
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(data)
-        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    except BaseException:
-        unlink(dfd, tmp)
-        raise
-    finally:
-        os.close(fd)
+TEMP_SUFFIX = ".incomplete"  # a store listing hides names ending so: they are never a committed object
+
+
+class AtomicFile:
+    """A new file that replaces `name` in folder `dfd` only when committed: readers see the old file
+    or the new one, never a part. The temporary name cannot be guessed or pre-planted (created
+    O_EXCL, never through a link), rename replaces a link at `name` instead of following it, and the
+    temporary file is removed whatever goes wrong (or when nobody commits)."""
+
+    def __init__(self, dfd: int, name: str, mode: int = 0o644) -> None:
+        while True:
+            self._tmp = f".ckpt-agent-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            try:
+                self.fd = create_file(dfd, self._tmp, mode)
+                break
+            except FileExistsError:
+                continue
+        self._dfd, self._name = dfd, name
+        self._open = self._pending = True
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def commit(self) -> None:
+        """fsync, then rename over `name`: after a crash there is the old file or the whole new one."""
+        if not self._pending:
+            raise ValueError(f"{self._name}: already committed or discarded")
+        try:
+            os.fsync(self.fd)
+            os.replace(self._tmp, self._name, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
+            self._pending = False
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file; a no-op once committed or discarded."""
+        if self._open:
+            self._open = False
+            os.close(self.fd)
+        if self._pending:
+            self._pending = False
+            unlink(self._dfd, self._tmp)
+
+
+def write_atomic(dfd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    with AtomicFile(dfd, name, mode) as f:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(f.fd, view):]
 
 
 def unlink(dfd: int, name: str) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import secrets
 from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import NotFoundError, StoreError
+from agent.safefs import TEMP_SUFFIX, AtomicFile, write_atomic
 from agent.stores.base import Listing, RangeReader, Store, Upload, too_large, upload_in_parts
 
 # copy_file_range's answers for "not between these two files": across filesystems (EXDEV), or a
@@ -18,14 +17,12 @@ _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.
 _COPY_BUFFER = 8 << 20
 
 
-def _create_temp(path: Path) -> tuple[int, str]:
-    """A new hidden file beside `path`, mode 0666 less the umask (mkstemp's 0600 would lock other users out)."""
-    while True:
-        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.incomplete"))
-        try:
-            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
-        except FileExistsError:
-            continue
+_MODE = 0o666  # less the umask, as open() would: mkstemp's 0600 would lock other users out
+
+
+def _open_parent(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _plain_copy(src: int, dst: int, start: int, offset: int, length: int) -> None:
@@ -64,11 +61,19 @@ class _LocalUpload(Upload):
     part_size = 64 << 20
 
     def __init__(self, path: Path, key: str, size: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(path)
-        os.ftruncate(fd, size)
-        self._fd, self._tmp, self._path, self._key = fd, tmp, path, key
+        self._dfd = _open_parent(path)
+        try:
+            self._file = AtomicFile(self._dfd, path.name, _MODE)
+        except BaseException:
+            os.close(self._dfd)
+            raise
+        self._fd, self._key = self._file.fd, key
         self._kernel_copy = True
+        try:
+            os.ftruncate(self._fd, size)
+        except BaseException:
+            self.abort()
+            raise
 
     def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
         offset = index * self.part_size
@@ -97,14 +102,22 @@ class _LocalUpload(Upload):
             raise StoreError(f"{self._key}: cannot write to the local store: {exc.strerror}") from None
 
     def complete(self) -> None:
-        os.close(self._fd)
-        os.replace(self._tmp, self._path)
+        try:
+            self._file.commit()
+        finally:
+            self._close_folder()
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
+        """Also after a failed complete(): both steps are no-ops the second time."""
+        try:
+            self._file.discard()
+        finally:
+            self._close_folder()
+
+    def _close_folder(self) -> None:
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
 
 
 class LocalStore(Store):
@@ -129,23 +142,16 @@ class LocalStore(Store):
             raise too_large(key, limit)
         return data
 
-    def _atomic_write(self, key: str, fill) -> None:
+    def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _create_temp(path)
+            dfd = _open_parent(path)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    fill(out)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+                write_atomic(dfd, path.name, data, _MODE)
+            finally:
+                os.close(dfd)
         except OSError as exc:
             raise StoreError(f"{key}: cannot write to {self.describe()}: {exc.strerror}") from None
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(key, lambda out: out.write(data))
 
     def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
         upload_in_parts(self.start_upload(key, size), source, size)
@@ -163,7 +169,7 @@ class LocalStore(Store):
             return Listing((), ())
         except OSError as exc:
             raise StoreError(f"{prefix}: cannot list {self.describe()}: {exc.strerror}") from None
-        files = sorted(e.name for e in entries if e.is_file() and not e.name.endswith(".incomplete"))
+        files = sorted(e.name for e in entries if e.is_file() and not e.name.endswith(TEMP_SUFFIX))
         dirs = sorted(e.name for e in entries if e.is_dir())
         return Listing(tuple(files), tuple(dirs))
 
