@@ -44,10 +44,12 @@ class LoadResult:
 
 def _bytes_needed(plan: Plan, folder: Folder | None) -> int:
     """Bytes still to be allocated: partial files from an earlier run already hold theirs."""
+    if folder is None:
+        return plan.fetch_bytes
     needed = 0
     for task in plan.fetch:
         have = 0
-        for rel in ((task.rel + INCOMPLETE_SUFFIX, task.rel) if folder is not None else ()):
+        for rel in (task.rel + INCOMPLETE_SUFFIX, task.rel):
             st = folder.lstat(rel)
             have = max(have, st.st_blocks * 512 if st is not None else 0)
         needed += max(0, task.entry.size - have)

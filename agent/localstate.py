@@ -182,7 +182,9 @@ def prune_checkpoint(folder: Folder, rel: str, keep: set[str]) -> list[str]:
                 seen.add(path)
                 continue
             if path in on_the_way:
-                visit(folder.dir(f"{rel}/{path}"), f"{path}/")
+                sub = folder.dir(f"{rel}/{path}")
+                if sub is not None:  # else it went since the listing: its files count as disappeared
+                    visit(sub, f"{path}/")
                 continue
             if path in keep:
                 raise IntegrityError(f"{folder.shown(f'{rel}/{path}')}: replaced by a link or special file "

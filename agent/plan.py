@@ -80,7 +80,9 @@ def make_plan(root: Path, folder: Folder | None, manifests: tuple[Manifest, ...]
 
 def _regular(folder: Folder | None, rel: str) -> os.stat_result | None:
     """The lstat of a regular file with one link; a link, special file or hardlink is refused."""
-    st = None if folder is None else folder.lstat(rel)
+    if folder is None:
+        return None
+    st = folder.lstat(rel)
     if st is not None and st.st_nlink != 1:
         raise refuse_hardlink(folder.shown(rel), st.st_nlink)
     return st

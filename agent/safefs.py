@@ -18,6 +18,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal, overload
 
 from agent.errors import IntegrityError, LocalError
 
@@ -219,6 +220,12 @@ class Folder:
     def shown(self, rel: str) -> Path:
         return self.root / rel if rel else self.root
 
+    @overload
+    def dir(self, rel: str, create: Literal[True]) -> int: ...
+
+    @overload
+    def dir(self, rel: str, create: bool = False) -> int | None: ...
+
     def dir(self, rel: str, create: bool = False) -> int | None:
         """The fd of folder `rel`, walked without following links; None if absent and not `create`."""
         with self._lock:
@@ -257,6 +264,12 @@ class Folder:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o755, dir_fd=fd)
         return None
+
+    @overload
+    def parent(self, rel: str, create: Literal[True]) -> tuple[int, str]: ...
+
+    @overload
+    def parent(self, rel: str, create: bool = False) -> tuple[int | None, str]: ...
 
     def parent(self, rel: str, create: bool = False) -> tuple[int | None, str]:
         head, _, name = rel.rpartition("/")
