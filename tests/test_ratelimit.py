@@ -13,7 +13,7 @@ from agent.cancel import Cancel
 from agent.errors import Interrupted, StoreError, ThrottledError, TransientError
 from agent.ratelimit import Aimd, ConcurrencyGate, TokenBucket, paced
 from agent.retry import Backoff, retry
-from agent.stores.s3errors import store_error
+from agent.stores.s3common import store_error
 from agent.stores.s3http import S3HttpStore
 from bench.seaweed import SeaweedServer
 from tests.faultproxy import LOOPBACK, FaultProxy

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from agent.errors import ConfigError, StoreError
 from agent.settings import PROXY_VARS
-from agent.stores.s3errors import credentials_error
+from agent.stores.s3common import credentials_error
 from agent.stores.sigv4 import Credentials
 
 
