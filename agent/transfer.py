@@ -10,6 +10,7 @@ the bytes themselves stream through agent.fetch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -80,7 +81,7 @@ class _Engine:
                 packs.setdefault(task.pack_key, []).append(task)
         for key, members in packs.items():
             for span in _spans(sorted(members, key=lambda t: t.entry.offset), self.options.chunk_size):
-                yield lambda k=key, s=span: self._run_span(k, s)
+                yield functools.partial(self._run_span, key, span)
         for task in self.plan.fetch:
             if task.pack_key is not None:
                 continue
@@ -90,7 +91,7 @@ class _Engine:
             state = _FileState(task, len(starts))
             for first in starts:
                 last = min(parts, first + per_unit)
-                yield lambda s=state, a=first, b=last: self._run_unit(s, a, b)
+                yield functools.partial(self._run_unit, state, first, last)
 
     def _run_span(self, key: str, members: list[FileTask]) -> None:
         self.fetcher.resuming(key, 0, len(members),

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 from agent.errors import TransientError
 from agent.retry import retry
-from agent.stores.awsenv import credentials_provider, proxy_for, resolve_endpoint
+from agent.stores.awsenv import ca_bundle, credentials_provider, proxy_for, resolve_endpoint
 from agent.stores.base import too_large
 from agent.stores.s3common import REQUEST_BACKOFF, content_range_size, store_error
 from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, canonical_query, sign, uri_encode
@@ -73,7 +73,7 @@ class S3Http:
         # A forward proxy (plain HTTP) takes the absolute URL; an HTTPS one is reached through CONNECT.
         self._origin = f"http://{self.endpoint.host_header}" if self._proxy and self.endpoint.scheme == "http" else ""
         if self.endpoint.scheme == "https" and self._ssl is None:
-            self._ssl = ssl.create_default_context(cafile=self._env.get("AWS_CA_BUNDLE"))
+            self._ssl = ssl.create_default_context(cafile=ca_bundle(self._env))
 
     def _connect(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -143,9 +143,11 @@ class S3Http:
         signed = sign(method, self.endpoint.host_header, path, query, self._credentials(), self.endpoint.region,
                       payload_hash=UNSIGNED_PAYLOAD if body is not None else EMPTY_SHA256,
                       extra_headers={k: v for k, v in (headers or {}).items() if k.startswith("x-amz-")})
-        all_headers = {**signed, **(headers or {}), **(self._proxy.headers if self._origin else {})}
-        if body is not None:
-            all_headers["content-length"] = str(length if length is not None else len(body))
+        all_headers = {**signed, **(headers or {}), **(self._proxy.headers if self._proxy and self._origin else {})}
+        if isinstance(body, bytes):
+            all_headers["content-length"] = str(len(body))
+        elif body is not None:  # a stream: its caller knows the length
+            all_headers["content-length"] = str(length)
         conn = self._connect()
         try:
             conn.request(method, self._origin + (f"{path}?{query}" if query else path), body=body,
