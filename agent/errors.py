@@ -1,8 +1,9 @@
 """The error family and the exit codes it maps to.
 
 Every failure a user can act on is one of these; the CLI prints `str(error)` as a single line and
-exits with `error.exit_code`. Each class also inherits the matching built-in so callers that
-only know Python's exceptions still catch them sensibly.
+exits with `error.exit_code`. Where a built-in fits (ValueError, FileNotFoundError, OSError,
+TimeoutError) a class also inherits it, so callers that only know Python's exceptions still catch
+it sensibly; IntegrityError and Interrupted have no such twin and inherit only AgentError.
 """
 
 EXIT_OK = 0

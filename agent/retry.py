@@ -32,16 +32,18 @@ def retry(
     *,
     sleep: Callable[[float], None] = time.sleep,
     before_retry: Callable[[], None] | None = None,
+    retry_on: type[TransientError] = TransientError,
 ) -> T:
-    """Call `fn` until it returns, retrying TransientError up to `backoff.attempts` times in all.
+    """Call `fn` until it returns, retrying `retry_on` up to `backoff.attempts` times in all.
 
     `sleep` is `Cancel.sleep` where a signal or deadline must end the wait; `before_retry` rewinds
-    whatever the failed attempt consumed (an upload body, say).
+    whatever the failed attempt consumed (an upload body, say); `retry_on` narrows the retried
+    failures where a lower layer has already retried the others.
     """
     for attempt in range(1, backoff.attempts + 1):
         try:
             return fn()
-        except TransientError:
+        except retry_on:
             if attempt == backoff.attempts:
                 raise
             sleep(backoff.delay(attempt))

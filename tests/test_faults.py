@@ -25,7 +25,7 @@ from agent import layout
 from agent.cancel import Cancel
 from agent.localstate import INCOMPLETE_SUFFIX
 from agent.save import CheckpointId, commit_checkpoint
-from agent.stores.s3 import S3Store
+from agent.stores.s3boto import Boto3Store
 from bench.seaweed import SeaweedServer
 from tests.faultproxy import LOOPBACK, FaultProxy
 from tests.specs import AGENT, spec
@@ -56,7 +56,7 @@ def upload_checkpoint(server: SeaweedServer, prefix: str, src: Path, files: dict
     for rel, data in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
-    store = S3Store(server.bucket, prefix)
+    store = Boto3Store(server.bucket, prefix)
     try:
         ident = CheckpointId(project, job, name)
         commit_checkpoint(store, folder, ident, 4, lambda n: None, Cancel(), part_size=part_size)

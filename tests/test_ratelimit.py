@@ -13,8 +13,8 @@ from agent.cancel import Cancel
 from agent.errors import Interrupted, StoreError, ThrottledError, TransientError
 from agent.ratelimit import Aimd, ConcurrencyGate, TokenBucket, paced
 from agent.retry import Backoff, retry
-from agent.stores.s3errors import store_error
-from agent.stores.s3http import S3HttpStore
+from agent.stores.s3common import store_error
+from agent.stores.s3native import NativeS3Store
 from bench.seaweed import SeaweedServer
 from tests.faultproxy import LOOPBACK, FaultProxy
 
@@ -327,10 +327,10 @@ SIZE = 1 << 20
 def through_proxy(s3_env: SeaweedServer, s3_prefix: str):
     """A 1 MiB object put straight into SeaweedFS, and a store that reads it through the proxy."""
     data = random.Random("limits").randbytes(SIZE)
-    direct = S3HttpStore(s3_env.bucket, s3_prefix, s3_env.env())
+    direct = NativeS3Store(s3_env.bucket, s3_prefix, s3_env.env())
     direct.write_bytes(KEY, data)
     with FaultProxy(LOOPBACK, s3_env.s3_port) as proxy:
-        yield S3HttpStore(s3_env.bucket, s3_prefix, {**s3_env.env(), "AWS_ENDPOINT_URL": proxy.endpoint}), proxy, data
+        yield NativeS3Store(s3_env.bucket, s3_prefix, {**s3_env.env(), "AWS_ENDPOINT_URL": proxy.endpoint}), proxy, data
 
 
 def read_all(reader, size: int, piece: int = 256 << 10) -> tuple[bytes, int]:

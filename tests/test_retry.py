@@ -63,3 +63,19 @@ def test_backoff_grows_to_its_cap_with_jitter_below_the_nominal_delay():
     delays = [backoff.delay(n) for n in range(1, 8)]
     nominal = [0.5, 1.0, 2.0, 3.0, 3.0, 3.0, 3.0]
     assert all(n / 2 <= d <= n for d, n in zip(delays, nominal, strict=True))
+
+
+def test_retry_on_narrows_the_retried_failures_to_one_kind():
+    class BodyCut(TransientError):
+        pass
+
+    calls: list[int] = []
+
+    def fn() -> None:
+        calls.append(1)
+        raise TransientError("503 after the client's own retries")
+
+    with pytest.raises(TransientError):
+        retry(fn, Backoff(attempts=5), sleep=lambda _s: None, retry_on=BodyCut)
+    assert calls == [1]
+    assert retry(failing(2, []), Backoff(attempts=3), sleep=lambda _s: None, retry_on=TransientError) == "ok"

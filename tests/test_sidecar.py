@@ -460,9 +460,9 @@ def test_a_top_level_file_that_is_not_a_checkpoint_is_reported_once_and_counted(
 
 
 def test_identical_file_is_copied_inside_s3_instead_of_uploaded_again(seaweed, s3_prefix, tmp_path):
-    from agent.stores.s3http import S3HttpStore
+    from agent.stores.s3native import NativeS3Store
 
-    class Counting(S3HttpStore):
+    class Counting(NativeS3Store):
         copies: list[str] = []
 
         def copy(self, src_key: str, dst_key: str) -> None:

@@ -18,11 +18,11 @@ import pytest
 from agent.errors import NotFoundError, StoreError
 from agent.stores.base import Listing, Store
 from agent.stores.local import LocalStore
-from agent.stores.s3 import S3Store
-from agent.stores.s3http import S3HttpStore
+from agent.stores.s3boto import Boto3Store
+from agent.stores.s3native import NativeS3Store
 
 MIB = 1 << 20
-BIG_UPLOAD_SIZE = 65 * MIB + 1  # over S3Store's 64 MiB multipart threshold: two parts
+BIG_UPLOAD_SIZE = 65 * MIB + 1  # over the 64 MiB multipart threshold: two parts
 
 
 def read_range(store: Store, key: str, start: int, length: int, chunk: int = 100_000) -> bytes:
@@ -223,7 +223,7 @@ class BigUploadContract:
 class S3ErrorContract:
     """Failures of the S3 store that must reach the user as StoreError with a useful message.
 
-    Subclasses provide `s3_store_for(bucket)`, returning an S3Store on the test's server.
+    Subclasses provide `s3_store_for(bucket)`, returning a Boto3Store on the test's server.
     """
 
     @pytest.mark.parametrize(
@@ -272,8 +272,8 @@ class TestS3StoreOnMoto(StoreContract, S3ErrorContract):
     def s3_store_for(self, moto_s3):
         stores = []
 
-        def make(bucket: str, root: str = "") -> S3Store:
-            stores.append(S3Store(bucket, root))
+        def make(bucket: str, root: str = "") -> Boto3Store:
+            stores.append(Boto3Store(bucket, root))
             return stores[-1]
 
         yield make
@@ -281,7 +281,7 @@ class TestS3StoreOnMoto(StoreContract, S3ErrorContract):
             s.close()
 
     @pytest.fixture
-    def store(self, moto_s3, s3_store_for) -> S3Store:
+    def store(self, moto_s3, s3_store_for) -> Boto3Store:
         # An empty root: the seaweed variant covers a prefixed root.
         return s3_store_for(moto_s3.bucket)
 
@@ -292,7 +292,7 @@ class TestS3StoreOnSeaweed(StoreContract, BigUploadContract, S3ErrorContract):
 
     @staticmethod
     def make(bucket: str, root: str) -> Store:
-        return S3Store(bucket, root)
+        return Boto3Store(bucket, root)
 
     @pytest.fixture
     def s3_store_for(self, s3_env, s3_prefix):
@@ -307,15 +307,15 @@ class TestS3StoreOnSeaweed(StoreContract, BigUploadContract, S3ErrorContract):
             s.close()
 
     @pytest.fixture
-    def store(self, s3_env, s3_store_for) -> S3Store:
+    def store(self, s3_env, s3_store_for) -> Boto3Store:
         return s3_store_for(s3_env.bucket)
 
-    def test_store_keys_live_under_the_root_prefix(self, store: S3Store, s3_env, s3_prefix):
+    def test_store_keys_live_under_the_root_prefix(self, store: Boto3Store, s3_env, s3_prefix):
         store.write_bytes("a/b", b"1")
         listed = s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix=s3_prefix)
         assert [o["Key"] for o in listed["Contents"]] == [f"{s3_prefix}/a/b"]
 
-    def test_upload_file_of_65_mib_plus_one_round_trips(self, store: S3Store, s3_env, tmp_path):
+    def test_upload_file_of_65_mib_plus_one_round_trips(self, store: Boto3Store, s3_env, tmp_path):
         super().test_upload_file_of_65_mib_plus_one_round_trips(store, tmp_path)
         # ...and it really took the multipart path (an ETag "<md5>-<parts>").
         head = s3_env.client().head_object(Bucket=s3_env.bucket, Key=f"{store.root}/big/obj")
@@ -379,4 +379,4 @@ class TestS3HttpStoreOnSeaweed(TestS3StoreOnSeaweed):
 
     @staticmethod
     def make(bucket: str, root: str) -> Store:
-        return S3HttpStore(bucket, root, dict(os.environ))
+        return NativeS3Store(bucket, root, dict(os.environ))

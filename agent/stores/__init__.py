@@ -17,13 +17,13 @@ def open_store(settings: Settings) -> Store:
     """The native S3 engine unless CKPT_AGENT_S3_ENGINE=boto3 asks for botocore's."""
     location = settings.store
     if location.scheme == "s3" and settings.s3_engine == "boto3":
-        from agent.stores.s3 import S3Store
+        from agent.stores.s3boto import Boto3Store
 
-        return S3Store(location.bucket, location.root, settings.workers, settings.read_timeout)
+        return Boto3Store(location.bucket, location.root, settings.workers, settings.read_timeout)
     if location.scheme == "s3":
-        from agent.stores.s3http import S3HttpStore
+        from agent.stores.s3native import NativeS3Store
 
-        return S3HttpStore(location.bucket, location.root, settings.aws_env, settings.read_timeout)
+        return NativeS3Store(location.bucket, location.root, settings.aws_env, settings.read_timeout)
     from agent.stores.local import LocalStore
 
     if location.root == defaults.DEFAULT_STORE:

@@ -1,7 +1,7 @@
 """The standard AWS environment, read as botocore reads it, for the native S3 engine.
 
 Region (AWS_REGION, AWS_DEFAULT_REGION, then the config file's), endpoint, proxies
-(HTTPS_PROXY/HTTP_PROXY/NO_PROXY) and credentials. botocore is imported only when the
+(HTTPS_PROXY/HTTP_PROXY/NO_PROXY), the CA bundle and credentials. botocore is imported only when the
 credentials are not plain environment variables.
 """
 
@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from agent.errors import ConfigError, StoreError
 from agent.settings import PROXY_VARS
-from agent.stores.s3errors import credentials_error
+from agent.stores.s3common import credentials_error
 from agent.stores.sigv4 import Credentials
 
 
@@ -80,6 +80,11 @@ def credentials_provider(env: Mapping[str, str]) -> tuple[Callable[[], Credentia
         return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
     return current, region or "us-east-1"
+
+
+def ca_bundle(env: Mapping[str, str]) -> str | None:
+    """AWS_CA_BUNDLE, the certificates to trust for an HTTPS endpoint (None: the system's)."""
+    return env.get("AWS_CA_BUNDLE") or None
 
 
 def resolve_endpoint(env: Mapping[str, str], bucket: str, region: str) -> Endpoint:

@@ -1,4 +1,5 @@
-"""The native S3 engine: SigV4-signed requests over per-thread keep-alive `http.client` connections.
+"""The native S3 engine's transport: SigV4-signed requests over per-thread keep-alive
+`http.client` connections (the store on top of it is s3native.py).
 
 botocore spends milliseconds of CPU per request in its event machinery and copies every body
 through urllib3; on a 2-core node that shares its CPU with the network stack, that halves
@@ -8,30 +9,21 @@ our buffer. The AWS environment (credentials, region, endpoint, proxies) is read
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import itertools
-import os
-import random
 import re
 import ssl
 import threading
-import time
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from agent.errors import AgentError, NotFoundError, TransientError
-from agent.stores.awsenv import credentials_provider, proxy_for, resolve_endpoint
-from agent.stores.base import Listing, RangeReader, Store, Upload, check_listing_size, too_large, upload_in_parts
-from agent.stores.s3errors import content_range_size, store_error
+from agent.errors import TransientError
+from agent.retry import retry
+from agent.stores.awsenv import ca_bundle, credentials_provider, proxy_for, resolve_endpoint
+from agent.stores.base import too_large
+from agent.stores.s3common import REQUEST_BACKOFF, content_range_size, store_error
 from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, canonical_query, sign, uri_encode
 
-_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
-ATTEMPTS = 6
-MULTIPART_THRESHOLD = 64 << 20
-UPLOAD_PART_SIZE = 64 << 20
 ANSWER_LIMIT = 16 << 20  # a LIST page or an upload answer; S3's are well under 1 MiB
 
 
@@ -81,7 +73,7 @@ class S3Http:
         # A forward proxy (plain HTTP) takes the absolute URL; an HTTPS one is reached through CONNECT.
         self._origin = f"http://{self.endpoint.host_header}" if self._proxy and self.endpoint.scheme == "http" else ""
         if self.endpoint.scheme == "https" and self._ssl is None:
-            self._ssl = ssl.create_default_context(cafile=self._env.get("AWS_CA_BUNDLE"))
+            self._ssl = ssl.create_default_context(cafile=ca_bundle(self._env))
 
     def _connect(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -151,9 +143,11 @@ class S3Http:
         signed = sign(method, self.endpoint.host_header, path, query, self._credentials(), self.endpoint.region,
                       payload_hash=UNSIGNED_PAYLOAD if body is not None else EMPTY_SHA256,
                       extra_headers={k: v for k, v in (headers or {}).items() if k.startswith("x-amz-")})
-        all_headers = {**signed, **(headers or {}), **(self._proxy.headers if self._origin else {})}
-        if body is not None:
-            all_headers["content-length"] = str(length if length is not None else len(body))
+        all_headers = {**signed, **(headers or {}), **(self._proxy.headers if self._proxy and self._origin else {})}
+        if isinstance(body, bytes):
+            all_headers["content-length"] = str(len(body))
+        elif body is not None:  # a stream: its caller knows the length
+            all_headers["content-length"] = str(length)
         conn = self._connect()
         try:
             conn.request(method, self._origin + (f"{path}?{query}" if query else path), body=body,
@@ -164,30 +158,28 @@ class S3Http:
             raise TransientError(f"{self.where(key)}: {action} failed ({type(exc).__name__}); "
                                  "check AWS_ENDPOINT_URL, the proxy variables and the network") from None
 
-    def call(self, method: str, key: str, action: str, **kw) -> bytes:
+    def call(self, method: str, key: str, action: str, **kw: Any) -> bytes:
         """A whole small request with its body read, retried with backoff on transient errors."""
         return self.call_with_etag(method, key, action, **kw)[0]
 
     def call_with_etag(self, method: str, key: str, action: str, limit: int | None = ANSWER_LIMIT,
-                       **kw) -> tuple[bytes, str]:
-        for attempt in range(ATTEMPTS):
+                       **kw: Any) -> tuple[bytes, str]:
+        def attempt() -> tuple[bytes, str]:
+            response = self.request(method, key, action, **kw)
             try:
-                response = self.request(method, key, action, **kw)
-                try:
-                    return _read_body(response._response, limit, key or self.where("")), \
-                        response._response.getheader("ETag", "")
-                except (OSError, http.client.HTTPException) as exc:
-                    raise TransientError(f"{self.where(key)}: {action} body failed ({type(exc).__name__})") from None
-                finally:
-                    response.close()
-            except TransientError:
-                if attempt == ATTEMPTS - 1:
-                    raise
-                body = kw.get("body")
-                if body is not None and not isinstance(body, bytes):
-                    body.seek(0)
-                time.sleep(min(4.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
+                return _read_body(response._response, limit, key or self.where("")), \
+                    response._response.getheader("ETag", "")
+            except (OSError, http.client.HTTPException) as exc:
+                raise TransientError(f"{self.where(key)}: {action} body failed ({type(exc).__name__})") from None
+            finally:
+                response.close()
+
+        def rewind() -> None:
+            body = kw.get("body")
+            if body is not None and not isinstance(body, bytes):
+                body.seek(0)
+
+        return retry(attempt, REQUEST_BACKOFF, before_retry=rewind)
 
 
 def _read_body(response: http.client.HTTPResponse, limit: int | None, key: str) -> bytes:
@@ -200,147 +192,3 @@ def _read_body(response: http.client.HTTPResponse, limit: int | None, key: str) 
     if limit is not None and len(data) > limit:
         raise too_large(key, limit)
     return data
-
-
-def _text(element: ET.Element, tag: str) -> str:
-    found = element.find(_NS + tag)
-    return found.text or "" if found is not None else ""
-
-
-class _Slice:
-    """A file object limited to one byte range, so a multipart part streams from disk."""
-
-    def __init__(self, source: BinaryIO, start: int, length: int) -> None:
-        self._source, self._start, self._left = source, start, length
-        self._pos = start
-        self._length = length
-
-    def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        n = self._left if n < 0 else min(n, self._left)
-        try:
-            data = os.pread(self._source.fileno(), n, self._pos)
-        except (OSError, AttributeError):
-            self._source.seek(self._pos)
-            data = self._source.read(n)
-        self._pos += len(data)
-        self._left -= len(data)
-        return data
-
-    def seek(self, offset: int) -> None:
-        self._pos, self._left = self._start + offset, self._length - offset
-
-
-class _SingleUpload(Upload):
-    def __init__(self, http: S3Http, key: str, size: int) -> None:
-        self._http, self._key, self.part_size = http, key, max(1, size)
-
-    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
-        self._http.call("PUT", self._key, "PUT", body=_Slice(source, start, length), length=length)
-
-    def complete(self) -> None:
-        """The single PUT already made the object visible."""
-
-    def abort(self) -> None:
-        """A failed PUT leaves nothing behind."""
-
-
-class _MultipartUpload(Upload):
-    """S3 multipart upload; parts may be sent from many threads at once."""
-
-    part_size = UPLOAD_PART_SIZE
-
-    def __init__(self, http: S3Http, key: str) -> None:
-        self._http, self._key = http, key
-        created = ET.fromstring(http.call("POST", key, "upload", params={"uploads": ""}))
-        self._upload_id = _text(created, "UploadId")
-        self._etags: dict[int, str] = {}
-
-    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
-        params = {"partNumber": str(index + 1), "uploadId": self._upload_id}
-        _, etag = self._http.call_with_etag("PUT", self._key, "upload part", params=params,
-                                            body=_Slice(source, start, length), length=length)
-        self._etags[index + 1] = etag
-
-    def complete(self) -> None:
-        parts = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>"
-                        for n, e in sorted(self._etags.items()))
-        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
-        answer = self._http.call("POST", self._key, "complete upload", params={"uploadId": self._upload_id},
-                                 body=body)
-        if b"<Error>" in answer:
-            raise TransientError(f"{self._http.where(self._key)}: completing the upload failed")
-
-    def abort(self) -> None:
-        with contextlib.suppress(AgentError):
-            self._http.call("DELETE", self._key, "abort upload", params={"uploadId": self._upload_id})
-
-
-class S3HttpStore(Store):
-    def __init__(self, bucket: str, root: str, env: Mapping[str, str], read_timeout: float = 20) -> None:
-        self.bucket, self.root = bucket, root.strip("/")
-        self._http = S3Http(bucket, env, read_timeout)
-
-    def describe(self) -> str:
-        return f"s3://{self.bucket}/{self.root}".rstrip("/")
-
-    def _key(self, key: str) -> str:
-        return f"{self.root}/{key}" if self.root else key
-
-    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
-        return self._http.call("GET", self._key(key), "GET", limit=limit)
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self._http.call("PUT", self._key(key), "PUT", body=data)
-
-    def list_dir(self, prefix: str) -> Listing:
-        full = self._key(prefix) if prefix else (self.root + "/" if self.root else "")
-        files: list[str] = []
-        dirs: list[str] = []
-        params = {"list-type": "2", "prefix": full, "delimiter": "/"}
-        for pages in itertools.count(1):
-            body = self._http.call("GET", "", "LIST", params=params)
-            try:
-                root = ET.fromstring(body)
-            except ET.ParseError:
-                raise TransientError(f"{self._http.where(full)}: LIST answer is not XML") from None
-            files.extend(_text(c, "Key")[len(full):] for c in root.iter(_NS + "Contents"))
-            dirs.extend(_text(p, "Prefix")[len(full):].rstrip("/") for p in root.iter(_NS + "CommonPrefixes"))
-            check_listing_size(full, len(files) + len(dirs) + pages)  # pages: empty ones must end too
-            token = _text(root, "NextContinuationToken")
-            if _text(root, "IsTruncated") != "true" or not token:
-                break
-            params = {**params, "continuation-token": token}
-        return Listing(tuple(sorted(f for f in files if f)), tuple(sorted(d for d in dirs if d)))
-
-    def open_range(self, key: str, start: int, length: int) -> RangeReader:
-        if length <= 0:
-            self._http.call("HEAD", self._key(key), "HEAD")
-            return _Empty()
-        return self._http.request("GET", self._key(key), "GET",
-                                  headers={"range": f"bytes={start}-{start + length - 1}"})
-
-    def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
-        upload_in_parts(self.start_upload(key, size), source, size)
-
-    def start_upload(self, key: str, size: int) -> Upload:
-        if size < MULTIPART_THRESHOLD:
-            return _SingleUpload(self._http, self._key(key), size)
-        return _MultipartUpload(self._http, self._key(key))
-
-    def delete(self, key: str) -> None:
-        with contextlib.suppress(NotFoundError):
-            self._http.call("DELETE", self._key(key), "DELETE")
-
-    def copy(self, src_key: str, dst_key: str) -> None:
-        source = f"/{self.bucket}/{uri_encode(self._key(src_key), safe='/')}"
-        self._http.call("PUT", self._key(dst_key), "COPY", headers={"x-amz-copy-source": source}, body=b"")
-
-
-class _Empty:
-    def readinto(self, buffer: memoryview) -> int:
-        return 0
-
-    def close(self) -> None:
-        """Nothing was opened."""

@@ -1,0 +1,133 @@
+"""The native S3 engine's store: the Store protocol, listings and multipart uploads over S3Http.
+
+Selected by CKPT_AGENT_S3_ENGINE=http (the default); s3http.py carries the requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from typing import BinaryIO
+
+from agent.errors import AgentError, NotFoundError, TransientError
+from agent.stores.base import Listing, RangeReader, Upload, check_listing_size, upload_in_parts
+from agent.stores.s3common import (
+    MULTIPART_THRESHOLD,
+    UPLOAD_PART_SIZE,
+    EmptyReader,
+    FileSlice,
+    S3StoreBase,
+)
+from agent.stores.s3http import S3Http
+from agent.stores.sigv4 import uri_encode
+
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def _text(element: ET.Element, tag: str) -> str:
+    found = element.find(_NS + tag)
+    return found.text or "" if found is not None else ""
+
+
+class _SingleUpload(Upload):
+    def __init__(self, http: S3Http, key: str, size: int) -> None:
+        self._http, self._key, self.part_size = http, key, max(1, size)
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        self._http.call("PUT", self._key, "PUT", body=FileSlice(source, start, length), length=length)
+
+    def complete(self) -> None:
+        """The single PUT already made the object visible."""
+
+    def abort(self) -> None:
+        """A failed PUT leaves nothing behind."""
+
+
+class _MultipartUpload(Upload):
+    """S3 multipart upload; parts may be sent from many threads at once."""
+
+    part_size = UPLOAD_PART_SIZE
+
+    def __init__(self, http: S3Http, key: str) -> None:
+        self._http, self._key = http, key
+        created = ET.fromstring(http.call("POST", key, "upload", params={"uploads": ""}))
+        self._upload_id = _text(created, "UploadId")
+        self._etags: dict[int, str] = {}
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        params = {"partNumber": str(index + 1), "uploadId": self._upload_id}
+        _, etag = self._http.call_with_etag("PUT", self._key, "upload part", params=params,
+                                            body=FileSlice(source, start, length), length=length)
+        self._etags[index + 1] = etag
+
+    def complete(self) -> None:
+        parts = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>"
+                        for n, e in sorted(self._etags.items()))
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        answer = self._http.call("POST", self._key, "complete upload", params={"uploadId": self._upload_id},
+                                 body=body)
+        if b"<Error>" in answer:
+            raise TransientError(f"{self._http.where(self._key)}: completing the upload failed")
+
+    def abort(self) -> None:
+        with contextlib.suppress(AgentError):
+            self._http.call("DELETE", self._key, "abort upload", params={"uploadId": self._upload_id})
+
+
+class NativeS3Store(S3StoreBase):
+    """The default S3 engine (CKPT_AGENT_S3_ENGINE=http): the Store protocol over S3Http."""
+
+    def __init__(self, bucket: str, root: str, env: Mapping[str, str], read_timeout: float = 20) -> None:
+        super().__init__(bucket, root)
+        self._http = S3Http(bucket, env, read_timeout)
+
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        return self._http.call("GET", self._key(key), "GET", limit=limit)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._http.call("PUT", self._key(key), "PUT", body=data)
+
+    def list_dir(self, prefix: str) -> Listing:
+        full = self._list_prefix(prefix)
+        files: list[str] = []
+        dirs: list[str] = []
+        params = {"list-type": "2", "prefix": full, "delimiter": "/"}
+        for pages in itertools.count(1):
+            body = self._http.call("GET", "", "LIST", params=params)
+            try:
+                root = ET.fromstring(body)
+            except ET.ParseError:
+                raise TransientError(f"{self._http.where(full)}: LIST answer is not XML") from None
+            files.extend(_text(c, "Key")[len(full):] for c in root.iter(_NS + "Contents"))
+            dirs.extend(_text(p, "Prefix")[len(full):].rstrip("/") for p in root.iter(_NS + "CommonPrefixes"))
+            check_listing_size(full, len(files) + len(dirs) + pages)  # pages: empty ones must end too
+            token = _text(root, "NextContinuationToken")
+            if _text(root, "IsTruncated") != "true" or not token:
+                break
+            params = {**params, "continuation-token": token}
+        return Listing(tuple(sorted(f for f in files if f)), tuple(sorted(d for d in dirs if d)))
+
+    def open_range(self, key: str, start: int, length: int) -> RangeReader:
+        if length <= 0:
+            self._http.call("HEAD", self._key(key), "HEAD")
+            return EmptyReader()
+        return self._http.request("GET", self._key(key), "GET",
+                                  headers={"range": f"bytes={start}-{start + length - 1}"})
+
+    def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
+        upload_in_parts(self.start_upload(key, size), source, size)
+
+    def start_upload(self, key: str, size: int) -> Upload:
+        if size < MULTIPART_THRESHOLD:
+            return _SingleUpload(self._http, self._key(key), size)
+        return _MultipartUpload(self._http, self._key(key))
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            self._http.call("DELETE", self._key(key), "DELETE")
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        source = f"/{self.bucket}/{uri_encode(self._key(src_key), safe='/')}"
+        self._http.call("PUT", self._key(dst_key), "COPY", headers={"x-amz-copy-source": source}, body=b"")
