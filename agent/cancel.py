@@ -1,11 +1,12 @@
-"""One cancellation token shared by every worker: a signal or the overall deadline."""
+"""One cancellation token shared by every worker (a signal or the overall deadline), and the one
+daemon thread whose result the caller waits for while it watches for signals."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from agent.errors import Interrupted, LoadTimeoutError
 
@@ -54,24 +55,50 @@ class Cancel:
         requests): a signal or the deadline ends the wait at once, and the thread dies with the
         process. `pending` says what was left undone, for the timeout message.
         """
-        box: dict = {}
-
-        def target() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                box["error"] = exc
-
-        thread = threading.Thread(target=target, daemon=True, name="ckpt-cancellable")
-        thread.start()
-        while thread.is_alive() and not self.is_set:
-            thread.join(0.1)
-        if "error" in box:
-            raise box["error"]
-        if "value" in box:
-            return box["value"]
+        worker = Worker(fn, "ckpt-cancellable")
+        while not worker.done and not self.is_set:
+            worker.join(0.1)
+        if worker.done:
+            return worker.result()
         try:
             self.check()
         except LoadTimeoutError as exc:
             raise LoadTimeoutError(f"{exc}; {pending}") from None
         raise AssertionError("unreachable: cancelled without a signal or a deadline")
+
+
+class Worker(Generic[T]):
+    """`fn` on a daemon thread, its return value or exception kept for the caller.
+
+    The main thread stays free to notice signals and deadlines (it joins in short steps); a
+    worker that never returns dies with the process."""
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self._fn = fn
+        self._value: list[T] = []  # a box: T may itself be None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value.append(self._fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True once `fn` has returned or raised."""
+        self._thread.join(seconds)
+        return self.done
+
+    def result(self) -> T:
+        """What `fn` returned, or its exception raised again; only once done."""
+        if not self.done:
+            raise RuntimeError("Worker.result() before the worker finished")
+        if self._error is not None:
+            raise self._error
+        return self._value[0]

@@ -25,10 +25,10 @@ from agent.localstate import (
     prune_checkpoint,
     state_dir,
 )
-from agent.manifest import checksum, format_checksum, natural_key
+from agent.manifest import checksum, format_checksum
 from agent.plan import FileTask, Plan, make_plan
 from agent.report import Reporter, human_bytes
-from agent.resolve import Resolution, Resolved, resolve
+from agent.resolve import Resolution, Resolved, latest_order, resolve
 from agent.safefs import Folder, write_atomic
 from agent.settings import Settings
 from agent.stores import open_store
@@ -68,7 +68,7 @@ def check_free_space(plan: Plan, folder: Folder) -> None:
 
 def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
     """Position of each checkpoint in the store's latest order (committed_at, then natural name); 0 = newest."""
-    newest_first = sorted(resolved, key=lambda r: (r.manifest.committed_at, natural_key(r.manifest.checkpoint_name)),
+    newest_first = sorted(resolved, key=lambda r: latest_order(r.manifest.committed_at, r.manifest.checkpoint_name),
                           reverse=True)
     return {r.key: i for i, r in enumerate(newest_first)}
 

@@ -89,14 +89,40 @@ def read_manifest(store: Store, job_id: str, name: str, rank: int) -> Manifest:
     return manifest
 
 
+def latest_order(committed_at: str | None, name: str) -> tuple[str, tuple]:
+    """The sort key of "latest": commit time, ties broken by the natural order of names (sort reversed)."""
+    return (committed_at or "", natural_key(name))
+
+
+def committed_checkpoints(store: Store, job_id: str, rank: int, warn: Warn = no_warnings) -> list[Manifest]:
+    """A job's checkpoints that `rank` has committed, in latest order (newest first)."""
+    prefix = layout.checkpoints_prefix(job_id)
+    names = valid_names(store.list_dir(prefix).dirs, prefix, warn)
+
+    def manifest(name: str) -> Manifest | None:
+        try:
+            return read_manifest(store, job_id, name, rank)
+        except NotFoundError:
+            return None
+
+    with ThreadPoolExecutor(_READ_WORKERS) as pool:
+        found = [m for m in pool.map(manifest, names) if m is not None]
+    return sorted(found, key=lambda m: latest_order(m.committed_at, m.checkpoint_name), reverse=True)
+
+
+def committed_ranks(store: Store, job_id: str, name: str) -> tuple[int, ...]:
+    """The ranks with a manifest for one checkpoint, from one listing."""
+    files = store.list_dir(layout.checkpoint_prefix(job_id, name)).files
+    return tuple(sorted(r for r in map(layout.manifest_rank, files) if r is not None))
+
+
 def list_checkpoints(store: Store, job: JobRecord, warn: Warn = no_warnings) -> list[CheckpointInfo]:
     """Every checkpoint folder of a job with its commit state, newest first."""
     prefix = layout.checkpoints_prefix(job.job_id)
     names = valid_names(store.list_dir(prefix).dirs, prefix, warn)
 
     def info(name: str) -> CheckpointInfo:
-        files = store.list_dir(layout.checkpoint_prefix(job.job_id, name)).files
-        ranks = tuple(sorted(r for r in map(layout.manifest_rank, files) if r is not None))
+        ranks = committed_ranks(store, job.job_id, name)
         committed_at = None
         if 0 in ranks:
             committed_at = read_manifest(store, job.job_id, name, 0).committed_at
@@ -104,7 +130,7 @@ def list_checkpoints(store: Store, job: JobRecord, warn: Warn = no_warnings) -> 
 
     with ThreadPoolExecutor(_READ_WORKERS) as pool:
         infos = list(pool.map(info, names))
-    infos.sort(key=lambda c: (c.committed_at or "", natural_key(c.name)), reverse=True)
+    infos.sort(key=lambda c: latest_order(c.committed_at, c.name), reverse=True)
     return infos
 
 
@@ -143,9 +169,12 @@ def _manifest_for_rank(store: Store, job: JobRecord, name: str, rank: int) -> Ma
 
 
 def _latest_of_job(store: Store, job: JobRecord, rank: int, warn: Warn) -> Manifest | None:
-    for info in list_checkpoints(store, job, warn):
-        if info.complete:
-            return _manifest_for_rank(store, job, info.name, rank)
+    """In rank 0's latest order, the first checkpoint every rank has committed."""
+    for manifest in committed_checkpoints(store, job.job_id, 0, warn):
+        name = manifest.checkpoint_name
+        ranks = committed_ranks(store, job.job_id, name) if job.num_nodes > 1 else (0,)
+        if all(r in ranks for r in range(job.num_nodes)):
+            return manifest if job.num_nodes == 1 else _manifest_for_rank(store, job, name, rank)
     return None
 
 
@@ -204,6 +233,7 @@ def resolve(store: Store, refs: tuple[Reference, ...], rank: int, project: str |
             warnings.append(message)
 
     for ref in refs:
+        manifest: Manifest | None
         if isinstance(ref, NamedRef):
             manifest, reason = _resolve_named(store, ref, rank), "named"
         else:

@@ -21,7 +21,6 @@ from pathlib import Path
 from agent import layout
 from agent.cancel import Cancel
 from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError
-from agent.formats import kind_of
 from agent.manifest import (
     DEFAULT_PART_SIZE,
     FILE_KIND,
@@ -37,6 +36,7 @@ from agent.packing import Member, Pack, PackReader, assign_packs
 from agent.pool import run_tasks
 from agent.resolve import read_job
 from agent.stores.base import Store, upload_in_parts
+from agent.sync.formats import kind_of
 from agent.transfer import Progress
 
 # S3 copies at most 5 GiB in one CopyObject; bigger files are uploaded again.
@@ -238,20 +238,32 @@ def _copies_server_side(store: Store) -> bool:
     return type(store).copy is not Store.copy
 
 
-def commit_checkpoint(store: Store, folder: Path, ident: CheckpointId, workers: int,
-                      progress: Progress, cancel: Cancel,
-                      part_size: int = DEFAULT_PART_SIZE, *,
-                      previous: Manifest | None = None,
-                      expected: Sequence[LocalFile] | None = None,
-                      copied: list[str] | None = None) -> Manifest:
-    """Upload `folder` (or a single-file checkpoint) and write its manifest last.
+@dataclass(frozen=True)
+class CommitRequest:
+    """One checkpoint to commit.
 
     `previous`: the job's previous manifest; a file with the same path, size and part checksums
-    there is copied inside the store instead of uploaded, where the store copies server-side
-    (the paths copied are appended to `copied`). `expected`: the scan the caller judged stable;
-    any difference from it, or any change during the upload, raises CheckpointChanged before
-    the manifest is written.
+    there is copied inside the store instead of uploaded, where the store copies server-side.
+    `expected`: the scan the caller judged stable; any difference from it, or any change during
+    the upload, raises CheckpointChanged before the manifest is written.
     """
+
+    folder: Path
+    ident: CheckpointId
+    workers: int
+    part_size: int = DEFAULT_PART_SIZE
+    previous: Manifest | None = None
+    expected: Sequence[LocalFile] | None = None
+
+
+def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, cancel: Cancel,
+                      copied: list[str] | None = None) -> Manifest:
+    """Upload a folder (or a single-file checkpoint) and write its manifest last.
+
+    The paths copied inside the store instead of uploaded are appended to `copied`.
+    """
+    folder, ident, workers, part_size = request.folder, request.ident, request.workers, request.part_size
+    previous, expected = request.previous, request.expected
     if (problem := layout.name_problem(ident.name)) is not None:
         raise ConfigError(f"checkpoint folder {layout.quote_name(str(folder))}: its name {problem}; rename it")
     try:

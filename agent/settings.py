@@ -6,8 +6,9 @@ A pure function of a mapping, so tests pass dicts and only cli.py touches os.env
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.errors import ConfigError
 from agent.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
@@ -20,6 +21,13 @@ from agent.spec import (
     parse_load_spec,
     parse_start_commands,
     parse_store_location,
+)
+from agent.sync.options import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_POLL_SECONDS,
+    DEFAULT_QUIET_SECONDS,
+    Rules,
+    SyncOptions,
 )
 
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy")  # the S3 engines honour them as botocore does
@@ -210,3 +218,67 @@ def loaded_folder_from_env(env: Mapping[str, str], rank: int | None = None) -> L
     if base is None:
         return LoadedFolder(None, rank or 0)
     return LoadedFolder(base, int(env.get("BT_NODE_RANK") or 0) if rank is None else rank)
+
+
+# -- the sidecar's options (`sync`, and `run` with BT_CHECKPOINTING_ENABLED=1) -----------------------
+# Flags win over CKPT_AGENT_* variables, which win over the defaults in agent.sync.options.
+
+
+def _seconds(flag: float | None, flag_name: str, env: Mapping[str, str], var: str, default: float,
+             positive: bool = False) -> float:
+    """A flag, else the variable, else the default; never negative (zero only if not `positive`)."""
+    raw = env.get(var, "").strip()
+    if flag is not None:
+        value, where = flag, flag_name
+    elif raw:
+        try:
+            value, where = float(raw), var
+        except ValueError:
+            raise ConfigError(f"{var}: expected seconds, got {raw!r}") from None
+    else:
+        return default
+    if value < 0 or (positive and value == 0) or value != value:
+        raise ConfigError(f"{where}: must be {'above' if positive else 'at least'} 0 seconds, got {value:g}")
+    return value
+
+
+def _keep_last(flag: int | None, env: Mapping[str, str]) -> int | None:
+    if flag is not None:
+        if flag < 1:
+            raise ConfigError(f"--keep-last: must be at least 1, got {flag}")
+        return flag
+    raw = env.get("CKPT_AGENT_KEEP_LAST", "").strip()
+    if not raw:
+        return None
+    if not raw.isdecimal() or int(raw) < 1:
+        raise ConfigError(f"CKPT_AGENT_KEEP_LAST: expected a whole number of at least 1, got {raw!r}")
+    return int(raw)
+
+
+def _markers(flags: Sequence[str] | None, env: Mapping[str, str]) -> tuple[str, ...]:
+    """--complete-file (repeatable, or comma-separated), else CKPT_AGENT_COMPLETE_FILE; '' means none."""
+    where = "--complete-file"
+    if isinstance(flags, str):
+        flags = [flags]
+    if flags is None:
+        flags, where = [env.get("CKPT_AGENT_COMPLETE_FILE", "")], "CKPT_AGENT_COMPLETE_FILE"
+    names = tuple(dict.fromkeys(n.strip() for flag in flags for n in flag.split(",") if n.strip()))
+    for name in names:
+        if name.startswith("/") or ".." in name.split("/") or "\0" in name:
+            raise ConfigError(f"{where}: {name!r} must be a path inside the checkpoint folder")
+    return names
+
+
+def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: float | None = None,
+                 poll_seconds: float | None = None, grace_seconds: float | None = None,
+                 keep_last: int | None = None, complete_file: Sequence[str] | None = None,
+                 commit_on_quiet: bool | None = None) -> SyncOptions:
+    """The sidecar's options: flags over CKPT_AGENT_* variables over the defaults."""
+    return SyncOptions(
+        Path(checkpoint_dir),
+        _seconds(quiet_seconds, "--quiet-seconds", env, "CKPT_AGENT_QUIET_SECONDS", DEFAULT_QUIET_SECONDS),
+        _seconds(poll_seconds, "--poll-seconds", env, "CKPT_AGENT_POLL_SECONDS", DEFAULT_POLL_SECONDS, True),
+        _seconds(grace_seconds, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS),
+        _keep_last(keep_last, env),
+        Rules(_markers(complete_file, env), bool(commit_on_quiet) or env_flag(env, "CKPT_AGENT_COMMIT_ON_QUIET")),
+    )

@@ -9,13 +9,13 @@ SIGTERM/SIGINT, since that is when the platform's own deadline started.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from agent.cancel import Worker
 from agent.procgroup import TrainerGroup
 from agent.report import Reporter
-from agent.sidecar import Sidecar
+from agent.sync.loop import Sidecar
 
 
 def supervise(argv: Sequence[str], env: Mapping[str, str], sidecar: Sidecar, reporter: Reporter) -> int:
@@ -27,19 +27,17 @@ def supervise(argv: Sequence[str], env: Mapping[str, str], sidecar: Sidecar, rep
         def work() -> None:
             try:
                 sidecar.run()
-            except BaseException as exc:  # noqa: BLE001 - the trainer keeps going; reported here
+            except BaseException as exc:  # noqa: BLE001 - the trainer keeps going; reported when it happens
                 reporter.error(f"checkpoint sync stopped: {exc}; training continues without uploads")
 
-        worker = threading.Thread(target=work, name="ckpt-sync", daemon=True)
-        worker.start()
+        worker = Worker(work, "ckpt-sync")
         reporter.info(f"supervising the trainer (pid {group.pid}); checkpoints are uploaded as they appear")
         status = group.wait()
         reporter.info(f"trainer exited with status {status}; flushing the last checkpoints")
         handled = len(group.received)
         started = group.terminated_at
         sidecar.finish(started + grace if started is not None else None, wait_for_writers=True, trainer_status=status)
-        while worker.is_alive():
-            worker.join(0.1)
+        while not worker.join(0.1):
             if len(group.received) > handled:  # a signal during the flush: bound it by the grace period
                 handled = len(group.received)
                 sidecar.finish(time.monotonic() + grace, wait_for_writers=True)

@@ -24,7 +24,7 @@ import pytest
 from agent import layout
 from agent.cancel import Cancel
 from agent.localstate import INCOMPLETE_SUFFIX
-from agent.save import CheckpointId, commit_checkpoint
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint
 from agent.stores.s3boto import Boto3Store
 from bench.seaweed import SeaweedServer
 from tests.faultproxy import LOOPBACK, FaultProxy
@@ -59,7 +59,7 @@ def upload_checkpoint(server: SeaweedServer, prefix: str, src: Path, files: dict
     store = Boto3Store(server.bucket, prefix)
     try:
         ident = CheckpointId(project, job, name)
-        commit_checkpoint(store, folder, ident, 4, lambda n: None, Cancel(), part_size=part_size)
+        commit_checkpoint(store, CommitRequest(folder, ident, 4, part_size=part_size), lambda n: None, Cancel())
     finally:
         store.close()
     return files

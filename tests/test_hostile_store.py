@@ -26,7 +26,7 @@ from agent import settings as settings_module
 from agent.cancel import Cancel
 from agent.errors import ConfigError, IntegrityError, StoreError
 from agent.resolve import resolve
-from agent.save import CheckpointId, commit_checkpoint, ensure_job
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint, ensure_job
 from agent.settings import settings_from_env
 from agent.spec import LatestRef
 from agent.stores import base, open_store
@@ -87,7 +87,8 @@ def save(store: Store, tmp: Path, job: str, name: str, project: str | None = "pr
     folder = tmp / "src" / job / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.bin").write_bytes(f"{job}/{name}".encode())
-    manifest = commit_checkpoint(store, folder, CheckpointId(project, job, name), 2, lambda n: None, Cancel())
+    request = CommitRequest(folder, CheckpointId(project, job, name), 2)
+    manifest = commit_checkpoint(store, request, lambda n: None, Cancel())
     return json.loads(manifest.to_json())
 
 

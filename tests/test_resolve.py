@@ -12,7 +12,7 @@ from agent.cancel import Cancel
 from agent.errors import ConfigError, IntegrityError, NotFoundError
 from agent.manifest import FileEntry, JobRecord, Manifest
 from agent.resolve import list_checkpoints, project_jobs, read_job, resolve
-from agent.save import CheckpointId, commit_checkpoint, ensure_job
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint, ensure_job
 from agent.spec import LatestRef, NamedRef
 from agent.stores.local import LocalStore
 
@@ -37,8 +37,8 @@ def save(store: LocalStore, tmp_path: Path):
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_bytes(data)
         ident = CheckpointId(project, job_id, name, rank, num_nodes)
-        return commit_checkpoint(store, folder, ident, workers=2, progress=lambda n: None, cancel=Cancel(),
-                                 part_size=PART)
+        return commit_checkpoint(store, CommitRequest(folder, ident, workers=2, part_size=PART),
+                                 progress=lambda n: None, cancel=Cancel())
 
     return _save
 

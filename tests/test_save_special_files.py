@@ -15,12 +15,12 @@ import pytest
 from agent import layout
 from agent.cancel import Cancel
 from agent.errors import ConfigError
-from agent.formats import Why
 from agent.report import Reporter
-from agent.save import CheckpointChanged, CheckpointId, UnsafeEntry, commit_checkpoint, scan_checkpoint
-from agent.sidecar import Sidecar
+from agent.save import CheckpointChanged, CheckpointId, CommitRequest, UnsafeEntry, commit_checkpoint, scan_checkpoint
 from agent.stores.local import LocalStore
-from agent.syncopts import SyncOptions
+from agent.sync.loop import Sidecar
+from agent.sync.options import SyncOptions
+from agent.sync.readiness import Why
 from tests.specs import AGENT
 
 SECRET = b"aws_secret_access_key = SECRETSECRETSECRET\n"
@@ -118,7 +118,8 @@ def test_a_link_to_a_file_inside_the_checkpoint_is_uploaded_as_a_copy_of_it(tmp_
     files = {f.rel: f for f in scan_checkpoint(ckpt)}
     assert files["sub/weights.bin"].path == ckpt.resolve() / "model.safetensors"
     store = LocalStore(str(tmp_path / "store"))
-    commit_checkpoint(store, ckpt, CheckpointId("proj", "job-1", "checkpoint-5"), 2, lambda n: None, Cancel())
+    commit_checkpoint(store, CommitRequest(ckpt, CheckpointId("proj", "job-1", "checkpoint-5"), 2),
+                      lambda n: None, Cancel())
     key = layout.file_key("job-1", "checkpoint-5", 0, "sub/weights.bin")
     assert store.read_bytes(key) == (ckpt / "model.safetensors").read_bytes()
 
@@ -131,8 +132,8 @@ def test_a_file_swapped_for_a_link_out_after_the_scan_is_not_read_through(tmp_pa
     (ckpt / "model.safetensors").symlink_to(tmp_path / "credentials")
     store = LocalStore(str(tmp_path / "store"))
     with pytest.raises((CheckpointChanged, UnsafeEntry)):
-        commit_checkpoint(store, ckpt, CheckpointId("proj", "job-1", "checkpoint-5"), 2, lambda n: None, Cancel(),
-                          expected=scanned)
+        commit_checkpoint(store, CommitRequest(ckpt, CheckpointId("proj", "job-1", "checkpoint-5"), 2,
+                                               expected=scanned), lambda n: None, Cancel())
     assert not store_holds_secret(tmp_path / "store")
 
 
@@ -147,8 +148,9 @@ def test_a_file_swapped_for_a_fifo_during_the_upload_does_not_hang_it(tmp_path):
             return super().start_upload(key, size)
 
     with pytest.raises(CheckpointChanged):
-        commit_checkpoint(Swapping(str(tmp_path / "store")), ckpt, CheckpointId("proj", "job-1", "checkpoint-5"),
-                          1, lambda n: None, Cancel())
+        commit_checkpoint(Swapping(str(tmp_path / "store")),
+                          CommitRequest(ckpt, CheckpointId("proj", "job-1", "checkpoint-5"), 1),
+                          lambda n: None, Cancel())
 
 
 def test_a_fifo_at_the_top_level_or_as_a_complete_file_never_hangs_the_sidecar(tmp_path):
@@ -168,5 +170,6 @@ def test_a_fifo_at_the_top_level_or_as_a_complete_file_never_hangs_the_sidecar(t
 
 def test_a_checkpoint_deleted_just_before_its_commit_is_a_change_not_a_crash(tmp_path):
     with pytest.raises(CheckpointChanged):
-        commit_checkpoint(LocalStore(str(tmp_path / "store")), tmp_path / "checkpoint-5",
-                          CheckpointId("proj", "job-1", "checkpoint-5"), 1, lambda n: None, Cancel())
+        commit_checkpoint(LocalStore(str(tmp_path / "store")),
+                          CommitRequest(tmp_path / "checkpoint-5", CheckpointId("proj", "job-1", "checkpoint-5"), 1),
+                          lambda n: None, Cancel())

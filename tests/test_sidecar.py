@@ -22,14 +22,14 @@ import pytest
 
 from agent import layout
 from agent.errors import ConfigError
-from agent.formats import NotReady, Why
-from agent.observe import open_for_writing
 from agent.report import Reporter
-from agent.save import CheckpointId, commit_checkpoint
-from agent.settings import settings_from_env
-from agent.sidecar import Sidecar
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from agent.settings import settings_from_env, sync_options
 from agent.stores.local import LocalStore
-from agent.syncopts import SyncOptions, sync_options
+from agent.sync.loop import Sidecar
+from agent.sync.observe import open_for_writing
+from agent.sync.options import SyncOptions
+from agent.sync.readiness import NotReady, Why
 from bench.seaweed import SeaweedServer
 from tests.specs import AGENT
 
@@ -386,8 +386,8 @@ def test_commit_checkpoint_refuses_to_write_the_manifest_when_a_file_changes_dur
     make_checkpoint(tmp_path / "checkpoint-10", 10)
     store.on_upload = lambda key: (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
     with pytest.raises(CheckpointChanged):
-        commit_checkpoint(store, tmp_path / "checkpoint-10", CheckpointId("proj", "job-1", "checkpoint-10"),
-                          1, lambda n: None, Cancel())
+        request = CommitRequest(tmp_path / "checkpoint-10", CheckpointId("proj", "job-1", "checkpoint-10"), 1)
+        commit_checkpoint(store, request, lambda n: None, Cancel())
     assert not store.exists(layout.manifest_key("job-1", "checkpoint-10", 0))
 
 

@@ -13,7 +13,7 @@ from agent.errors import ConfigError
 from agent.launch import exec_training, runs_through_shell, training_argv
 
 if TYPE_CHECKING:
-    from agent.sidecar import Sidecar
+    from agent.sync.loop import Sidecar
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Cont
 def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context) -> int:
     """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
     from agent.procgroup import TrainerGroup
-    from agent.syncopts import sync_options
+    from agent.settings import sync_options
 
     grace = sync_options(ctx.env, ctx.settings.checkpoint_dir).grace_seconds
     with TrainerGroup(argv, env, grace, ctx.reporter) as group:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent.commands.context import Context, cancelled_by_signals
 from agent.errors import ConfigError
-from agent.save import CheckpointId, commit_checkpoint, scan_checkpoint
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint, scan_checkpoint
 from agent.spec import check_name
 from agent.stores import open_store
 
@@ -42,7 +42,7 @@ def save(ctx: Context, options: SaveOptions) -> int:
         store = open_store(settings)
         sink = ctx.reporter.progress(total, "upload")
         try:
-            manifest = commit_checkpoint(store, folder, ident, settings.workers, sink, ctx.cancel)
+            manifest = commit_checkpoint(store, CommitRequest(folder, ident, settings.workers), sink, ctx.cancel)
         finally:
             sink.close()
             store.close()

@@ -13,7 +13,7 @@ from agent.commands.context import Context
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
-    from agent.sidecar import Sidecar
+    from agent.sync.loop import Sidecar
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class SyncCommandOptions:
 
 
 def sync(ctx: Context, options: SyncCommandOptions) -> int:
-    from agent.sidecar import run_standalone
+    from agent.sync.standalone import run_standalone
 
     sidecar = open_sidecar(ctx, options.flags, options.checkpoint_dir)
     try:
@@ -52,9 +52,9 @@ def sync(ctx: Context, options: SyncCommandOptions) -> int:
 def open_sidecar(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = None) -> Sidecar:
     """The sync loop for `sync` and for `run` in supervise mode; checks the identity first."""
     from agent.save import CheckpointId
-    from agent.sidecar import Sidecar
+    from agent.settings import sync_options
     from agent.stores import open_store
-    from agent.syncopts import sync_options
+    from agent.sync.loop import Sidecar
 
     settings = ctx.settings
     job_id = settings.job_id

@@ -1,4 +1,4 @@
-"""What the sidecar looks at on disk and in /proc, gathered as plain facts for agent.formats.
+"""What the sidecar looks at on disk and in /proc, gathered as plain facts for agent.sync.readiness.
 
 Nothing here ever opens a file through a symlink or blocks on a FIFO: top-level entries are
 lstat-ed, and files are read only through agent.save.open_regular.
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.formats import DEEPSPEED_LATEST, TAIL_BYTES, TopEntry, file_structure
 from agent.save import LocalFile, open_regular, scan_checkpoint
+from agent.sync.formats import DEEPSPEED_LATEST, TAIL_BYTES, TopEntry, file_structure
 
 MARKER_LIMIT = 16 << 20  # a complete file bigger than this is not read (it is there; that is enough)
 
@@ -54,7 +54,7 @@ def _read(path: Path, limit: int) -> bytes | None:
 
 
 def markers(folder: Path, names: tuple[str, ...]) -> dict[str, bytes | None]:
-    """Each complete file's bytes (JSON ones are parsed by agent.formats), None where it is absent."""
+    """Each complete file's bytes (JSON ones are parsed by agent.sync.readiness), None where it is absent."""
     return {name: _read(folder / name, MARKER_LIMIT) for name in names}
 
 
@@ -66,7 +66,7 @@ def deepspeed_latest(root: Path) -> str | None:
 
 
 def structure(f: LocalFile) -> str | None:
-    """agent.formats.file_structure of a single-file checkpoint, read without following links."""
+    """agent.sync.formats.file_structure of a single-file checkpoint, read without following links."""
     try:
         fd = open_regular(f)
     except OSError:
