@@ -48,7 +48,7 @@ class Watch:
         now = time.monotonic()
         seen = self.seen.get(name)
         if seen is None:
-            seen = self.seen[name] = Seen(*snap, since=now)
+            seen = self.seen[name] = Seen(snap[0], snap[1], since=now)
         elif seen.files != snap[0]:
             seen.files, seen.newest_ctime_ns, seen.since = snap[0], snap[1], now
         return seen
