@@ -283,7 +283,7 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
 
     def copy_or_upload(f: LocalFile) -> Iterator[Callable[[], None]]:
         key = layout.file_key(ident.job_id, ident.name, ident.rank, f.rel)
-        if same_as_before.get(f.rel) == (f.size, sums[f.rel]):
+        if previous is not None and same_as_before.get(f.rel) == (f.size, sums[f.rel]):
             def copy() -> None:
                 try:
                     store.copy(layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, f.rel), key)
