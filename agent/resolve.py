@@ -94,8 +94,12 @@ def latest_order(committed_at: str | None, name: str) -> tuple[str, tuple]:
     return (committed_at or "", natural_key(name))
 
 
-def committed_checkpoints(store: Store, job_id: str, rank: int, warn: Warn = no_warnings) -> list[Manifest]:
-    """A job's checkpoints that `rank` has committed, in latest order (newest first)."""
+def committed_checkpoints(store: Store, job_id: str, rank: int, warn: Warn = no_warnings,
+                          skip_damaged: bool = False) -> list[Manifest]:
+    """A job's checkpoints that `rank` has committed, in latest order (newest first).
+
+    A damaged manifest is an IntegrityError, unless `skip_damaged` (the sidecar, which must keep
+    uploading): then it is left out with a warning."""
     prefix = layout.checkpoints_prefix(job_id)
     names = valid_names(store.list_dir(prefix).dirs, prefix, warn)
 
@@ -103,6 +107,11 @@ def committed_checkpoints(store: Store, job_id: str, rank: int, warn: Warn = no_
         try:
             return read_manifest(store, job_id, name, rank)
         except NotFoundError:
+            return None
+        except IntegrityError as exc:
+            if not skip_damaged:
+                raise
+            warn(f"{exc}; left out")
             return None
 
     with ThreadPoolExecutor(_READ_WORKERS) as pool:

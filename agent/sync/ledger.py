@@ -33,6 +33,9 @@ class Ledger:
         self._newest: dict[str, tuple] | None = None  # name shape -> natural key of the newest committed
         self._files: dict[str, tuple[int, int]] = {}  # single files we committed: (size, mtime)
 
+    def _warn(self, message: str) -> None:
+        self.reporter.warn(f"sync: {message}")
+
     def done(self, name: str) -> bool:
         return name in self._done
 
@@ -71,9 +74,9 @@ class Ledger:
         """True (and reported once) for a checkpoint older than one of the same shape already committed."""
         if self._newest is None:
             self._newest = {}
-            for m in committed_checkpoints(self.store, self.ident.job_id, self.ident.rank):
-                key = natural_key(m.checkpoint_name)
-                self._newest[shape(m.checkpoint_name)] = max(self._newest.get(shape(m.checkpoint_name), ()), key)
+            job_id, rank = self.ident.job_id, self.ident.rank
+            for m in committed_checkpoints(self.store, job_id, rank, self._warn, skip_damaged=True):
+                self._note_newest(m.checkpoint_name)
         newest = self._newest.get(shape(name))
         if newest is None or natural_key(name) >= newest:
             return False
@@ -89,4 +92,8 @@ class Ledger:
         if manifest.kind == FILE_KIND:
             self._files[name] = (files[0].size, files[0].mtime_ns)
         if self._newest is not None:
-            self._newest[shape(name)] = max(self._newest.get(shape(name), ()), natural_key(name))
+            self._note_newest(name)
+
+    def _note_newest(self, name: str) -> None:
+        assert self._newest is not None
+        self._newest[shape(name)] = max(self._newest.get(shape(name), ()), natural_key(name))
