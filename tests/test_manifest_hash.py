@@ -16,7 +16,7 @@ from agent import layout
 from agent.cancel import Cancel
 from agent.errors import IntegrityError
 from agent.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest, read_part_digests
-from agent.save import CheckpointId, commit_checkpoint
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint
 from agent.stores.local import LocalStore
 from tests.specs import AGENT, named, spec
 
@@ -72,7 +72,8 @@ def test_save_writes_format_2_with_the_sha256_of_every_parts_bytes(tmp_path):
     folder = tmp_path / "checkpoint-5"
     files = _checkpoint(folder)
     store = LocalStore(str(tmp_path / "store"))
-    commit_checkpoint(store, folder, CheckpointId("proj", "job-1", "checkpoint-5"), 2, lambda n: None, Cancel(), PART)
+    request = CommitRequest(folder, CheckpointId("proj", "job-1", "checkpoint-5"), 2, part_size=PART)
+    commit_checkpoint(store, request, lambda n: None, Cancel())
     body = json.loads(store.read_bytes(layout.manifest_key("job-1", "checkpoint-5", 0)))
     assert body["format"] == FORMAT == 2
     assert body.get("packs"), "the small files should have been packed"
@@ -128,8 +129,8 @@ def test_a_checkpoint_committed_with_a_format_1_manifest_still_loads_byte_exact(
     folder = tmp_path / "checkpoint-5"
     files = _checkpoint(folder)
     root = tmp_path / "store"
-    commit_checkpoint(LocalStore(str(root)), folder, CheckpointId("proj", "job-1", "checkpoint-5"), 2,
-                      lambda n: None, Cancel(), PART)
+    request = CommitRequest(folder, CheckpointId("proj", "job-1", "checkpoint-5"), 2, part_size=PART)
+    commit_checkpoint(LocalStore(str(root)), request, lambda n: None, Cancel())
     key = root / layout.manifest_key("job-1", "checkpoint-5", 0)
     body = json.loads(key.read_bytes())
     body["format"] = FORMAT_V1  # what an agent before format 2 wrote: no sha256 lists
