@@ -22,7 +22,7 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 from agent.cancel import Cancel
-from agent.save import CheckpointId, commit_checkpoint
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint
 from agent.stores.s3boto import Boto3Store
 from agent.stores.s3native import NativeS3Store
 import os
@@ -35,7 +35,8 @@ engine, bucket, prefix, folder = sys.argv[1:5]
 store = Boto3Store(bucket, prefix) if engine == "boto3" else NativeS3Store(bucket, prefix, dict(os.environ))
 store.list_dir("")  # the client is built and connected before the baseline
 before = status("VmRSS")
-commit_checkpoint(store, Path(folder), CheckpointId(None, "job", "checkpoint-1"), 4, lambda n: None, Cancel())
+commit_checkpoint(store, CommitRequest(Path(folder), CheckpointId(None, "job", "checkpoint-1"), 4), lambda n: None,
+                  Cancel())
 print(json.dumps({"before": before, "peak": status("VmHWM")}))
 """
 
