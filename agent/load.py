@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ from agent.loadrecord import LoadedCheckpoint, LoadRecord, forget_load_record, r
 from agent.localstate import (
     INCOMPLETE_SUFFIX,
     VerifiedIndex,
-    check_root,
     checkpoint_dir,
     folder_lock,
     loaded_record,
@@ -26,7 +24,7 @@ from agent.localstate import (
     state_dir,
 )
 from agent.manifest import checksum, format_checksum, natural_key
-from agent.plan import FileTask, Plan, check_selection, make_plan
+from agent.plan import Plan, check_selection, make_plan
 from agent.report import Reporter, human_bytes
 from agent.resolve import Resolution, Resolved, resolve
 from agent.safefs import Folder, write_atomic
@@ -43,7 +41,7 @@ class LoadResult:
     stats: TransferStats
 
 
-def _bytes_needed(plan: Plan, folder: Folder | None) -> int:
+def bytes_needed(plan: Plan, folder: Folder | None) -> int:
     """Bytes still to be allocated: partial files from an earlier run already hold theirs."""
     if folder is None:
         return plan.fetch_bytes
@@ -58,7 +56,7 @@ def _bytes_needed(plan: Plan, folder: Folder | None) -> int:
 
 
 def check_free_space(plan: Plan, folder: Folder) -> None:
-    needed = _bytes_needed(plan, folder)
+    needed = bytes_needed(plan, folder)
     free = shutil.disk_usage(plan.root).free
     if needed > free:
         raise LocalError(
@@ -74,7 +72,7 @@ def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
     return {r.key: i for i, r in enumerate(newest_first)}
 
 
-def _shown(paths: list[str]) -> str:
+def shown_paths(paths: list[str]) -> str:
     return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
@@ -91,11 +89,12 @@ def _prune(folder: Folder, result: LoadResult, rank: int, reporter: Reporter) ->
                     or any(f.startswith(p + "/") for f in listed)]
         unlisted = [p for p in removed if p not in excluded]
         if excluded:
-            reporter.info(f"removed {len(excluded)} copies from {folder.shown(rel)} that {selection.source()} "
-                          f"leaves out: {_shown(excluded)}", event="removed_excluded", path=rel, removed=excluded)
+            reporter.info(f"removed {len(excluded)} entries from {folder.shown(rel)} that {selection.source()} "
+                          f"leaves out, so the trainer does not see them: {shown_paths(excluded)}",
+                          event="removed_excluded", path=rel, removed=excluded)
         if unlisted:
             reporter.warn(f"removed {len(unlisted)} entries from {folder.shown(rel)} that its manifest does "
-                          f"not list: {_shown(unlisted)}", event="removed_unlisted", path=rel, removed=unlisted)
+                          f"not list: {shown_paths(unlisted)}", event="removed_unlisted", path=rel, removed=unlisted)
 
 
 def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> None:
@@ -122,7 +121,7 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
         selection=plan.selection.record()), manifests)
 
 
-def _left_out(plan: Plan) -> str:
+def describe_left_out(plan: Plan) -> str:
     """The words for what the selection left out, or nothing when it left out nothing."""
     if not plan.excluded:
         return ""
@@ -151,7 +150,7 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
                           event="resolved", reference=r.reference.describe(), job_id=m.job_id,
                           checkpoint_name=m.checkpoint_name, rank=m.rank, files=len(m.files),
                           bytes=m.total_bytes, reason=r.reason)
-        _warn_selection(resolution, selection, settings.required, reporter)
+        warn_selection(resolution, selection, settings.required, reporter)
         with prepare_root(root) as folder, folder_lock(folder, reporter.info, cancel.check):
             index = VerifiedIndex(folder)
             plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints),
@@ -171,7 +170,7 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
         store.close()
     seconds = time.monotonic() - started
     rate = stats.bytes_fetched / seconds / 1e6 if seconds > 0 else 0.0
-    left_out = _left_out(plan)
+    left_out = describe_left_out(plan)
     reporter.info(
         f"loaded {plan.total_files} files, {human_bytes(plan.total_bytes)} into {root}: "
         f"fetched {stats.files_fetched} files ({human_bytes(stats.bytes_fetched)}), "
@@ -185,118 +184,10 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
     return result
 
 
-def _warn_selection(resolution: Resolution, selection: Selection, required: bool, reporter: Reporter) -> None:
+def warn_selection(resolution: Resolution, selection: Selection, required: bool, reporter: Reporter) -> None:
     """Before the download folder is touched: a required load the selection empties stops here."""
     for warning in check_selection(tuple(r.manifest for r in resolution.checkpoints), selection, required):
         reporter.warn(warning, event="selection_unmatched", selection=selection.record())
-
-
-# --- dry run -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckpointPlan:
-    resolved: Resolved
-    folder: str
-    intact: tuple[FileTask, ...]
-    fetch: tuple[FileTask, ...]
-    excluded: tuple[FileTask, ...]
-
-
-@dataclass(frozen=True)
-class DryRun:
-    root: Path
-    root_exists: bool
-    resolution: Resolution
-    plan: Plan
-    checkpoints: tuple[CheckpointPlan, ...]
-    needed_bytes: int
-    free_bytes: int
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def plan_load(settings: Settings, reporter: Reporter, selection: Selection = EVERY_FILE) -> DryRun:
-    """What `load` would do, doing none of it: resolves and plans exactly as a load does, but takes
-    no lock, creates no folder and writes nothing, here or in the store."""
-    root = Path(settings.spec.download_folder)
-    check_root(root)
-    store = open_store(settings)
-    try:
-        resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,
-                             settings.project_name, settings.required)
-    finally:
-        store.close()
-    for warning in resolution.warnings:
-        reporter.warn(warning, event="no_checkpoint")
-    _warn_selection(resolution, selection, settings.required, reporter)
-    with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(Folder(root)) if root.is_dir() else None
-        plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints), settings.node_rank,
-                         VerifiedIndex(folder), selection)
-        needed = _bytes_needed(plan, folder)
-    per_checkpoint = []
-    for r in resolution.checkpoints:
-        rel = checkpoint_dir(settings.node_rank, r.manifest.checkpoint_name)
-        per_checkpoint.append(CheckpointPlan(r, rel, *(tuple(t for t in tasks if t.rel.startswith(rel + "/"))
-                                                       for tasks in (plan.intact, plan.fetch, plan.excluded))))
-    dry = DryRun(root, root.is_dir(), resolution, plan, tuple(per_checkpoint), needed,
-                 shutil.disk_usage(_nearest_existing(root)).free)
-    if dry.needed_bytes > dry.free_bytes:
-        reporter.warn(f"a load would fail: download_folder {root} needs {human_bytes(dry.needed_bytes)} but only "
-                      f"{human_bytes(dry.free_bytes)} is free", event="dry_run_no_space",
-                      bytes_needed=dry.needed_bytes, bytes_free=dry.free_bytes)
-    left_out = _left_out(plan)
-    reporter.info(
-        f"dry run: would download {len(plan.fetch)} files ({human_bytes(plan.fetch_bytes)}), "
-        f"{len(plan.intact)} already intact{', ' + left_out if left_out else ''}; nothing was downloaded",
-        event="dry_run", download_folder=str(root), files_to_fetch=len(plan.fetch), bytes_to_fetch=plan.fetch_bytes,
-        files_intact=len(plan.intact), files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes,
-        selection=selection.record(), bytes_needed=dry.needed_bytes, bytes_free=dry.free_bytes,
-        checkpoints=[{"reference": c.resolved.reference.describe(), "job_id": c.resolved.manifest.job_id,
-                      "checkpoint_name": c.resolved.manifest.checkpoint_name, "reason": c.resolved.reason,
-                      "files": len(c.resolved.manifest.files), "bytes": c.resolved.manifest.total_bytes,
-                      "files_intact": len(c.intact), "files_to_fetch": len(c.fetch),
-                      "bytes_to_fetch": sum(t.entry.size for t in c.fetch),
-                      "files_excluded": [t.entry.path for t in c.excluded]} for c in dry.checkpoints],
-    )
-    return dry
-
-
-def render_plan(dry: DryRun) -> str:
-    """The dry run for a person: per reference, what it chose and why, and what is already here."""
-    state = "" if dry.root_exists else " (does not exist yet; a load creates it)"
-    lines = [f"download folder: {dry.root.absolute()}{state}"]
-    for c in dry.checkpoints:
-        r, m = c.resolved, c.resolved.manifest
-        fetch_bytes = sum(t.entry.size for t in c.fetch)
-        excluded_bytes = sum(t.entry.size for t in c.excluded)
-        lines += [
-            f"{r.reference.describe()} -> job {m.job_id}, checkpoint {m.checkpoint_name} (rank {m.rank})",
-            f"  why:          {r.reason}",
-            f"  committed at: {m.committed_at}",
-            f"  into:         {dry.root.absolute() / c.folder}",
-            f"  files:        {len(m.files)}, {human_bytes(m.total_bytes)}",
-            f"  present:      {len(c.intact)} files intact, {human_bytes(sum(t.entry.size for t in c.intact))}",
-            f"  to download:  {len(c.fetch)} files, {human_bytes(fetch_bytes)}",
-        ]
-        if c.excluded:
-            lines.append(f"  left out:     {len(c.excluded)} files, {human_bytes(excluded_bytes)} by "
-                         f"{dry.plan.selection.source()}: {_shown([t.entry.path for t in c.excluded])}")
-    if not dry.checkpoints:
-        lines.append("nothing to load")
-    lines += [f"warning: {w}" for w in dry.resolution.warnings]
-    enough = "" if dry.needed_bytes <= dry.free_bytes else "  NOT ENOUGH: a load would fail"
-    lines.append(f"total: {dry.plan.total_files} files, {human_bytes(dry.plan.total_bytes)}; "
-                 f"to download {len(dry.plan.fetch)} files, {human_bytes(dry.plan.fetch_bytes)}; "
-                 + (f"{_left_out(dry.plan)}; " if dry.plan.excluded else "")
-                 + f"free space {human_bytes(dry.free_bytes)}{enough}")
-    return "\n".join(lines)
 
 
 # --- ready file ----------------------------------------------------------------------------------

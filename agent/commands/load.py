@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.commands.context import Context, cancelled_by_signals
-from agent.load import clear_ready_file, load_checkpoints, plan_load, render_plan, write_ready_file
+from agent.dryrun import plan_load, render_plan
+from agent.load import clear_ready_file, load_checkpoints, write_ready_file
 from agent.selection import EVERY_FILE, Selection
 
 
