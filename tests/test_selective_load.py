@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from agent import layout
-from agent.errors import EXIT_CONFIG
+from agent.errors import EXIT_CONFIG, ConfigError, IntegrityError
+from agent.loadrecord import read_load_record, recorded_selection
+from agent.manifest import FileEntry, Manifest
+from agent.plan import check_selection
+from agent.safefs import Folder
+from agent.selection import Selection
+from agent.settings import selection_from_env
 from tests.faultproxy import LOOPBACK, FaultProxy
 from tests.specs import AGENT, latest, spec
 
@@ -192,3 +198,63 @@ def test_excluding_deepspeed_state_later_removes_the_loaded_copy_and_reuses_the_
     verify = agent(["verify", str(dl)], store.env)
     assert verify.returncode == 0, verify.stdout + verify.stderr  # present but excluded: not an error either
     assert "present, not checked" in verify.stdout
+
+
+def test_a_link_planted_where_an_excluded_file_would_go_is_removed_never_followed(tmp_path):
+    store = Store({**_base_env(), "BT_CHECKPOINT_STORE": f"file://{tmp_path / 'store'}"}, None)
+    src, dl = saved(store, tmp_path), tmp_path / "dl"
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"someone else's file")
+    (dl / "rank-0" / NAME).mkdir(parents=True)
+    (dl / "rank-0" / NAME / "optimizer.pt").symlink_to(outside)
+    result = agent(["load", "--exclude", "optimizer.pt"], loading(store, dl))
+    assert result.returncode == 0, result.stderr
+    assert not (dl / "rank-0" / NAME / "optimizer.pt").is_symlink()
+    assert outside.read_bytes() == b"someone else's file"
+    assert loaded_files(dl) == source_files(src, "model.safetensors", "scheduler.pt", "trainer_state.json")
+
+
+# ---- the pieces: where the patterns come from, what a plan and a record make of them ------------
+
+
+def test_each_flag_given_replaces_its_own_variable_and_an_empty_flag_clears_it():
+    env = {"CKPT_AGENT_INCLUDE": "*.safetensors", "CKPT_AGENT_EXCLUDE": "optimizer.pt"}
+    assert selection_from_env(env) == Selection(("*.safetensors",), ("optimizer.pt",))
+    flagged = selection_from_env(env, exclude_flags=["scheduler.pt", "rng_*.pth,latest"])
+    assert flagged == Selection(("*.safetensors",), ("scheduler.pt", "rng_*.pth", "latest"))
+    assert flagged.source() == "CKPT_AGENT_INCLUDE=*.safetensors --exclude scheduler.pt,rng_*.pth,latest"
+    assert selection_from_env(env, include_flags=[""], exclude_flags=[""]).everything
+
+
+def _manifest(paths: list[str]) -> Manifest:
+    files = [FileEntry(p, 10, ("00000000",)) for p in paths]
+    return Manifest(project_name="proj", job_id=JOB, checkpoint_name=NAME, rank=0,
+                    committed_at="2026-01-01T00:00:00Z", part_size=8 << 20, files=tuple(files))
+
+
+def test_a_selection_that_empties_a_checkpoint_is_fatal_only_when_the_load_is_required():
+    manifests = (_manifest(["model.safetensors", "optimizer.pt"]),)
+    emptying = Selection(("*.bin",), (), include_field="--include")
+    with pytest.raises(ConfigError, match=r"^--include: '\*\.bin' matches no file of checkpoint"):
+        check_selection(manifests, emptying, required=True)
+    (warning,) = check_selection(manifests, emptying, required=False)
+    assert "loading none of its files" in warning
+    excluding_all = Selection((), ("*",), exclude_field="--exclude")
+    with pytest.raises(ConfigError, match=r"^--exclude \* leaves no file of checkpoint"):
+        check_selection(manifests, excluding_all, required=True)
+    assert check_selection(manifests, Selection(("model.safetensors",), ()), required=True) == ()
+
+
+def test_a_record_whose_selection_a_load_never_wrote_is_refused(tmp_path):
+    state = tmp_path / ".ckpt-agent"
+    state.mkdir()
+    for selection in ({"include": "optimizer.pt"}, {"exclude": ["../x"]}, ["optimizer.pt"]):
+        (state / "loaded-rank-0.json").write_text(json.dumps({"checkpoints": [], "selection": selection}))
+        with Folder(tmp_path) as folder:
+            record = read_load_record(folder, "loaded-rank-0.json")
+            with pytest.raises(IntegrityError, match="its selection is not one a load wrote"):
+                recorded_selection(folder, "loaded-rank-0.json", record)
+    (state / "loaded-rank-0.json").write_text(json.dumps({"checkpoints": []}))  # before selective loads
+    with Folder(tmp_path) as folder:
+        old = read_load_record(folder, "loaded-rank-0.json")
+        assert recorded_selection(folder, "loaded-rank-0.json", old).everything
