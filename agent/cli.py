@@ -20,7 +20,7 @@ from agent.commands.context import Context
 from agent.commands.sync import SyncFlags
 from agent.errors import EXIT_INTERNAL, AgentError, ConfigError
 from agent.report import Reporter, make_reporter
-from agent.settings import debug, load_spec, log_format, settings_from_env
+from agent.settings import debug, load_spec, log_format, selection_from_env, settings_from_env
 from agent.spec import check_name
 
 EPILOG_MAIN = """examples:
@@ -43,7 +43,8 @@ EPILOG_LOAD = """examples:
     {"typ": "baseten_latest_checkpoint", "project_name": "demo", "job_id": null}]}'
   ckpt-agent load
   ckpt-agent load --dry-run                      # which checkpoint each reference picks, and why
-  ckpt-agent load --ready-file /shared/ready     # for a neighbour container that waits on it"""
+  ckpt-agent load --ready-file /shared/ready     # for a neighbour container that waits on it
+  ckpt-agent load --exclude optimizer.pt,scheduler.pt --dry-run   # weights only: what is left out"""
 EPILOG_LS = """examples:
   ckpt-agent ls                                  # every job: project, job, created, nodes
   ckpt-agent ls --project demo                   # that project's jobs, newest first
@@ -81,14 +82,16 @@ def _run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -
     from agent.commands.run import RunOptions, run
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    options = RunOptions(tuple(command), args.dry_run, _sync_flags(args))
+    options = RunOptions(tuple(command), args.dry_run, _sync_flags(args),
+                         selection_from_env(env, args.include, args.exclude))
     return run(_context(env, reporter, args.workers, args.chunk_mb, load_timeout=True), options)
 
 
 def _load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
     from agent.commands.load import LoadOptions, load
 
-    options = LoadOptions(args.dry_run, Path(args.ready_file) if args.ready_file else None)
+    options = LoadOptions(args.dry_run, Path(args.ready_file) if args.ready_file else None,
+                          selection_from_env(env, args.include, args.exclude))
     return load(_context(env, reporter, args.workers, args.chunk_mb, load_timeout=True), options)
 
 
@@ -140,6 +143,16 @@ def _add_sync_flags(p: argparse._ActionsContainer) -> None:
                         "then be committed (env CKPT_AGENT_COMMIT_ON_QUIET=1)")
 
 
+def _add_selection_flags(p: argparse.ArgumentParser) -> None:
+    """`load` and `run`: which files of each checkpoint to fetch; each flag given replaces its variable."""
+    p.add_argument("--include", action="append", metavar="GLOBS",
+                   help="fetch only files matching these globs, relative to the checkpoint folder (repeatable or "
+                        "comma-separated; replaces env CKPT_AGENT_INCLUDE), e.g. '*.safetensors,config.json'")
+    p.add_argument("--exclude", action="append", metavar="GLOBS",
+                   help="never fetch files matching these globs (repeatable or comma-separated; replaces env "
+                        "CKPT_AGENT_EXCLUDE), e.g. 'optimizer.pt,global_step*/'; see docs/limits.md")
+
+
 def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="concurrent requests (env CKPT_AGENT_WORKERS)")
     p.add_argument("--chunk-mb", type=int, help="MiB per ranged GET (env CKPT_AGENT_CHUNK_MB)")
@@ -158,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "upload its checkpoints, with BT_CHECKPOINTING_ENABLED=1)",
                          epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_transfer_flags(run)
+    _add_selection_flags(run)
     _add_sync_flags(run.add_argument_group("checkpoint upload (with BT_CHECKPOINTING_ENABLED=1)"))
     run.add_argument("--dry-run", action="store_true",
                      help="print what would be loaded and executed; download and run nothing")
@@ -167,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="load checkpoints, then exit",
                           epilog=EPILOG_LOAD, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_transfer_flags(load)
+    _add_selection_flags(load)
     load.add_argument("--dry-run", action="store_true",
                       help="resolve every reference and print the plan; download nothing")
     load.add_argument("--ready-file", metavar="PATH",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ from agent.loadrecord import LoadedCheckpoint, LoadRecord, forget_load_record, r
 from agent.localstate import (
     INCOMPLETE_SUFFIX,
     VerifiedIndex,
-    check_root,
     checkpoint_dir,
     folder_lock,
     loaded_record,
@@ -26,10 +24,11 @@ from agent.localstate import (
     state_dir,
 )
 from agent.manifest import checksum, format_checksum
-from agent.plan import FileTask, Plan, make_plan
+from agent.plan import Plan, check_selection, make_plan
 from agent.report import Reporter, human_bytes
 from agent.resolve import Resolution, Resolved, latest_order, resolve
 from agent.safefs import Folder, write_atomic
+from agent.selection import EVERY_FILE, Selection
 from agent.settings import Settings
 from agent.stores import open_store
 from agent.transfer import TransferOptions, TransferStats, run_plan
@@ -42,7 +41,7 @@ class LoadResult:
     stats: TransferStats
 
 
-def _bytes_needed(plan: Plan, folder: Folder | None) -> int:
+def bytes_needed(plan: Plan, folder: Folder | None) -> int:
     """Bytes still to be allocated: partial files from an earlier run already hold theirs."""
     if folder is None:
         return plan.fetch_bytes
@@ -57,7 +56,7 @@ def _bytes_needed(plan: Plan, folder: Folder | None) -> int:
 
 
 def check_free_space(plan: Plan, folder: Folder) -> None:
-    needed = _bytes_needed(plan, folder)
+    needed = bytes_needed(plan, folder)
     free = shutil.disk_usage(plan.root).free
     if needed > free:
         raise LocalError(
@@ -73,15 +72,29 @@ def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
     return {r.key: i for i, r in enumerate(newest_first)}
 
 
+def shown_paths(paths: list[str]) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
 def _prune(folder: Folder, result: LoadResult, rank: int, reporter: Reporter) -> None:
-    """Each checkpoint folder ends up holding exactly what its manifest lists, and we say what went."""
+    """Each checkpoint folder ends up holding exactly the files of its manifest the selection wants, and we
+    say what went. A copy of an excluded file goes too, so the trainer never resumes state (an optimizer)
+    the user left out; the files kept are reused by the next load, whatever it selects."""
+    selection = result.plan.selection
     for r in result.resolution.checkpoints:
         rel = checkpoint_dir(rank, r.manifest.checkpoint_name)
-        removed = prune_checkpoint(folder, rel, {f.path for f in r.manifest.files})
-        if removed:
-            shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else "")
-            reporter.warn(f"removed {len(removed)} entries from {folder.shown(rel)} that its manifest does "
-                          f"not list: {shown}", event="removed_unlisted", path=rel, removed=removed)
+        listed = {f.path for f in r.manifest.files}
+        removed = prune_checkpoint(folder, rel, {p for p in listed if selection.wants(p)})
+        excluded = [p for p in removed if p.removesuffix(INCOMPLETE_SUFFIX) in listed
+                    or any(f.startswith(p + "/") for f in listed)]
+        unlisted = [p for p in removed if p not in excluded]
+        if excluded:
+            reporter.info(f"removed {len(excluded)} entries from {folder.shown(rel)} that {selection.source()} "
+                          f"leaves out, so the trainer does not see them: {shown_paths(excluded)}",
+                          event="removed_excluded", path=rel, removed=excluded)
+        if unlisted:
+            reporter.warn(f"removed {len(unlisted)} entries from {folder.shown(rel)} that its manifest does "
+                          f"not list: {shown_paths(unlisted)}", event="removed_unlisted", path=rel, removed=unlisted)
 
 
 def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> None:
@@ -103,10 +116,22 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
         seconds=round(time.monotonic() - started, 3), download_folder=str(folder.root.absolute()),
         node_rank=rank, files_total=plan.total_files, bytes_total=plan.total_bytes,
         files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
-        warnings=tuple(result.resolution.warnings), checkpoints=tuple(checkpoints)), manifests)
+        warnings=tuple(result.resolution.warnings), checkpoints=tuple(checkpoints),
+        files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes,
+        selection=plan.selection.record()), manifests)
 
 
-def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> LoadResult:
+def describe_left_out(plan: Plan) -> str:
+    """The words for what the selection left out, or nothing when it left out nothing."""
+    if not plan.excluded:
+        return ""
+    return (f"{len(plan.excluded)} files ({human_bytes(plan.excluded_bytes)}) left out by "
+            f"{plan.selection.source()}")
+
+
+def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
+                     selection: Selection = EVERY_FILE) -> LoadResult:
+    """`selection`: which files of each checkpoint to place (from --include/--exclude or the variables)."""
     started = time.monotonic()
     root = Path(settings.spec.download_folder)
     store = open_store(settings)
@@ -125,10 +150,11 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
                           event="resolved", reference=r.reference.describe(), job_id=m.job_id,
                           checkpoint_name=m.checkpoint_name, rank=m.rank, files=len(m.files),
                           bytes=m.total_bytes, reason=r.reason)
+        warn_selection(resolution, selection, settings.required, reporter)
         with prepare_root(root) as folder, folder_lock(folder, reporter.info, cancel.check):
             index = VerifiedIndex(folder)
             plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints),
-                             settings.node_rank, index)
+                             settings.node_rank, index, selection)
             check_free_space(plan, folder)
             forget_load_record(folder, settings.node_rank)
             sink = reporter.progress(plan.fetch_bytes, "download")
@@ -144,114 +170,24 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel) -> 
         store.close()
     seconds = time.monotonic() - started
     rate = stats.bytes_fetched / seconds / 1e6 if seconds > 0 else 0.0
+    left_out = describe_left_out(plan)
     reporter.info(
         f"loaded {plan.total_files} files, {human_bytes(plan.total_bytes)} into {root}: "
         f"fetched {stats.files_fetched} files ({human_bytes(stats.bytes_fetched)}), "
-        f"{stats.files_reused} already intact, {seconds:.2f} s, {rate:.0f} MB/s",
+        f"{stats.files_reused} already intact, {left_out + ', ' if left_out else ''}{seconds:.2f} s, "
+        f"{rate:.0f} MB/s",
         event="loaded", download_folder=str(root), files=plan.total_files, bytes=plan.total_bytes,
         files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
+        files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes, selection=plan.selection.record(),
         seconds=round(seconds, 3),
     )
     return result
 
 
-# --- dry run -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckpointPlan:
-    resolved: Resolved
-    folder: str
-    intact: tuple[FileTask, ...]
-    fetch: tuple[FileTask, ...]
-
-
-@dataclass(frozen=True)
-class DryRun:
-    root: Path
-    root_exists: bool
-    resolution: Resolution
-    plan: Plan
-    checkpoints: tuple[CheckpointPlan, ...]
-    needed_bytes: int
-    free_bytes: int
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def plan_load(settings: Settings, reporter: Reporter) -> DryRun:
-    """What `load` would do, doing none of it: resolves and plans exactly as a load does, but takes
-    no lock, creates no folder and writes nothing, here or in the store."""
-    root = Path(settings.spec.download_folder)
-    check_root(root)
-    store = open_store(settings)
-    try:
-        resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,
-                             settings.project_name, settings.required)
-    finally:
-        store.close()
-    for warning in resolution.warnings:
-        reporter.warn(warning, event="no_checkpoint")
-    with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(Folder(root)) if root.is_dir() else None
-        plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints), settings.node_rank,
-                         VerifiedIndex(folder))
-        needed = _bytes_needed(plan, folder)
-    per_checkpoint = []
-    for r in resolution.checkpoints:
-        rel = checkpoint_dir(settings.node_rank, r.manifest.checkpoint_name)
-        per_checkpoint.append(CheckpointPlan(r, rel,
-                                             tuple(t for t in plan.intact if t.rel.startswith(rel + "/")),
-                                             tuple(t for t in plan.fetch if t.rel.startswith(rel + "/"))))
-    dry = DryRun(root, root.is_dir(), resolution, plan, tuple(per_checkpoint), needed,
-                 shutil.disk_usage(_nearest_existing(root)).free)
-    if dry.needed_bytes > dry.free_bytes:
-        reporter.warn(f"a load would fail: download_folder {root} needs {human_bytes(dry.needed_bytes)} but only "
-                      f"{human_bytes(dry.free_bytes)} is free", event="dry_run_no_space",
-                      bytes_needed=dry.needed_bytes, bytes_free=dry.free_bytes)
-    reporter.info(
-        f"dry run: would download {len(plan.fetch)} files ({human_bytes(plan.fetch_bytes)}), "
-        f"{len(plan.intact)} already intact; nothing was downloaded",
-        event="dry_run", download_folder=str(root), files_to_fetch=len(plan.fetch), bytes_to_fetch=plan.fetch_bytes,
-        files_intact=len(plan.intact), bytes_needed=dry.needed_bytes, bytes_free=dry.free_bytes,
-        checkpoints=[{"reference": c.resolved.reference.describe(), "job_id": c.resolved.manifest.job_id,
-                      "checkpoint_name": c.resolved.manifest.checkpoint_name, "reason": c.resolved.reason,
-                      "files": len(c.resolved.manifest.files), "bytes": c.resolved.manifest.total_bytes,
-                      "files_intact": len(c.intact), "files_to_fetch": len(c.fetch),
-                      "bytes_to_fetch": sum(t.entry.size for t in c.fetch)} for c in dry.checkpoints],
-    )
-    return dry
-
-
-def render_plan(dry: DryRun) -> str:
-    """The dry run for a person: per reference, what it chose and why, and what is already here."""
-    state = "" if dry.root_exists else " (does not exist yet; a load creates it)"
-    lines = [f"download folder: {dry.root.absolute()}{state}"]
-    for c in dry.checkpoints:
-        r, m = c.resolved, c.resolved.manifest
-        fetch_bytes = sum(t.entry.size for t in c.fetch)
-        lines += [
-            f"{r.reference.describe()} -> job {m.job_id}, checkpoint {m.checkpoint_name} (rank {m.rank})",
-            f"  why:          {r.reason}",
-            f"  committed at: {m.committed_at}",
-            f"  into:         {dry.root.absolute() / c.folder}",
-            f"  files:        {len(m.files)}, {human_bytes(m.total_bytes)}",
-            f"  present:      {len(c.intact)} files intact, {human_bytes(m.total_bytes - fetch_bytes)}",
-            f"  to download:  {len(c.fetch)} files, {human_bytes(fetch_bytes)}",
-        ]
-    if not dry.checkpoints:
-        lines.append("nothing to load")
-    lines += [f"warning: {w}" for w in dry.resolution.warnings]
-    enough = "" if dry.needed_bytes <= dry.free_bytes else "  NOT ENOUGH: a load would fail"
-    lines.append(f"total: {dry.plan.total_files} files, {human_bytes(dry.plan.total_bytes)}; "
-                 f"to download {len(dry.plan.fetch)} files, {human_bytes(dry.plan.fetch_bytes)}; "
-                 f"free space {human_bytes(dry.free_bytes)}{enough}")
-    return "\n".join(lines)
+def warn_selection(resolution: Resolution, selection: Selection, required: bool, reporter: Reporter) -> None:
+    """Before the download folder is touched: a required load the selection empties stops here."""
+    for warning in check_selection(tuple(r.manifest for r in resolution.checkpoints), selection, required):
+        reporter.warn(warning, event="selection_unmatched", selection=selection.record())
 
 
 # --- ready file ----------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.errors import AgentError, IntegrityError, LocalError
 from agent.localstate import STATE_DIR, loaded_record, manifests_dir, rank_dir, state_dir
 from agent.manifest import FILE_KIND, Manifest, check_relative_path, checksum, format_checksum, parse_manifest
 from agent.safefs import Folder
+from agent.selection import EVERY_FILE, Selection
 from agent.settings import loaded_folder_from_env
 
 _RECORD_RE = re.compile(r"loaded-rank-\d+\.json")
@@ -58,6 +59,9 @@ class LoadRecord:
     files_reused: int
     warnings: tuple[str, ...]
     checkpoints: tuple[LoadedCheckpoint, ...]
+    files_excluded: int = 0  # listed by the manifests, left out by the selection
+    bytes_excluded: int = 0
+    selection: dict[str, list[str]] = field(default_factory=EVERY_FILE.record)  # what `verify` must not miss
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,9 @@ def record_names(folder: Folder) -> list[str]:
     return sorted(n for n in os.listdir(state) if _RECORD_RE.fullmatch(n)) if state is not None else []
 
 
-def read_load_record(folder: Folder, name: str) -> list | None:
-    """The checkpoint entries of one rank's record as written (None when there is none); IntegrityError
-    when it is not a record (a FIFO or a link included). Entries are checked by whoever uses them."""
+def read_load_record(folder: Folder, name: str) -> dict | None:
+    """One rank's record as written (None when there is none); IntegrityError when it is not a record
+    (a FIFO or a link included). Its checkpoint entries are checked by whoever uses them."""
     path = folder.shown(f"{STATE_DIR}/{name}")
     try:
         raw = folder.read(f"{STATE_DIR}/{name}")
@@ -113,7 +117,20 @@ def read_load_record(folder: Folder, name: str) -> list | None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), list):
         raise IntegrityError(f"{path}: not a load record; run `ckpt-agent load` again")
-    return record["checkpoints"]
+    return record
+
+
+def recorded_selection(folder: Folder, name: str, record: dict) -> Selection:
+    """The include/exclude patterns the recorded load used; a record from before selective loads took every file."""
+    chosen = record.get("selection") or {}
+    try:
+        include, exclude = chosen.get("include", []), chosen.get("exclude", [])
+        if not all(isinstance(p, list) and all(isinstance(x, str) for x in p) for p in (include, exclude)):
+            raise ValueError
+        return Selection.from_patterns(include, exclude)
+    except (AttributeError, ValueError):  # ConfigError is a ValueError: a pattern no load would have written
+        raise IntegrityError(f"{folder.shown(f'{STATE_DIR}/{name}')}: its selection is not one a load wrote; "
+                             "run `ckpt-agent load` again") from None
 
 
 def read_recorded_manifest(folder: Folder, entry: dict, record: str) -> tuple[Manifest | None, ManifestProblem | None]:
@@ -144,7 +161,7 @@ def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | No
     try:
         with Folder(base) as folder:
             prefix = rank_dir(where.node_rank) + "/"
-            mine = [e for e in read_load_record(folder, name) or [] if isinstance(e, dict)
+            mine = [e for e in (read_load_record(folder, name) or {}).get("checkpoints", []) if isinstance(e, dict)
                     and isinstance(e.get("path"), str) and e["path"].startswith(prefix)
                     and e["path"].count("/") == 1 and e["path"][len(prefix):] not in ("", ".", "..")]
             for entry in sorted(mine, key=lambda e: e.get("order", 0)):

@@ -94,13 +94,16 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 class Selection:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    include_field: str = field(default=INCLUDE_VAR, compare=False)  # where the patterns came from, for messages
+    exclude_field: str = field(default=EXCLUDE_VAR, compare=False)
     _include: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
     _exclude: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     @classmethod
     def from_patterns(cls, include: str | Sequence[str], exclude: str | Sequence[str],
                       include_field: str = INCLUDE_VAR, exclude_field: str = EXCLUDE_VAR) -> Selection:
-        return cls(split_patterns(include, include_field), split_patterns(exclude, exclude_field))
+        return cls(split_patterns(include, include_field), split_patterns(exclude, exclude_field),
+                   include_field, exclude_field)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_include", tuple(compile_pattern(p) for p in self.include))
@@ -128,6 +131,19 @@ class Selection:
         parts += [f"exclude {','.join(self.exclude)}"] if self.exclude else []
         return "; ".join(parts)
 
+    def source(self) -> str:
+        """Where the patterns came from, as the user wrote them: `--exclude optimizer.pt`, `CKPT_AGENT_INCLUDE=*.pt`."""
+        parts = [_given(f, p) for f, p in ((self.include_field, self.include), (self.exclude_field, self.exclude)) if p]
+        return " ".join(parts) if parts else "no patterns"
+
     def record(self) -> dict[str, list[str]]:
         """For loaded.json, so `verify` knows what was left out on purpose."""
         return {"include": list(self.include), "exclude": list(self.exclude)}
+
+
+def _given(field_name: str, patterns: tuple[str, ...]) -> str:
+    joined = ",".join(patterns)
+    return f"{field_name} {joined}" if field_name.startswith("--") else f"{field_name}={joined}"
+
+
+EVERY_FILE = Selection()  # the default: no patterns

@@ -168,11 +168,19 @@ def max_rate_from_env(env: Mapping[str, str]) -> int | None:
     return rate
 
 
+def selection_from_env(env: Mapping[str, str], include_flags: Sequence[str] | None = None,
+                       exclude_flags: Sequence[str] | None = None) -> Selection:
+    """Which files a load fetches. `--include`/`--exclude`, when given, each replace their variable (so
+    `--exclude ''` clears CKPT_AGENT_EXCLUDE); errors name the flag or the variable the pattern came from."""
+    include, include_field = ((include_flags, "--include") if include_flags is not None
+                              else (env.get(INCLUDE_VAR, ""), INCLUDE_VAR))
+    exclude, exclude_field = ((exclude_flags, "--exclude") if exclude_flags is not None
+                              else (env.get(EXCLUDE_VAR, ""), EXCLUDE_VAR))
+    return Selection.from_patterns(include, exclude, include_field, exclude_field)
+
+
 def limits_from_env(env: Mapping[str, str]) -> Limits:
-    return Limits(
-        max_rate=max_rate_from_env(env),
-        selection=Selection.from_patterns(env.get(INCLUDE_VAR, ""), env.get(EXCLUDE_VAR, "")),
-    )
+    return Limits(max_rate=max_rate_from_env(env), selection=selection_from_env(env))
 
 
 # --- the persistent part cache (issue 12) -------------------------------------------------------

@@ -1,6 +1,7 @@
 """`ckpt-agent verify`: every file of every checkpoint the load records (agent.loadrecord) name,
 re-read byte for byte against the manifests the load used. It never trusts the stat cache and never
-touches the store; each file is ok, missing, changed or extra. Reads go through agent.safefs (no link
+touches the store; each file is ok, missing, changed or extra, or excluded: left out by the recorded
+load's --include/--exclude, so neither its absence nor its presence is a problem. Reads go through agent.safefs (no link
 followed, no FIFO waited on).
 """
 
@@ -13,12 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent.errors import IntegrityError, NotFoundError
-from agent.loadrecord import read_load_record, read_recorded_manifest, record_names
+from agent.loadrecord import read_load_record, read_recorded_manifest, record_names, recorded_selection
 from agent.localstate import INCOMPLETE_SUFFIX, STATE_DIR, loaded_record
 from agent.manifest import FileEntry, Manifest, check_relative_path, read_checksums
 from agent.safefs import Folder, open_file
+from agent.selection import Selection
 
-OK, MISSING, CHANGED, EXTRA = "ok", "missing", "changed", "extra"
+OK, MISSING, CHANGED, EXTRA, EXCLUDED = "ok", "missing", "changed", "extra", "excluded"
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,10 @@ class VerifyReport:
 
     @property
     def problems(self) -> tuple[FileCheck, ...]:
-        return tuple(f for f in self.files if f.status != OK)
+        return tuple(f for f in self.files if f.status not in (OK, EXCLUDED))
 
     def counts(self) -> dict[str, int]:
-        return {s: sum(1 for f in self.files if f.status == s) for s in (OK, MISSING, CHANGED, EXTRA)}
+        return {s: sum(1 for f in self.files if f.status == s) for s in (OK, MISSING, CHANGED, EXTRA, EXCLUDED)}
 
 
 def _open(root: Path) -> Folder:
@@ -49,8 +51,8 @@ def _open(root: Path) -> Folder:
     return Folder(root)
 
 
-def _records(folder: Folder) -> list[tuple[str, list]]:
-    """(name, checkpoint entries) of every rank's record; each entry names a manifest and a path."""
+def _records(folder: Folder) -> list[tuple[str, list, Selection]]:
+    """(name, checkpoint entries, selection) of every rank's record; each entry names a manifest and a path."""
     names = record_names(folder)
     if not names:
         raise NotFoundError(
@@ -59,13 +61,14 @@ def _records(folder: Folder) -> list[tuple[str, list]]:
         )
     records = []
     for name in names:
-        entries = read_load_record(folder, name)
-        if entries is None:
+        record = read_load_record(folder, name)
+        if record is None:
             raise NotFoundError(f"{folder.shown(f'{STATE_DIR}/{name}')}: missing; run `ckpt-agent load`")
+        entries = record["checkpoints"]
         if any(not isinstance(c, dict) or "manifest" not in c or "path" not in c for c in entries):
             raise NotFoundError(f"{folder.shown(STATE_DIR + '/' + name)}: not a record this ckpt-agent "
                                 "wrote; run `ckpt-agent load` again to record the manifests")
-        records.append((name, entries))
+        records.append((name, entries, recorded_selection(folder, name, record)))
     return records
 
 
@@ -95,7 +98,7 @@ def verify_folder(root: Path, workers: int = 8) -> VerifyReport:
         checks: list[FileCheck] = []
         jobs: list[tuple[Folder, str, FileEntry, int]] = []
         folders: list[str] = []
-        for name, entries in _records(folder):
+        for name, entries, selection in _records(folder):
             for entry in entries:
                 folder_rel = check_relative_path(entry["path"], f"{name}: path")
                 folders.append(folder_rel)
@@ -104,32 +107,35 @@ def verify_folder(root: Path, workers: int = 8) -> VerifyReport:
                     checks.append(FileCheck(problem.path, MISSING if problem.gone else CHANGED, problem.detail))
                     continue
                 assert manifest is not None
-                checks.extend(_check_listing(folder, folder_rel, manifest, jobs))
+                checks.extend(_check_listing(folder, folder_rel, manifest, selection, jobs))
         with ThreadPoolExecutor(max(1, workers)) as pool:  # crc32c releases the GIL
             checks.extend(pool.map(lambda j: _check_file(*j), jobs))
     checks.sort(key=lambda c: c.path)
     return VerifyReport(root, tuple(folders), tuple(checks))
 
 
-def _check_listing(folder: Folder, folder_rel: str, manifest: Manifest,
+def _check_listing(folder: Folder, folder_rel: str, manifest: Manifest, selection: Selection,
                    jobs: list[tuple[Folder, str, FileEntry, int]]) -> list[FileCheck]:
-    """Missing, not regular and extra entries of one checkpoint folder; regular files go to `jobs`."""
+    """Missing, not regular, excluded and extra entries of one checkpoint folder; regular files go to `jobs`."""
     try:
         present = dict(folder.walk_files(folder_rel))
     except IntegrityError:
         return [FileCheck(folder_rel, CHANGED, "is not a plain folder (a symlink or a file)")]
-    if folder.dir(folder_rel) is None:
-        return [FileCheck(f"{folder_rel}/{f.path}", MISSING) for f in manifest.files]
+    exists = folder.dir(folder_rel) is not None
     checks = []
     for f in manifest.files:
         rel = f"{folder_rel}/{f.path}"
-        if f.path not in present:
+        if not selection.wants(f.path):
+            checks.append(FileCheck(rel, EXCLUDED, f"left out by the load: {selection.describe()}"
+                                    + ("; present, not checked" if f.path in present else "")))
+        elif not exists or f.path not in present:
             checks.append(FileCheck(rel, MISSING))
         elif not present[f.path]:
             checks.append(FileCheck(rel, CHANGED, "is not a regular file (a symlink?)"))
         else:
             jobs.append((folder, rel, f, manifest.part_size))
-    for path in sorted(set(present) - {f.path for f in manifest.files}):
+    listed = {f.path for f in manifest.files}
+    for path in sorted(set(present) - listed):
         why = ("a partial download" if path.endswith(INCOMPLETE_SUFFIX)
                else "not in the manifest" if present[path] else "a symlink or special file, not in the manifest")
         checks.append(FileCheck(f"{folder_rel}/{path}", EXTRA, why))

@@ -144,5 +144,5 @@ def test_a_later_load_verifies_only_what_it_loaded(loaded):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["checkpoints"] == ["rank-0/checkpoint-2"]
-    assert report["counts"] == {"ok": 3, "missing": 0, "changed": 0, "extra": 0}
+    assert report["counts"] == {"ok": 3, "missing": 0, "changed": 0, "extra": 0, "excluded": 0}
     assert {f["status"] for f in report["files"]} == {"ok"}

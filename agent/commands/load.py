@@ -6,13 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.commands.context import Context, cancelled_by_signals
-from agent.load import clear_ready_file, load_checkpoints, plan_load, render_plan, write_ready_file
+from agent.dryrun import plan_load, render_plan
+from agent.load import clear_ready_file, load_checkpoints, write_ready_file
+from agent.selection import EVERY_FILE, Selection
 
 
 @dataclass(frozen=True)
 class LoadOptions:
     dry_run: bool = False
     ready_file: Path | None = None  # written once every file is verified and in place; removed at the start
+    selection: Selection = EVERY_FILE  # which files of each checkpoint to fetch: --include/--exclude or the variables
 
 
 def load(ctx: Context, options: LoadOptions) -> int:
@@ -23,10 +26,10 @@ def load(ctx: Context, options: LoadOptions) -> int:
     if not settings.spec.enabled:
         ctx.reporter.info("checkpoint loading is disabled (BT_LOAD_CHECKPOINT_CONFIG enabled=false or unset)")
     elif options.dry_run:
-        print_plan(ctx)
+        print_plan(ctx, options.selection)
         return 0
     else:
-        load_now(ctx)
+        load_now(ctx, options.selection)
     if ready is not None:
         write_ready_file(ready, Path(settings.spec.download_folder) if settings.spec.enabled else None,
                          settings.node_rank)
@@ -34,13 +37,13 @@ def load(ctx: Context, options: LoadOptions) -> int:
     return 0
 
 
-def print_plan(ctx: Context) -> None:
+def print_plan(ctx: Context, selection: Selection) -> None:
     """What a load would do; downloads nothing, takes no lock, creates no folder."""
-    print(render_plan(plan_load(ctx.settings, ctx.reporter)), flush=True)
+    print(render_plan(plan_load(ctx.settings, ctx.reporter, selection)), flush=True)
 
 
-def load_now(ctx: Context) -> None:
+def load_now(ctx: Context, selection: Selection) -> None:
     """The load, stopped by SIGTERM/SIGINT or BT_LOAD_TIMEOUT; a signal that came as it finished still counts."""
     with cancelled_by_signals(ctx.cancel):
-        load_checkpoints(ctx.settings, ctx.reporter, ctx.cancel)
+        load_checkpoints(ctx.settings, ctx.reporter, ctx.cancel, selection)
     ctx.cancel.check_signal()

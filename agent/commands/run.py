@@ -11,6 +11,7 @@ from agent.commands.context import Context
 from agent.commands.sync import SyncFlags, open_sidecar
 from agent.errors import ConfigError
 from agent.launch import exec_training, runs_through_shell, training_argv
+from agent.selection import EVERY_FILE, Selection
 
 if TYPE_CHECKING:
     from agent.sync.loop import Sidecar
@@ -21,6 +22,7 @@ class RunOptions:
     command: tuple[str, ...] = ()  # empty: BT_START_COMMANDS
     dry_run: bool = False
     sync: SyncFlags = SyncFlags()  # only with BT_CHECKPOINTING_ENABLED=1
+    selection: Selection = EVERY_FILE  # which files of each checkpoint the load fetches
 
 
 def run(ctx: Context, options: RunOptions) -> int:
@@ -33,14 +35,14 @@ def run(ctx: Context, options: RunOptions) -> int:
         raise ConfigError(f"{given[0]}: a checkpoint upload option, but checkpointing is off; "
                           "set BT_CHECKPOINTING_ENABLED=1 (or run `ckpt-agent sync` beside the trainer)")
     if options.dry_run:
-        return _dry_run(ctx, argv)
+        return _dry_run(ctx, argv, options.selection)
     # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
     sidecar = open_sidecar(ctx, options.sync) if settings.checkpointing_enabled else None
     child_env = dict(ctx.env)
     if settings.spec.enabled:
         from agent.commands.load import load_now
 
-        load_now(ctx)
+        load_now(ctx, options.selection)
         child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
     if sidecar is not None:
         return _supervise(argv, child_env, sidecar, ctx)
@@ -49,11 +51,11 @@ def run(ctx: Context, options: RunOptions) -> int:
     exec_training(argv, child_env)
 
 
-def _dry_run(ctx: Context, argv: list[str]) -> int:
+def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
     if ctx.settings.spec.enabled:
         from agent.commands.load import print_plan
 
-        print_plan(ctx)
+        print_plan(ctx, selection)
     else:
         print("checkpoint loading is disabled: nothing to load")
     print(f"would exec: {shlex.join(argv)}", flush=True)
