@@ -15,6 +15,7 @@ from agent.cancel import Cancel
 from agent.errors import AgentError, IntegrityError, TransientError
 from agent.manifest import checksum, format_checksum
 from agent.plan import FileTask
+from agent.ratelimit import NO_LIMITS, Limiter
 from agent.retry import Backoff
 from agent.stores.base import RangeReader, Store
 
@@ -39,12 +40,13 @@ def _check(crc: int, expected: str, message: str) -> None:
 
 
 class Fetcher:
-    """Ranged reads from one store; `fetched(n)` is told of every verified byte."""
+    """Ranged reads from one store; `fetched(n)` is told of every verified byte. Every attempt
+    holds a slot of `limiter`'s gate and reads under its rate cap."""
 
     def __init__(self, store: Store, cancel: Cancel, backoff: Backoff, buffer_size: int,
-                 fetched: Callable[[int], None]) -> None:
+                 fetched: Callable[[int], None], limiter: Limiter = NO_LIMITS) -> None:
         self.store, self.cancel, self.backoff = store, cancel, backoff
-        self.buffer_size, self.fetched = buffer_size, fetched
+        self.buffer_size, self.fetched, self.limiter = buffer_size, fetched, limiter
         self._local = threading.local()
 
     def buffer(self) -> memoryview:
@@ -58,12 +60,14 @@ class Fetcher:
         """Run `step(first, last) -> next position` to the end, retrying transient failures.
 
         Progress (a failure's `next_part` past `first`) starts the attempt budget again; a second
-        checksum mismatch at the same place is the store's fault, not the wire's.
+        checksum mismatch at the same place is the store's fault, not the wire's. An attempt holds
+        a slot at the gate, the backoff after it does not.
         """
         attempt = mismatches = 0
         while first < last:
             try:
-                first = step(first, last)
+                with self.limiter.slot():
+                    first = step(first, last)
             except TransientError as exc:
                 resumed_at = getattr(exc, "next_part", first)
                 if resumed_at > first:
@@ -88,7 +92,7 @@ class Fetcher:
         _, end = part_bounds(task, last - 1)
         if end == start:
             return last
-        reader = self._open(task, start, end - start)
+        reader = self.limiter.paced(self._open(task, start, end - start))
         crc = offset = 0
 
         def sink(chunk: memoryview) -> None:
@@ -131,7 +135,7 @@ class Fetcher:
             for task in members[first:]:
                 place(task, None)
             return len(members)
-        reader = self.store.open_range(key, start, end - start)
+        reader = self.limiter.paced(self.store.open_range(key, start, end - start))
         position, index = start, first
         try:
             with resumes_at(key, lambda: index):

@@ -25,6 +25,7 @@ from agent.localstate import (
 )
 from agent.manifest import checksum, format_checksum
 from agent.plan import Plan, check_selection, make_plan
+from agent.ratelimit import limiter
 from agent.report import Reporter, human_bytes
 from agent.resolve import Resolution, Resolved, latest_order, resolve
 from agent.safefs import Folder, write_atomic
@@ -160,7 +161,8 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
             sink = reporter.progress(plan.fetch_bytes, "download")
             try:
                 options = TransferOptions(workers=settings.workers, chunk_size=settings.chunk_size)
-                stats = run_plan(store, plan, folder, options, sink, cancel, index)
+                limits = limiter(settings.max_rate, settings.workers, cancel, reporter.info)
+                stats = run_plan(store, plan, folder, options, sink, cancel, index, limits)
             finally:
                 sink.close()
             result = LoadResult(resolution, plan, stats)

@@ -6,17 +6,20 @@ pays nothing. `ConcurrencyGate` lets at most `limit` requests run at once and mo
 way TCP moves its window (additive increase, multiplicative decrease): a ThrottledError halves it,
 pauses new requests for a backoff, and each window of successes adds one back up to the workers.
 The pool's threads stay as they are; only how many of them are inside a request changes.
+`Limiter` carries both through a transfer: one per load and one per upload, bound to its Cancel.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.cancel import Cancel
 from agent.errors import ThrottledError
 from agent.retry import Backoff
 
@@ -79,6 +82,11 @@ class _Paced:
             self._bucket.refund(len(view) - n)
         return n
 
+    def fileno(self) -> int:
+        """None to hand out: a caller holding the fd would read around the cap (os.pread,
+        copy_file_range), so it must fall back to read()."""
+        raise io.UnsupportedOperation("a paced stream is read through read()")
+
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             data = self._raw.read()
@@ -121,14 +129,16 @@ class Aimd:
             raise ValueError(f"ceiling must be at least 1, not {self.ceiling}")
         self.limit = self.ceiling
 
-    def throttled(self, started_epoch: int, now: float) -> None:
+    def throttled(self, started_epoch: int, now: float) -> bool:
+        """True when this throttle cut the limit (it is the first since its request started)."""
         if started_epoch != self.epoch:
-            return
+            return False
         self.limit = max(1, self.limit // 2)
         self.epoch += 1
         self._successes = 0
         self._cuts_in_a_row += 1
         self.hold_until = now + self.backoff.delay(self._cuts_in_a_row)
+        return True
 
     def succeeded(self) -> None:
         """One more success; a full window of them (as many as the limit) raises the limit by one."""
@@ -144,12 +154,14 @@ class Aimd:
 class ConcurrencyGate:
     """`with gate.slot(): request()` in each worker thread: waits while `limit` requests are in
     flight or the pool is paused after a throttle. `check` is `Cancel.check`: a signal or the
-    deadline ends a wait by raising, within `poll` seconds."""
+    deadline ends a wait by raising, within `poll` seconds. `on_cut(limit)` hears of every cut,
+    outside the lock, so the user learns once per cut that the store pushed back."""
 
     def __init__(self, workers: int, *, check: Callable[[], None] = lambda: None, clock: Clock = time.monotonic,
-                 backoff: Backoff = GATE_BACKOFF, poll: float = 0.05) -> None:
+                 backoff: Backoff = GATE_BACKOFF, poll: float = 0.05,
+                 on_cut: Callable[[int], None] = lambda limit: None) -> None:
         self._aimd = Aimd(workers, backoff)
-        self._check, self._clock, self._poll = check, clock, poll
+        self._check, self._clock, self._poll, self._on_cut = check, clock, poll, on_cut
         self._cond = threading.Condition()
         self.active = 0
         self.waiting = 0
@@ -164,7 +176,9 @@ class ConcurrencyGate:
         try:
             yield
         except ThrottledError:
-            self._leave(lambda: self._aimd.throttled(epoch, self._clock()))
+            cut = self._leave(lambda: self._aimd.throttled(epoch, self._clock()))
+            if cut:
+                self._on_cut(self.limit)
             raise
         except BaseException:
             self._leave(lambda: None)
@@ -185,8 +199,39 @@ class ConcurrencyGate:
             finally:
                 self.waiting -= 1
 
-    def _leave(self, outcome: Callable[[], None]) -> None:
+    def _leave(self, outcome: Callable[[], bool | None]) -> bool | None:
         with self._cond:
             self.active -= 1
-            outcome()
+            result = outcome()
             self._cond.notify_all()
+            return result
+
+
+@dataclass(frozen=True)
+class Limiter:
+    """What every request of one transfer passes through: the byte cap (None: none) and the gate
+    (None: requests at once are only bounded by the pool)."""
+
+    bucket: TokenBucket | None = None
+    gate: ConcurrencyGate | None = None
+
+    def slot(self) -> AbstractContextManager[None]:
+        return self.gate.slot() if self.gate is not None else nullcontext()
+
+    def paced(self, raw: Any) -> Any:
+        return paced(raw, self.bucket)
+
+
+NO_LIMITS = Limiter()
+
+
+def limiter(max_rate: int | None, workers: int, cancel: Cancel, tell: Callable[..., None]) -> Limiter:
+    """The limits of one load or one upload: CKPT_AGENT_MAX_RATE (None: no cap) and a gate whose
+    ceiling is the workers. `tell` is `Reporter.info`: it hears of each cut once."""
+
+    def cut(limit: int) -> None:
+        tell(f"store asked to slow down: {limit} request{'s' if limit > 1 else ''} at once",
+             event="throttled", requests=limit)
+
+    bucket = TokenBucket(max_rate, cancel.sleep) if max_rate else None
+    return Limiter(bucket, ConcurrencyGate(workers, check=cancel.check, on_cut=cut))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent import layout
 from agent.cancel import Cancel
-from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError
+from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError, ThrottledError
 from agent.manifest import (
     DEFAULT_PART_SIZE,
     FILE_KIND,
@@ -34,7 +34,9 @@ from agent.manifest import (
 )
 from agent.packing import Member, Pack, PackReader, assign_packs
 from agent.pool import run_tasks
+from agent.ratelimit import NO_LIMITS, Limiter
 from agent.resolve import read_job
+from agent.retry import Backoff, retry
 from agent.stores.base import Store, upload_in_parts
 from agent.sync.formats import kind_of
 from agent.transfer import Progress
@@ -43,6 +45,9 @@ from agent.transfer import Progress
 MAX_STORE_COPY = 5 << 30
 # Files are checksummed in regions of this size, so one huge file keeps every core busy.
 CHECKSUM_REGION = 64 << 20
+# A throttle that outlived the store's own retries: sent again once the gate has cut the requests
+# at once and its pause has passed (docs/limits.md).
+THROTTLE_BACKOFF = Backoff(attempts=6, base=1.0, cap=10.0)
 
 
 class CheckpointChanged(AgentError):
@@ -161,8 +166,20 @@ def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel:
             {rel: tuple(sha for _, sha in d) for rel, d in both.items()})
 
 
-def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress) -> Iterator[Callable[[], None]]:
-    """One task per part of one file, sharing the pool with every other file; the last completes it."""
+def _request(limiter: Limiter, cancel: Cancel, send: Callable[[], None]) -> None:
+    """One upload request in a slot of the gate; a throttle that reaches us is tried again."""
+
+    def attempt() -> None:
+        with limiter.slot():
+            send()
+
+    retry(attempt, THROTTLE_BACKOFF, sleep=cancel.sleep, retry_on=ThrottledError)
+
+
+def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limiter: Limiter,
+                  cancel: Cancel) -> Iterator[Callable[[], None]]:
+    """One task per part of one file, sharing the pool with every other file; the last completes it.
+    Each part is a request of its own at the gate, its body read under the rate cap."""
     size = f.size
     upload = store.start_upload(key, size)
     left = [len(range(0, max(size, 1), upload.part_size))]
@@ -173,7 +190,8 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress) -> I
         length = min(upload.part_size, size - start)
         try:
             with os.fdopen(open_regular(f), "rb") as source:
-                upload.put_part(index, source, start, length)
+                body = limiter.paced(source)
+                _request(limiter, cancel, lambda: upload.put_part(index, body, start, length))
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
@@ -188,13 +206,13 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress) -> I
         yield lambda i=index: part(i)
 
 
-def _upload_pack(store: Store, key: str, pack: Pack, opener: Callable[[Member], int]) -> None:
+def _upload_pack(store: Store, key: str, pack: Pack, opener: Callable[[Member], int], limiter: Limiter) -> None:
     upload = store.start_upload(key, pack.size)
     if upload.part_size < pack.size:
         upload.abort()
-        store.upload_file(key, io.BytesIO(PackReader(pack, opener).read()), pack.size)
+        store.upload_file(key, limiter.paced(io.BytesIO(PackReader(pack, opener).read())), pack.size)
         return
-    upload_in_parts(upload, PackReader(pack, opener), pack.size)
+    upload_in_parts(upload, limiter.paced(PackReader(pack, opener)), pack.size)
 
 
 def ensure_job(store: Store, ident: CheckpointId) -> None:
@@ -257,10 +275,11 @@ class CommitRequest:
 
 
 def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, cancel: Cancel,
-                      copied: list[str] | None = None) -> Manifest:
+                      copied: list[str] | None = None, limiter: Limiter = NO_LIMITS) -> Manifest:
     """Upload a folder (or a single-file checkpoint) and write its manifest last.
 
-    The paths copied inside the store instead of uploaded are appended to `copied`.
+    The paths copied inside the store instead of uploaded are appended to `copied`. Every request
+    goes through `limiter`: the rate cap and the throttle gate.
     """
     folder, ident, workers, part_size = request.folder, request.ident, request.workers, request.part_size
     previous, expected = request.previous, request.expected
@@ -286,16 +305,17 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
         if previous is not None and same_as_before.get(f.rel) == (f.size, sums[f.rel]):
             def copy() -> None:
                 try:
-                    store.copy(layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, f.rel), key)
+                    source = layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, f.rel)
+                    _request(limiter, cancel, lambda: store.copy(source, key))
                 except (StoreError, NotFoundError):  # e.g. the previous object is gone: upload it instead
-                    run_tasks(_upload_tasks(store, key, f, progress), 1, cancel)
+                    run_tasks(_upload_tasks(store, key, f, progress, limiter, cancel), 1, cancel)
                 else:
                     if copied is not None:
                         copied.append(f.rel)
                     progress(f.size)
             yield copy
             return
-        yield from _upload_tasks(store, key, f, progress)
+        yield from _upload_tasks(store, key, f, progress, limiter, cancel)
 
     packs = assign_packs([(f.rel, f.path, f.size) for f in files])
     pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
@@ -306,8 +326,8 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
 
     def tasks() -> Iterator[Callable[[], None]]:
         for pack in packs:
-            yield lambda p=pack: _upload_pack(store, layout.pack_key(ident.job_id, ident.name, ident.rank, p.id), p,
-                                              open_member)
+            yield lambda p=pack: _request(limiter, cancel, lambda: _upload_pack(
+                store, layout.pack_key(ident.job_id, ident.name, ident.rank, p.id), p, open_member, limiter))
         for f in files:
             yield from copy_or_upload(f)
 

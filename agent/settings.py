@@ -65,6 +65,7 @@ class Settings:
     aws_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     checkpoint_dir: str = DEFAULT_CHECKPOINT_DIR
     checkpointing_enabled: bool = False
+    max_rate: int | None = None  # CKPT_AGENT_MAX_RATE: bytes per second, loads and uploads; None: no cap
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -141,6 +142,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         aws_env={k: v for k, v in env.items() if k.startswith("AWS_") or k.lower() in PROXY_VARS},
         checkpoint_dir=env.get("BT_CHECKPOINT_DIR", "").strip() or DEFAULT_CHECKPOINT_DIR,
         checkpointing_enabled=env_flag(env, "BT_CHECKPOINTING_ENABLED"),
+        max_rate=max_rate_from_env(env),
     )
 
 

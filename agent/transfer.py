@@ -24,6 +24,7 @@ from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
 from agent.manifest import read_checksums
 from agent.plan import FileTask, Plan
 from agent.pool import run_tasks
+from agent.ratelimit import NO_LIMITS, Limiter
 from agent.retry import Backoff
 from agent.safefs import Folder, open_file, open_or_create
 from agent.stores.base import RangeReader, Store
@@ -60,12 +61,12 @@ class _FileState:
 
 class _Engine:
     def __init__(self, store: Store, plan: Plan, folder: Folder, options: TransferOptions, progress: Progress,
-                 cancel: Cancel, index: VerifiedIndex) -> None:
+                 cancel: Cancel, index: VerifiedIndex, limiter: Limiter) -> None:
         self.plan, self.folder, self.options = plan, folder, options
         self.progress, self.cancel, self.index = progress, cancel, index
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
-        self.fetcher = Fetcher(store, cancel, options.backoff, options.buffer_size, self._fetched)
+        self.fetcher = Fetcher(store, cancel, options.backoff, options.buffer_size, self._fetched, limiter)
         self.placed: set[str] = set()
 
     def _fetched(self, count: int) -> None:
@@ -208,10 +209,11 @@ def _runs(parts: list[int]) -> Iterator[tuple[int, int]]:
 
 
 def run_plan(store: Store, plan: Plan, folder: Folder, options: TransferOptions, progress: Progress,
-             cancel: Cancel, index: VerifiedIndex) -> TransferStats:
-    """Download and verify everything in `plan.fetch`; intact files are only counted."""
+             cancel: Cancel, index: VerifiedIndex, limiter: Limiter = NO_LIMITS) -> TransferStats:
+    """Download and verify everything in `plan.fetch`; intact files are only counted. Every
+    ranged GET goes through `limiter`: the rate cap and the throttle-aware gate."""
     started = time.monotonic()
-    engine = _Engine(store, plan, folder, options, progress, cancel, index)
+    engine = _Engine(store, plan, folder, options, progress, cancel, index, limiter)
     engine.stats.files_reused = len(plan.intact)
     try:
         run_tasks(engine.units(), options.workers, cancel)

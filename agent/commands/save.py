@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent.commands.context import Context, cancelled_by_signals
 from agent.errors import ConfigError
+from agent.ratelimit import limiter
 from agent.save import CheckpointId, CommitRequest, commit_checkpoint, scan_checkpoint
 from agent.spec import check_name
 from agent.stores import open_store
@@ -42,7 +43,9 @@ def save(ctx: Context, options: SaveOptions) -> int:
         store = open_store(settings)
         sink = ctx.reporter.progress(total, "upload")
         try:
-            manifest = commit_checkpoint(store, CommitRequest(folder, ident, settings.workers), sink, ctx.cancel)
+            limits = limiter(settings.max_rate, settings.workers, ctx.cancel, ctx.reporter.info)
+            manifest = commit_checkpoint(store, CommitRequest(folder, ident, settings.workers), sink, ctx.cancel,
+                                         limiter=limits)
         finally:
             sink.close()
             store.close()

@@ -69,4 +69,4 @@ def open_sidecar(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = No
         complete_file=flags.complete_file, commit_on_quiet=flags.commit_on_quiet,
     )
     ident = CheckpointId(settings.project_name, job_id, "", settings.node_rank, settings.num_nodes)
-    return Sidecar(open_store(settings), ident, options, settings.workers, ctx.reporter)
+    return Sidecar(open_store(settings), ident, options, settings.workers, ctx.reporter, max_rate=settings.max_rate)

@@ -34,6 +34,17 @@ def _plain_copy(src: int, dst: int, start: int, offset: int, length: int) -> Non
         start, offset, length = start + len(data), offset + len(data), length - len(data)
 
 
+def _read_copy(source: BinaryIO, dst: int, start: int, offset: int, length: int) -> None:
+    """From a file object with no fd to copy from; its reads may come back short."""
+    source.seek(start)
+    while length > 0:
+        data = source.read(length)
+        if not data:
+            raise EOFError
+        os.pwrite(dst, data, offset)
+        offset, length = offset + len(data), length - len(data)
+
+
 class _FileRange:
     def __init__(self, path: Path, start: int, length: int) -> None:
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
@@ -80,9 +91,10 @@ class _LocalUpload(Upload):
         try:
             try:
                 src = source.fileno()
-            except (OSError, AttributeError):
-                source.seek(start)
-                os.pwrite(self._fd, source.read(length), offset)
+            except (OSError, AttributeError):  # a pack, or a body paced by the rate cap
+                src = None
+            if src is None:
+                _read_copy(source, self._fd, start, offset, length)
                 return
             while length > 0 and self._kernel_copy:
                 try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from agent.cancel import Cancel
 from agent.errors import AgentError, ConfigError, Interrupted, StoreError
 from agent.manifest import natural_key
+from agent.ratelimit import limiter
 from agent.report import Reporter, human_bytes
 from agent.resolve import read_job
 from agent.retry import Backoff
@@ -50,9 +51,9 @@ class Sidecar:
     """The sync loop. `run()` blocks; `finish()` (from another thread) turns it into a final flush."""
 
     def __init__(self, store: Store, ident: CheckpointId, options: SyncOptions, workers: int,
-                 reporter: Reporter) -> None:
+                 reporter: Reporter, *, max_rate: int | None = None) -> None:
         self.store, self.ident, self.options = store, ident, options
-        self.workers, self.reporter = workers, reporter
+        self.workers, self.reporter, self.max_rate = workers, reporter, max_rate
         self.result = SyncResult()
         self._ledger = Ledger(store, ident, reporter)
         self._watch = Watch(options, reporter)
@@ -270,7 +271,8 @@ class Sidecar:
         started = time.monotonic()
         sink = self.reporter.progress(sum(f.size for f in seen.files), f"upload {name}")
         try:
-            manifest = commit_checkpoint(self.store, request, sink, cancel, copied)
+            limits = limiter(self.max_rate, self.workers, cancel, self.reporter.info)
+            manifest = commit_checkpoint(self.store, request, sink, cancel, copied, limits)
         except CheckpointChanged as exc:
             self.reporter.info(f"sync: {name}: {exc}; it starts over once quiet")
             seen.files, seen.since = (), time.monotonic()  # differs from any scan: quiet starts again
