@@ -170,6 +170,11 @@ class ConcurrencyGate:
     def limit(self) -> int:
         return self._aimd.limit
 
+    @property
+    def cuts(self) -> int:
+        """How many times a throttle has cut the limit."""
+        return self._aimd.epoch
+
     @contextmanager
     def slot(self) -> Iterator[None]:
         epoch = self._enter()
