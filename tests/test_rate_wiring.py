@@ -19,6 +19,7 @@ import pytest
 
 import agent.commands.save as save_command
 import agent.load
+import agent.sidecar
 from agent import layout
 from agent.cli import main
 from agent.errors import ThrottledError
@@ -92,8 +93,8 @@ def fake_clock_buckets(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
         assert built.bucket is not None  # CKPT_AGENT_MAX_RATE arrived
         return dataclasses.replace(built, bucket=TokenBucket(max_rate, clock.sleep, clock=clock))
 
-    monkeypatch.setattr(agent.load, "limiter", on_fake_time)
-    monkeypatch.setattr(save_command, "limiter", on_fake_time)
+    for module in (agent.load, save_command, agent.sidecar):
+        monkeypatch.setattr(module, "limiter", on_fake_time)
     return clock
 
 
@@ -273,3 +274,17 @@ def test_the_gate_tells_of_each_cut_once_with_the_new_limit():
         with pytest.raises(ThrottledError), gate.slot():
             raise ThrottledError("503 SlowDown")
     assert heard == [4, 2] and gate.cuts == 2
+
+
+def test_the_cap_paces_the_sidecars_uploads(tmp_path, fake_clock_buckets):
+    clock = fake_clock_buckets
+    checkpoints = tmp_path / "checkpoints"
+    data = payload(2 * MIB, "sidecar")
+    (checkpoints / "snapshot-3").mkdir(parents=True)
+    (checkpoints / "snapshot-3" / "model.bin").write_bytes(data)
+    env = {"BT_CHECKPOINT_STORE": str(tmp_path / "store"), "BT_TRAINING_JOB_ID": JOB, "CKPT_AGENT_WORKERS": "1",
+           "CKPT_AGENT_MAX_RATE": "1MB", "BT_CHECKPOINT_DIR": str(checkpoints), "CKPT_AGENT_QUIET_SECONDS": "0",
+           "CKPT_AGENT_COMMIT_ON_QUIET": "1"}
+    assert main(["sync", "--once"], env) == 0
+    assert (tmp_path / "store" / layout.file_key(JOB, "snapshot-3", 0, "model.bin")).read_bytes() == data
+    assert clock() == pytest.approx((len(data) - LOCAL_RATE * BURST_SECONDS) / LOCAL_RATE)
