@@ -19,7 +19,7 @@ import pytest
 
 import agent.commands.save as save_command
 import agent.load
-import agent.sidecar
+import agent.sync.loop
 from agent import layout
 from agent.cli import main
 from agent.errors import ThrottledError
@@ -93,7 +93,7 @@ def fake_clock_buckets(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
         assert built.bucket is not None  # CKPT_AGENT_MAX_RATE arrived
         return dataclasses.replace(built, bucket=TokenBucket(max_rate, clock.sleep, clock=clock))
 
-    for module in (agent.load, save_command, agent.sidecar):
+    for module in (agent.load, save_command, agent.sync.loop):
         monkeypatch.setattr(module, "limiter", on_fake_time)
     return clock
 
