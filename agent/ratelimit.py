@@ -83,8 +83,8 @@ class _Paced:
         return n
 
     def fileno(self) -> int:
-        """None to hand out: a caller holding the fd would read around the cap (os.pread,
-        copy_file_range), so it must fall back to read()."""
+        """No fd: a caller holding one would read around the cap (os.pread, copy_file_range), so
+        it falls back to read()."""
         raise io.UnsupportedOperation("a paced stream is read through read()")
 
     def read(self, size: int = -1) -> bytes:
