@@ -34,6 +34,8 @@ class Contender:
     check: Callable[[int], dict]  # after a successful run: verify (raises BenchError)
     prepare: Callable[[int], None] = _nothing  # before a run, not timed
     shown_env: dict[str, str] = field(default_factory=dict)  # env worth printing with argv
+    counted: str = ""  # through bench/relay.py: "received" (loads) or "sent" (uploads) is its bytes
+    metadata_bytes: int | None = None  # what its --dry-run received: listings and manifests
 
     def command(self) -> str:
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.shown_env.items())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 MB = 1_000_000  # throughput is reported in MB/s (10^6 bytes per second)
-CHUNK = 8 * MiB
+CHUNK = 8 * MiB  # also ckpt-agent's upload part size
+CHANGED_SHARE = 0.05  # incremental: the share of parts that checkpoint N+1 rewrites
 
 # {relative path: (size, crc32c)}: what a correct copy of a data set holds.
 Expected = dict[str, tuple[int, int]]
@@ -42,6 +44,8 @@ def make_datasets(quick: bool) -> dict[str, Dataset]:
     big = 8 * MiB if quick else 2 * GiB
     shards, shard = (4, 2 * MiB) if quick else (16, 128 * MiB)
     smalls, small = (50, 4 * KiB) if quick else (2000, 64 * KiB)
+    incremental = 4 * CHUNK if quick else 2 * GiB
+    weights = 4 * MiB if quick else 2 * GiB // 3 // CHUNK * CHUNK
     return {
         "big": Dataset("big", (("model.safetensors", big),)),
         "sharded": Dataset("sharded", tuple(
@@ -49,6 +53,12 @@ def make_datasets(quick: bool) -> dict[str, Dataset]:
         # nested folders, 100 files each, so relative paths with '/' are exercised
         "small": Dataset("small", tuple(
             (f"part-{i // 100:02d}/file-{i:05d}.bin", small) for i in range(smalls))),
+        # checkpoint N of a job; N+1 (`changed`) differs in CHANGED_SHARE of its 8 MiB parts
+        "incremental": Dataset("incremental", (("model.safetensors", incremental),)),
+        # an HF Trainer checkpoint folder: the weights a third, the optimizer state two thirds
+        "trainer": Dataset("trainer", (
+            ("model.safetensors", weights), ("optimizer.pt", 2 * weights),
+            ("trainer_state.json", 4 * KiB), ("scheduler.pt", 1 * KiB))),
     }
 
 
@@ -91,4 +101,27 @@ def generate(dataset: Dataset, root: Path) -> Expected:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         expected[rel] = (size, crc32c_of(_write_random(path, size)))
+    return expected
+
+
+def changed_parts(size: int) -> list[int]:
+    """Which CHUNK-sized parts of a file of `size` bytes checkpoint N+1 rewrites: spread evenly,
+    at least one."""
+    parts = -(-size // CHUNK)
+    count = max(1, round(parts * CHANGED_SHARE))
+    return sorted({i * parts // count for i in range(count)})
+
+
+def derive_changed(source: Path, root: Path, dataset: Dataset) -> Expected:
+    """Checkpoint N+1 under root: the files of N at `source`, each with changed_parts() rewritten."""
+    expected = {}
+    for rel, size in dataset.files:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, path)
+        with open(path, "r+b") as dst:
+            for part in changed_parts(size):
+                dst.seek(part * CHUNK)
+                dst.write(os.urandom(min(CHUNK, size - part * CHUNK)))
+        expected[rel] = (size, checksum_file(path))
     return expected

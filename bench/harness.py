@@ -15,6 +15,7 @@ from pathlib import Path
 from bench.checks import BenchError, list_store, verify_store
 from bench.datasets import MB, Expected, generate, make_datasets
 from bench.machine import find_tool, tool_version
+from bench.relay import Relay
 from bench.seaweed import SeaweedServer
 from bench.timing import check_exit, run_timed
 
@@ -23,10 +24,11 @@ PROJECT = "bench"
 
 
 class Harness:
-    def __init__(self, work: Path, server: SeaweedServer, quick: bool, full: bool,
+    def __init__(self, work: Path, server: SeaweedServer, relay: Relay, quick: bool, full: bool,
                  run_timeout: float | None) -> None:
         self.work = work
         self.server = server
+        self.relay = relay
         self.client = server.client()
         self.bucket = server.bucket
         self.full = full
@@ -40,7 +42,11 @@ class Harness:
         if venv_bin not in base.get("PATH", "").split(os.pathsep):
             base["PATH"] = venv_bin + os.pathsep + base.get("PATH", "")
         self.store = f"s3://{self.bucket}/{PREFIX}"
-        self.env = {**base, **server.env(), "BT_CHECKPOINT_STORE": self.store}
+        # BT_CHECKPOINT_DIR names a folder that does not exist: a load finds no local copy
+        # unless a workload (restart) points it at one
+        self.env = {**base, **server.env(), "BT_CHECKPOINT_STORE": self.store,
+                    "BT_CHECKPOINT_DIR": str(work / "no-trainer-folder")}
+        self.counted_env = {"AWS_ENDPOINT_URL": relay.endpoint}  # the store, through the relay
         self.datasets = make_datasets(quick)
         self.sources: dict[str, Path] = {}
         self.expected: dict[str, Expected] = {}

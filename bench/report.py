@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from bench import goals
+
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| workload | contender | median s | min-max s | MB/s | peak RSS MiB | "
-             "ratio vs ckpt-agent |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "ratio vs ckpt-agent | store MB/run |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         mbps = f"{row['mb_per_s']:.0f}" if row["mb_per_s"] else "-"
         lines.append(
             f"| {row['workload']} | {row['contender']} | {row['median_s']:.3f} | "
             f"{row['min_s']:.3f}-{row['max_s']:.3f} | {mbps} | {row['peak_rss_mib']:.0f} | "
-            f"{row['ratio_vs_ckpt_agent']:.2f} |")
+            f"{row['ratio_vs_ckpt_agent']:.2f} | {goals.store_mb(row)} |")
     return "\n".join(lines)
 
 
@@ -53,7 +55,11 @@ def render(result: dict) -> str:
         markdown(result["rows"]),
         "\nratio = contender wall / ckpt-agent wall (default http engine) in the same round (median "
         "over rounds); "
-        "> 1 means ckpt-agent was faster. MB = 10^6 bytes.\n",
+        "> 1 means ckpt-agent was faster. MB = 10^6 bytes. store MB/run: bytes through the "
+        "counting relay (median per run; recv for loads, sent for uploads; every request and "
+        "response head included).\n",
+        *([f"## Goals (issue 12)\n\n{goals.markdown(result['goals'])}\n"]
+          if result.get("goals") else []),
         "## Commands (round 0)\n",
         commands(result["rows"]),
     ])

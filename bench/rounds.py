@@ -9,6 +9,7 @@ from bench.checks import remove
 from bench.contenders import Contender, slug
 from bench.datasets import MB
 from bench.harness import Harness
+from bench.reuse import REUSE_WORKLOADS
 from bench.timing import check_exit, run_timed
 from bench.workloads import files_of, lineup
 
@@ -22,8 +23,9 @@ def run_workload(h: Harness, workload: str, runs: int) -> list[dict]:
         shift = r % len(contenders)  # ABC BCA CAB...: no contender always runs right after another's cleanup
         for c in contenders[shift:] + contenders[:shift]:
             results[c.name].append(_one_run(h, workload, c, r, timeout))
-    if workload.startswith("warm"):
+    if workload.startswith("warm") or workload in REUSE_WORKLOADS:
         remove(h.work / "dest" / workload)
+        remove(h.work / "cache" / workload)
     reference = results[contenders[0].name]
     return [summarise(workload, c, contenders[0].name, results[c.name], reference, nbytes,
                       files_of(h, workload)) for c in contenders]
@@ -34,13 +36,20 @@ def _one_run(h: Harness, workload: str, c: Contender, r: int, timeout: float) ->
     os.sync()  # flush the previous run's dirty pages so they are not billed here
     argv = c.argv(r)
     log = h.log(f"{workload}-{slug(c.name)}-{r}")
+    before = h.relay.traffic()
     m = run_timed(argv, c.env, log, timeout)
+    traffic = h.relay.traffic() - before  # the process has exited: its connections are closed
     check_exit(m, f"{workload}/{c.name} round {r}", argv, log)
     verified = c.check(r)
+    counted = {}
+    if c.counted:
+        counted = {"store_bytes": getattr(traffic, c.counted), "store_traffic": {
+            "sent": traffic.sent, "received": traffic.received}}
+    shown = f" {counted['store_bytes'] / MB:10.3f} MB {c.counted}" if counted else ""
     print(f"  {workload:<10} {c.name:<28} round {r}: {m.wall_s:8.3f}s "
-          f"{m.maxrss_kib / 1024:8.1f} MiB", flush=True)
+          f"{m.maxrss_kib / 1024:8.1f} MiB{shown}", flush=True)
     return {"round": r, "wall_s": m.wall_s, "outer_wall_s": m.outer_wall_s,
-            "peak_rss_mib": m.maxrss_kib / 1024, "verified": verified}
+            "peak_rss_mib": m.maxrss_kib / 1024, "verified": verified, **counted}
 
 
 def summarise(workload: str, c: Contender, reference_name: str, runs: list[dict],
@@ -49,6 +58,10 @@ def summarise(workload: str, c: Contender, reference_name: str, runs: list[dict]
     walls = [x["wall_s"] for x in runs]
     ratios = [x["wall_s"] / ref["wall_s"] for x, ref in zip(runs, reference, strict=True)]
     median = statistics.median(walls)
+    counted = {}
+    if c.counted:
+        counted = {"store_bytes": statistics.median(x["store_bytes"] for x in runs),
+                   "store_direction": c.counted, "metadata_bytes": c.metadata_bytes}
     return {
         "workload": workload,
         "contender": c.name,
@@ -64,4 +77,5 @@ def summarise(workload: str, c: Contender, reference_name: str, runs: list[dict]
         "peak_rss_mib": max(x["peak_rss_mib"] for x in runs),
         "ratio_vs_ckpt_agent": statistics.median(ratios),
         "ratios": ratios,
+        **counted,
     }

@@ -25,8 +25,10 @@ if not __package__:  # run as a script (python bench/run.py): make the bench pac
 
 from bench.checks import BenchError  # noqa: E402
 from bench.datasets import human, make_datasets  # noqa: E402
+from bench.goals import judge  # noqa: E402
 from bench.harness import Harness  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
+from bench.relay import Relay  # noqa: E402
 from bench.report import render  # noqa: E402
 from bench.rounds import run_workload  # noqa: E402
 from bench.seaweed import start_seaweed  # noqa: E402
@@ -72,8 +74,8 @@ def benchmark(args: argparse.Namespace, work: Path, result: dict) -> None:
     free = shutil.disk_usage(work).free
     if free < need:
         raise BenchError(f"{work} has {human(free)} free, the benchmark needs about {human(need)}")
-    with start_seaweed(work / "seaweed") as server:
-        h = Harness(work, server, args.quick, args.verify == "full", args.run_timeout)
+    with start_seaweed(work / "seaweed") as server, Relay(server.s3_port) as relay:
+        h = Harness(work, server, relay, args.quick, args.verify == "full", args.run_timeout)
         result["tools"] = h.tools()
         result["datasets"] = {k: v.describe() for k, v in h.datasets.items()}
         print(f"ckpt-agent benchmark in {work}; SeaweedFS at {server.endpoint}; "
@@ -84,6 +86,7 @@ def benchmark(args: argparse.Namespace, work: Path, result: dict) -> None:
         result["rows"] = []
         for workload in args.workloads:
             result["rows"] += run_workload(h, workload, args.runs)
+        result["goals"] = judge(result["rows"])
     result["machine"]["loadavg_at_end"] = os.getloadavg()
 
 

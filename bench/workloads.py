@@ -6,17 +6,22 @@ import argparse
 from pathlib import Path
 
 from bench import contenders as c
+from bench import reuse
 from bench.checks import BenchError
 from bench.datasets import Dataset
 from bench.harness import Harness
 
-ALL_WORKLOADS = ("big", "sharded", "small", "warm-big", "warm-small", "noop", "upload")
-ALIASES = {"warm": ("warm-big", "warm-small"), "all": ALL_WORKLOADS}
+ALL_WORKLOADS = ("big", "sharded", "small", "warm-big", "warm-small", "noop", "upload",
+                 *reuse.REUSE_WORKLOADS)
+ALIASES = {"warm": ("warm-big", "warm-small"), "reuse": reuse.REUSE_WORKLOADS, "all": ALL_WORKLOADS}
 COLD = ("big", "sharded", "small")
+WARM = ("warm-big", "warm-small")
 # Which generated data set each workload uses, and whether it must be in the store first.
 DATASET_OF = {"big": "big", "sharded": "sharded", "small": "small", "warm-big": "big",
-              "warm-small": "small", "upload": "sharded"}
-NEEDS_FILL = {"big", "sharded", "small", "warm-big", "warm-small"}
+              "warm-small": "small", "upload": "sharded", "restart": "big", "warm-cache": "big",
+              "incremental-upload": "incremental", "exclude-optimizer": "trainer"}
+NEEDS_FILL = {"big", "sharded", "small", "warm-big", "warm-small", "restart", "warm-cache",
+              "incremental-upload", "exclude-optimizer"}  # incremental-upload: checkpoint N
 WARM_COPIES = len(c.ENGINES) + 1  # each ckpt-agent engine and s5cmd keep a warm copy
 
 
@@ -29,7 +34,8 @@ def parse_workloads(text: str) -> list[str]:
         for name in ALIASES.get(item, (item,)):
             if name not in ALL_WORKLOADS:
                 raise argparse.ArgumentTypeError(
-                    f"unknown workload {item!r} (choose from {', '.join(ALL_WORKLOADS)}, warm, all)")
+                    f"unknown workload {item!r} (choose from {', '.join(ALL_WORKLOADS)}, "
+                    "warm, reuse, all)")
             if name not in chosen:
                 chosen.append(name)
     if not chosen:
@@ -51,7 +57,11 @@ def needed_disk(datasets: dict[str, Dataset], workloads: list[str]) -> int:
     largest = max((datasets[d].total_bytes for d in datasets_used(workloads)), default=0)
     total += 2 * largest  # one cold destination or one upload, plus slack
     total += WARM_COPIES * sum(datasets[DATASET_OF[w]].total_bytes
-                               for w in workloads if w.startswith("warm"))
+                               for w in workloads if w in WARM)
+    if "warm-cache" in workloads:
+        total += datasets["big"].total_bytes  # the part cache
+    if "incremental-upload" in workloads:
+        total += datasets["incremental"].total_bytes  # checkpoint N+1 next to N
     return total
 
 
@@ -64,10 +74,13 @@ def lineup(h: Harness, workload: str) -> tuple[list[c.Contender], int]:
     dest = h.work / "dest" / workload
     if workload in COLD:
         return _cold_lineup(h, workload, dest), h.datasets[workload].total_bytes
-    if workload in ("warm-big", "warm-small"):
+    if workload in WARM:
         return _warm_lineup(h, workload, dest)
     if workload == "noop":
         return c.noop(h), 0
+    if workload in reuse.REUSE_WORKLOADS:
+        dest.mkdir(parents=True, exist_ok=True)
+        return reuse.lineup(h, workload, dest)
     if workload == "upload":
         return ([*(c.ckpt_save(h, engine) for engine in c.ENGINES), c.s5cmd_put(h)],
                 h.datasets["sharded"].total_bytes)
