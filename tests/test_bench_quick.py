@@ -7,17 +7,23 @@ by the harness itself. Also: the peak RSS it reports is the contender's own.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from bench.checks import BenchError, verify_tree
 from bench.datasets import checksum_file
+from bench.goals import allowance
+from bench.relay import Relay, Traffic
 from bench.timing import run_timed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,12 +36,21 @@ EXPECTED = {
     "warm-small": {"ckpt-agent", "ckpt-agent boto3", "s5cmd cp --if-size-differ"},
     "noop": {"ckpt-agent run", "/bin/true"},
     "upload": {"ckpt-agent save", "ckpt-agent save boto3", "s5cmd cp"},
+    "restart": {"ckpt-agent", "cp -r"},
+    "warm-cache": {"ckpt-agent"},
+    "incremental-upload": {"ckpt-agent save", "s5cmd cp"},
+    "exclude-optimizer": {"ckpt-agent", "s5cmd cp --exclude"},
 }
 ENGINE_VAR = "CKPT_AGENT_S3_ENGINE="
-QUICK_BYTES = {"big": 8 << 20, "sharded": 4 * (2 << 20), "small": 50 * (4 << 10)}
-QUICK_FILES = {"big": 1, "sharded": 4, "small": 50}
+PART = 8 << 20
+INCLUDED = (4 << 20) + (4 << 10) + (1 << 10)  # trainer: all but optimizer.pt (8 MiB)
+QUICK_BYTES = {"big": PART, "sharded": 4 * (2 << 20), "small": 50 * (4 << 10),
+               "incremental": 4 * PART, "included": INCLUDED}
+QUICK_FILES = {"big": 1, "sharded": 4, "small": 50, "incremental": 1, "included": 3}
 DATASET = {"big": "big", "sharded": "sharded", "small": "small", "warm-big": "big",
-           "warm-small": "small", "upload": "sharded"}
+           "warm-small": "small", "upload": "sharded", "restart": "big", "warm-cache": "big",
+           "incremental-upload": "incremental", "exclude-optimizer": "included"}
+REUSE = ("restart", "warm-cache", "incremental-upload", "exclude-optimizer")
 
 
 @pytest.mark.seaweed
@@ -73,16 +88,92 @@ def test_quick_benchmark_races_both_engines_in_every_s3_workload_and_verifies_ev
         assert row["bytes"] == QUICK_BYTES[dataset]
         for run in row["runs"]:
             # the harness verified the destination (or the uploaded objects) byte for byte
-            assert run["verified"] == {"files": QUICK_FILES[dataset],
-                                       "bytes": QUICK_BYTES[dataset], "contents": "crc32c",
-                                       **({"untouched": True} if workload.startswith("warm")
-                                          else {})}, (workload, contender)
+            verified = {k: v for k, v in run["verified"].items() if k != "agent"}
+            assert verified == {"files": QUICK_FILES[dataset],
+                                "bytes": QUICK_BYTES[dataset], "contents": "crc32c",
+                                **({"untouched": True} if workload in ("warm-big", "warm-small")
+                                   else {})}, (workload, contender)
+        # every S3 contender of the new workloads is counted by the relay, nobody else is
+        assert ("store_bytes" in row) == (workload in REUSE and contender != "cp -r"), row
     for workload in EXPECTED:
         reference = next(r for r in result["rows"] if r["workload"] == workload)
         assert reference["contender"] in ("ckpt-agent", "ckpt-agent run", "ckpt-agent save")
         assert reference["ratio_vs_ckpt_agent"] == 1.0
+    check_store_bytes(rows, result["goals"])
     # nothing left behind: the harness removes its temporary folder (server data included)
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def _data(row: dict) -> int:
+    """Checkpoint data a load took from the store: relay bytes less its dry run's (metadata)."""
+    (run,) = row["runs"]
+    return run["store_bytes"] - row["metadata_bytes"]
+
+
+def _agent(row: dict) -> dict:
+    (run,) = row["runs"]
+    return run["verified"]["agent"]
+
+
+def check_store_bytes(rows: dict, goals: list[dict]) -> None:
+    """Counts, never timings: what crossed the relay, against the data and the agent's own count."""
+    slack = allowance(PART)  # request and response heads: far below the 8 MiB a part would add
+    # s5cmd moves exactly the files: the relay sees all of them and little else
+    assert 4 * PART <= rows["incremental-upload", "s5cmd cp"]["store_bytes"] <= 4 * PART + slack
+    assert abs(_data(rows["exclude-optimizer", "s5cmd cp --exclude"]) - INCLUDED) <= slack
+
+    # a load without the optimizer fetches exactly the other files, not its 8 MiB
+    excluding = rows["exclude-optimizer", "ckpt-agent"]
+    assert abs(_data(excluding) - INCLUDED) <= slack
+    assert _agent(excluding)["bytes_fetched"] == INCLUDED
+    met = {(g["workload"], g["what"]): g["met"] for g in goals}
+    assert met["exclude-optimizer", "ckpt-agent: checkpoint data from the store"]
+    assert all(ok for (_, what), ok in met.items() if what.endswith("peak RSS"))
+
+    # restart and warm cache: the relay agrees with loaded.json; with local sources in this
+    # checkout, nothing of the checkpoint comes from the store
+    local_sources = importlib.util.find_spec("agent.sources") is not None
+    for workload, source in (("restart", "checkpoint_dir"), ("warm-cache", "cache")):
+        row = rows[workload, "ckpt-agent"]
+        assert abs(_data(row) - _agent(row)["bytes_fetched"]) <= slack, workload
+        if local_sources:
+            assert _agent(row)["bytes_fetched"] == 0 and abs(_data(row)) <= slack, workload
+            assert _agent(row)["bytes_from"][source] == PART, workload
+            assert met[workload, "ckpt-agent: checkpoint data from the store"]
+
+    # checkpoint N+1 differs from N in one of its four parts: at least that part goes up; all of
+    # it only where the agent copies the rest inside the store (its summary then says "copied")
+    save = rows["incremental-upload", "ckpt-agent save"]
+    (run,) = save["runs"]
+    assert run["store_bytes"] >= PART
+    if any("copied" in key for key in _agent(save)):
+        assert run["store_bytes"] <= PART + slack
+
+
+def test_relay_counts_every_byte_each_way_and_changes_none() -> None:
+    request, reply = os.urandom(3 << 20), os.urandom(5 << 20)
+    heard = bytearray()
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        def serve() -> None:
+            conn, _ = upstream.accept()
+            with conn:
+                conn.settimeout(30)
+                while len(heard) < len(request) and (data := conn.recv(1 << 20)):
+                    heard.extend(data)
+                conn.sendall(reply)
+
+        server = threading.Thread(target=serve)
+        server.start()
+        with Relay(upstream.getsockname()[1]) as relay:
+            before = relay.traffic()
+            url = urlsplit(relay.endpoint)
+            with socket.create_connection((url.hostname, url.port), timeout=30) as client:
+                client.sendall(request)
+                client.shutdown(socket.SHUT_WR)
+                received = b"".join(iter(lambda: client.recv(1 << 20), b""))
+            server.join(30)
+            assert bytes(heard) == request and received == reply
+            assert relay.traffic() - before == Traffic(len(request), len(reply))
 
 
 def test_verification_fails_loudly_on_a_wrong_download(tmp_path: Path) -> None:
