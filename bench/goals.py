@@ -37,7 +37,9 @@ def _agent(row: dict, key: str) -> list:
 def _fetched(workload: str, row: dict, expected: int, goal: str) -> dict:
     """Worst run: checkpoint data from the store, against `expected` bytes (within allowance)."""
     worst = max((data_bytes(row, run) for run in row["runs"]), key=lambda n: abs(n - expected))
-    return _goal(workload, f"{row['contender']}: checkpoint data from the store", human(worst),
+    own = [n for n in _agent(row, "bytes_fetched") if n is not None]
+    shown = human(worst) + (f" (loaded.json: {human(max(own))})" if own else "")
+    return _goal(workload, f"{row['contender']}: checkpoint data from the store", shown,
                  goal, abs(worst - expected) <= allowance(expected), measured_bytes=worst,
                  expected_bytes=expected, allowance_bytes=allowance(expected),
                  store_bytes=[run["store_bytes"] for run in row["runs"]],

@@ -58,17 +58,16 @@ def _counted_load(h: Harness, dataset: str, dest: Path, extra: dict[str, str], w
         verified = verify_tree(dest / "rank-0" / dataset, expected, h.full, what)
         return {**verified, "agent": loaded_record(dest)}
 
-    load = dataclasses.replace(base, env=env, check=check, counted="received",
-                               shown_env={**extra, **base.shown_env})
-    return dataclasses.replace(load, metadata_bytes=dry_run_bytes(h, load, f"{what} --dry-run"))
+    return dataclasses.replace(
+        base, env=env, check=check, counted="received", shown_env={**extra, **base.shown_env},
+        metadata_bytes=received_by(h, [*base.argv(0), "--dry-run"], env, f"{what} --dry-run"))
 
 
-def dry_run_bytes(h: Harness, load: c.Contender, what: str) -> int:
-    argv = [*load.argv(0), "--dry-run"]
+def received_by(h: Harness, argv: list[str], env: dict[str, str], what: str) -> int:
+    """Bytes the store sent one untimed run of argv: a dry run's listings and manifests."""
     log = h.log(c.slug(what))
     before = h.relay.traffic()
-    m = run_timed(argv, load.env, log, h.timeout(0))
-    check_exit(m, what, argv, log)
+    check_exit(run_timed(argv, env, log, h.timeout(0)), what, argv, log)
     return (h.relay.traffic() - before).received
 
 
@@ -170,8 +169,6 @@ def _exclude(h: Harness, dest: Path) -> list[c.Contender]:
         h.env, check=lambda _r: verify_tree(dest / "s5cmd", included(h), h.full,
                                             "exclude-optimizer s5cmd"), counted="received")
     listing = [h.s5cmd, *flags, "--dry-run", "cp", "--exclude", EXCLUDED, source, f"{dest}/x/"]
-    before = h.relay.traffic()
-    log = h.log("exclude-optimizer-s5cmd-dry-run")
-    check_exit(run_timed(listing, h.env, log, h.timeout(0)), "s5cmd --dry-run", listing, log)
-    s5cmd = dataclasses.replace(s5cmd, metadata_bytes=(h.relay.traffic() - before).received)
+    s5cmd = dataclasses.replace(s5cmd, metadata_bytes=received_by(
+        h, listing, h.env, "exclude-optimizer s5cmd --dry-run"))
     return [c.cold(load, folder), c.cold(s5cmd, dest / "s5cmd")]
