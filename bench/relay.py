@@ -12,6 +12,7 @@ counted workload alike.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import threading
@@ -62,7 +63,7 @@ class Relay:
             except OSError:
                 client.close()
                 continue
-            done = threading.Barrier(2, action=lambda c=client, s=server: (c.close(), s.close()))
+            done = threading.Barrier(2, action=functools.partial(_close, client, server))
             for src, dst, way in ((client, server, 0), (server, client, 1)):
                 threading.Thread(target=self._pump, args=(src, dst, way, done), daemon=True).start()
 
@@ -84,3 +85,8 @@ class Relay:
                 dst.shutdown(socket.SHUT_WR)
             with contextlib.suppress(threading.BrokenBarrierError):
                 done.wait()
+
+
+def _close(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        sock.close()

@@ -93,10 +93,10 @@ def _warm_cache(h: Harness, dest: Path) -> list[c.Contender]:
     remove(cache)
     cache.mkdir(parents=True)
     extra = {"CKPT_AGENT_CACHE_DIR": str(cache)}
-    fill = _counted_load(h, "big", dest / "fill", extra, "warm-cache first load")
+    fill = c.ckpt_load(h, "big", dest / "fill")
     argv = fill.argv(0)
     log = h.log("warm-cache-fill")
-    check_exit(run_timed(argv, fill.env, log, h.timeout(h.datasets["big"].total_bytes)),
+    check_exit(run_timed(argv, {**fill.env, **extra}, log, h.timeout(h.datasets["big"].total_bytes)),
                "warm-cache first load (untimed)", argv, log)
     fill.check(0)
     remove(dest / "fill")
