@@ -1,4 +1,5 @@
-"""Shared fixtures: one real SeaweedFS S3 server per session, and moto for pure-API tests.
+"""Shared fixtures: one real SeaweedFS S3 server per session, and moto for pure-API tests; a
+fault proxy in front of SeaweedFS, a store of either kind, and the processes a test starts.
 
 Everything here talks only to 127.0.0.1 (SeaweedFS) or to nothing at all (moto intercepts
 botocore before any request leaves the process). Both S3 fixtures first remove every AWS_*
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from bench.seaweed import SeaweedServer, start_seaweed
+from tests.support.faultproxy import LOOPBACK, FaultProxy
+from tests.support.helpers import StoreUnderTest, local_store, seaweed_store
 
 MOTO_BUCKET = "ckpt-agent-moto"
 
@@ -53,6 +58,32 @@ def s3_env(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> SeaweedSe
 def s3_prefix() -> str:
     """A key prefix no other test uses (no slashes at either end), e.g. for a store root."""
     return f"test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def proxy(seaweed: SeaweedServer) -> Iterator[FaultProxy]:
+    """A fault proxy on 127.0.0.1 in front of the session's SeaweedFS server."""
+    with FaultProxy(LOOPBACK, seaweed.s3_port) as p:
+        yield p
+
+
+@pytest.fixture(params=["local", "seaweedfs"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreUnderTest:
+    """Each test runs twice: against a local directory store and against SeaweedFS."""
+    if request.param == "local":
+        return local_store(tmp_path / "store")
+    return seaweed_store(request.getfixturevalue("seaweed"), request.getfixturevalue("s3_prefix"))
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen]]:
+    """Every process a test starts; any still running at the end is killed (by its own pid)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent import layout
-from tests.faultproxy import FaultProxy
+from tests.support.faultproxy import FaultProxy
 from tests.test_faults import (
     JOB,
     NAME,

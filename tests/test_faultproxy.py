@@ -1,4 +1,4 @@
-"""Proves tests/faultproxy.py works: pass-through to a real SeaweedFS, each fault as a client sees
+"""Proves tests/support/faultproxy/ works: pass-through to a real SeaweedFS, each fault as a client sees
 it, fire counts, exact byte accounting, upstream "restart", and chunked upstream responses."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -18,29 +19,22 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from bench.seaweed import start_seaweed
-from tests.faultproxy import LOOPBACK, FaultProxy
+from bench.seaweed import BUCKET
+from tests.support.faultproxy import LOOPBACK, FaultProxy
+from tests.support.helpers import wait_for
 
 pytestmark = pytest.mark.seaweed
 
-KEY = "faultproxy/blob.bin"
+PREFIX = f"test-faultproxy-{uuid.uuid4().hex}"  # this module's own keys in the shared bucket
+KEY = f"{PREFIX}/blob.bin"
 BLOB = random.Random(1234).randbytes(1024 * 1024 + 17)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_seaweed(tmp_path_factory.mktemp("faultproxy-seaweed"))
-    try:
-        srv.client().put_object(Bucket=srv.bucket, Key=KEY, Body=BLOB)
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def proxy(server):
-    with FaultProxy(LOOPBACK, server.s3_port) as p:
-        yield p
+def server(seaweed):
+    """The session's SeaweedFS server, holding BLOB at KEY."""
+    seaweed.client().put_object(Bucket=seaweed.bucket, Key=KEY, Body=BLOB)
+    return seaweed
 
 
 def s3_via(proxy, server, *, attempts=1, read_timeout=10):
@@ -75,7 +69,7 @@ class Raw:
 def raw_get(proxy, s3, key=KEY, *, timeout=5.0) -> Raw:
     """GET a presigned URL over a plain socket (Connection: close) and record every byte."""
     url = urlsplit(s3.generate_presigned_url(
-        "get_object", Params={"Bucket": "checkpoints", "Key": key}, ExpiresIn=600))
+        "get_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=600))
     lines = [f"GET {url.path}?{url.query} HTTP/1.1", f"Host: {url.netloc}", "Connection: close"]
     data = bytearray()
     ending = "eof"
@@ -112,18 +106,18 @@ def raw_get(proxy, s3, key=KEY, *, timeout=5.0) -> Raw:
 
 def test_boto3_put_get_list_head_delete_pass_through_with_host_header_unchanged(
         proxy, s3, server):
-    s3.put_object(Bucket=server.bucket, Key="pt/one.bin", Body=b"one" * 1000)
-    s3.put_object(Bucket=server.bucket, Key="pt/two.bin", Body=io.BytesIO(b"two" * 5000))
-    assert s3.get_object(Bucket=server.bucket, Key="pt/one.bin")["Body"].read() == b"one" * 1000
-    listed = s3.list_objects_v2(Bucket=server.bucket, Prefix="pt/")
-    assert [o["Key"] for o in listed["Contents"]] == ["pt/one.bin", "pt/two.bin"]
-    assert s3.head_object(Bucket=server.bucket, Key="pt/two.bin")["ContentLength"] == 15000
-    s3.delete_object(Bucket=server.bucket, Key="pt/one.bin")
+    s3.put_object(Bucket=server.bucket, Key=f"{PREFIX}/pt/one.bin", Body=b"one" * 1000)
+    s3.put_object(Bucket=server.bucket, Key=f"{PREFIX}/pt/two.bin", Body=io.BytesIO(b"two" * 5000))
+    assert s3.get_object(Bucket=server.bucket, Key=f"{PREFIX}/pt/one.bin")["Body"].read() == b"one" * 1000
+    listed = s3.list_objects_v2(Bucket=server.bucket, Prefix=f"{PREFIX}/pt/")
+    assert [o["Key"] for o in listed["Contents"]] == [f"{PREFIX}/pt/one.bin", f"{PREFIX}/pt/two.bin"]
+    assert s3.head_object(Bucket=server.bucket, Key=f"{PREFIX}/pt/two.bin")["ContentLength"] == 15000
+    s3.delete_object(Bucket=server.bucket, Key=f"{PREFIX}/pt/one.bin")
     # the server itself (not via the proxy) sees what was written through the proxy
     direct = server.client()
-    assert direct.get_object(Bucket=server.bucket, Key="pt/two.bin")["Body"].read() == b"two" * 5000
+    assert direct.get_object(Bucket=server.bucket, Key=f"{PREFIX}/pt/two.bin")["Body"].read() == b"two" * 5000
     with pytest.raises(ClientError):
-        direct.head_object(Bucket=server.bucket, Key="pt/one.bin")
+        direct.head_object(Bucket=server.bucket, Key=f"{PREFIX}/pt/one.bin")
     methods = [(e.method, e.status) for e in proxy.exchanges]
     assert methods == [("PUT", 200), ("PUT", 200), ("GET", 200), ("GET", 200), ("HEAD", 200),
                        ("DELETE", 204)]
@@ -286,10 +280,7 @@ def test_pause_upstream_resets_inflight_download_and_new_connections_until_it_en
     result: list[Raw] = []
     reader = threading.Thread(target=lambda: result.append(raw_get(proxy, s3, timeout=10)))
     reader.start()
-    for _ in range(200):  # wait until the stalled response is in flight
-        if proxy.body_bytes("GET", KEY) == 1000:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: proxy.body_bytes("GET", KEY) == 1000, 10, "the stalled response in flight")
     paused_at = time.monotonic()
     proxy.pause_upstream(1.0)
     reader.join(5)
@@ -299,8 +290,7 @@ def test_pause_upstream_resets_inflight_download_and_new_connections_until_it_en
     with pytest.raises(BotoCoreError):
         s3.head_object(Bucket=server.bucket, Key=KEY)
     assert proxy.stats.refused >= 2
-    time.sleep(max(0.0, paused_at + 1.1 - time.monotonic()))
-    assert not proxy.paused
+    wait_for(lambda: not proxy.paused, 5, "the pause to end")
     assert s3.get_object(Bucket=server.bucket, Key=KEY, Range="bytes=0-9")["Body"].read() == \
         BLOB[:10]
 
@@ -308,7 +298,7 @@ def test_pause_upstream_resets_inflight_download_and_new_connections_until_it_en
 def test_stop_closes_listener_and_open_connections(server):
     proxy = FaultProxy(LOOPBACK, server.s3_port).start()
     idle = socket.create_connection((LOOPBACK, proxy.port), timeout=5)
-    time.sleep(0.1)
+    wait_for(lambda: proxy.stats.connections == 1, 10, "the proxy to accept the connection")
     proxy.stop()
     try:
         assert idle.recv(10) == b""

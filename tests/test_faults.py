@@ -1,7 +1,7 @@
 """Faults the loader survives, or turns into a clean failure: issue 4, "Faults it survives".
 
 Every network fault runs the installed `ckpt-agent` against the real SeaweedFS through
-tests/faultproxy.py on 127.0.0.1; the proxy's byte accounting proves that a retried part
+tests/support/faultproxy/ on 127.0.0.1; the proxy's byte accounting proves that a retried part
 resumes where it stopped instead of starting the object again. docs/reliability.md maps each
 fault to the test here that proves it.
 """
@@ -27,8 +27,9 @@ from agent.localstate import INCOMPLETE_SUFFIX
 from agent.save import CheckpointId, CommitRequest, commit_checkpoint
 from agent.stores.s3boto import Boto3Store
 from bench.seaweed import SeaweedServer
-from tests.faultproxy import LOOPBACK, FaultProxy
-from tests.specs import AGENT, spec
+from tests.support.faultproxy import LOOPBACK, FaultProxy
+from tests.support.helpers import AGENT
+from tests.support.specs import spec
 
 pytestmark = pytest.mark.seaweed
 

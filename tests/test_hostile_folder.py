@@ -24,7 +24,8 @@ from agent.cancel import Cancel
 from agent.errors import IntegrityError
 from agent.localstate import INCOMPLETE_SUFFIX
 from agent.manifest import FileEntry, JobRecord, checksum, format_checksum, parse_manifest
-from tests.specs import AGENT, spec
+from tests.support.helpers import AGENT
+from tests.support.specs import spec
 
 JOB, NAME, PART = "job-h", "checkpoint-1", 64 << 10
 FILES = {"model.bin": random.Random(1).randbytes(200_000), "sub/state.json": b'{"step": 7}'}

@@ -11,7 +11,7 @@ import pytest
 
 from agent import layout
 from agent.listing import CheckpointListing, CheckpointRow, JobRow, render
-from tests.specs import AGENT
+from tests.support.helpers import AGENT
 
 
 def agent(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -12,7 +12,8 @@ import pytest
 
 from agent import layout
 from bench.seaweed import SeaweedServer
-from tests.specs import AGENT, latest, named, spec
+from tests.support.helpers import AGENT
+from tests.support.specs import latest, named, spec
 
 
 @dataclass

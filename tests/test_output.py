@@ -23,7 +23,8 @@ from agent import layout
 from agent.cli import build_parser
 from agent.localstate import VerifiedIndex
 from agent.report import JsonReporter, Reporter, _LineSink, make_reporter
-from tests.specs import AGENT, latest, named, spec
+from tests.support.helpers import AGENT
+from tests.support.specs import latest, named, spec
 
 
 def agent(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.specs import AGENT, latest, spec
+from tests.support.helpers import AGENT
+from tests.support.specs import latest, spec
 from tests.test_sidecar import StoreUnderTest, _local, _seaweed, committed, env_for, procs, start, wait_for
 
 pytestmark = pytest.mark.trainers

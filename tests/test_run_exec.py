@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.specs import AGENT
+from tests.support.helpers import AGENT
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from agent.stores.local import LocalStore
 from agent.sync.loop import Sidecar
 from agent.sync.options import SyncOptions
 from agent.sync.readiness import Why
-from tests.specs import AGENT
+from tests.support.helpers import AGENT
 
 SECRET = b"aws_secret_access_key = SECRETSECRETSECRET\n"
 

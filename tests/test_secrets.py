@@ -29,7 +29,7 @@ import pytest
 import bench.seaweed as seaweed_module
 from agent import layout
 from bench.seaweed import SeaweedServer, start_seaweed
-from tests.faultproxy import LOOPBACK, FaultProxy
+from tests.support.faultproxy import LOOPBACK, FaultProxy
 from tests.test_faults import (
     AGENT,
     JOB,

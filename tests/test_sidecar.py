@@ -31,7 +31,7 @@ from agent.sync.observe import open_for_writing
 from agent.sync.options import SyncOptions
 from agent.sync.readiness import NotReady, Why
 from bench.seaweed import SeaweedServer
-from tests.specs import AGENT
+from tests.support.helpers import AGENT
 
 TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
 QUIET = "0.5"

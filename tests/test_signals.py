@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.launch import runs_through_shell
-from tests.specs import AGENT
+from tests.support.helpers import AGENT
 from tests.test_sidecar import TRAINER, committed, env_for, local_store, procs, start, wait_for  # noqa: F401
 
 SLOW_SAVE = ("--checkpoints", "2", "--every", "60", "--chunks", "20", "--chunk-sleep", "0.075")

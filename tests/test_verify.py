@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent import layout
-from tests.specs import AGENT, spec
+from tests.support.helpers import AGENT
+from tests.support.specs import spec
 
 
 def agent(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

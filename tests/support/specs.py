@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-
-AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 
 
 def spec(folder: Path, *refs: dict) -> str:
