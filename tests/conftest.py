@@ -21,7 +21,7 @@ import pytest
 
 from bench.seaweed import SeaweedServer, start_seaweed
 from tests.support.faultproxy import LOOPBACK, FaultProxy
-from tests.support.helpers import StoreUnderTest, local_store, seaweed_store
+from tests.support.helpers import StoreUnderTest, dir_store, s3_store
 
 MOTO_BUCKET = "ckpt-agent-moto"
 
@@ -71,8 +71,14 @@ def proxy(seaweed: SeaweedServer) -> Iterator[FaultProxy]:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreUnderTest:
     """Each test runs twice: against a local directory store and against SeaweedFS."""
     if request.param == "local":
-        return local_store(tmp_path / "store")
-    return seaweed_store(request.getfixturevalue("seaweed"), request.getfixturevalue("s3_prefix"))
+        return dir_store(tmp_path / "store")
+    return s3_store(request.getfixturevalue("seaweed"), request.getfixturevalue("s3_prefix"))
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> StoreUnderTest:
+    """A local directory store under tmp_path/store."""
+    return dir_store(tmp_path / "store")
 
 
 @pytest.fixture

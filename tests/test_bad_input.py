@@ -19,23 +19,20 @@ import pytest
 
 from agent import layout
 from tests.support.faultproxy import FaultProxy
-from tests.test_faults import (
+from tests.support.helpers import (
     JOB,
     NAME,
     assert_exact,
     assert_one_line_failure,
     file_bytes,
     get_object,
-    latest,
-    named,
     payload,
     put_object,
     run_agent,
-    spec,
     upload_checkpoint,
 )
-from tests.test_faults import agent_env as _agent_env
-from tests.test_faults import proxy as proxy  # noqa: PLC0414 - the fixture, re-exported for pytest
+from tests.support.helpers import agent_env as _agent_env
+from tests.support.specs import latest, named, spec
 
 pytestmark = pytest.mark.seaweed
 
@@ -160,7 +157,7 @@ ENGINES = ["http", "boto3"]
 @pytest.mark.parametrize("ref", ["named", "latest"])
 def test_bucket_that_does_not_exist_is_refused_with_exit_4(ref, engine, bare):
     bucket = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
-    refs = named() if ref == "named" else latest()
+    refs = named(NAME, JOB) if ref == "named" else latest("proj")
     result = bare.run(BT_CHECKPOINT_STORE=f"s3://{bucket}/x", CKPT_AGENT_S3_ENGINE=engine,
                       **{CONFIG: spec(bare.dl, refs)})
     bare.refused(result, 4, f"s3://{bucket}", "bucket does not exist")
@@ -178,7 +175,7 @@ def test_wrong_credentials_are_refused_with_exit_4_as_access_denied(wrong, engin
 
 
 def test_named_checkpoint_of_a_job_that_is_not_there_is_refused_with_exit_3(case):
-    result = case.run(**{CONFIG: spec(case.dl, named(job_id="no-such-job"))})
+    result = case.run(**{CONFIG: spec(case.dl, named(NAME, "no-such-job"))})
     case.refused(result, 3, "no-such-job")
 
 
@@ -239,7 +236,7 @@ def test_download_folder_that_is_a_file_is_refused_with_exit_6(case):
 
 def test_download_folder_under_proc_that_cannot_be_created_is_refused_with_exit_6(case):
     # /proc/1 exists and is a folder, and nobody, root included, can create anything in it
-    result = case.run(**{CONFIG: spec(Path("/proc/1/loaded"), named())})
+    result = case.run(**{CONFIG: spec(Path("/proc/1/loaded"), named(NAME, JOB))})
     case.refused(result, 6, "download_folder /proc/1/loaded")
 
 

@@ -25,6 +25,7 @@ from bench.datasets import checksum_file
 from bench.goals import allowance
 from bench.relay import Relay, Traffic
 from bench.timing import run_timed
+from tests.support.helpers import clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,8 +59,7 @@ def test_quick_benchmark_races_both_engines_in_every_s3_workload_and_verifies_ev
         tmp_path: Path) -> None:
     out = tmp_path / "tmp" / "x.json"
     venv_bin = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_"))}
-    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    env = clean_env(PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(out),
          "--workdir", str(tmp_path / "work")],

@@ -154,7 +154,7 @@ def test_reset_after_n_body_bytes_delivers_exactly_n_bytes_then_rst(proxy, s3):
     assert proxy.body_bytes("GET", KEY) == 300_000
     proxy.add_rule("reset", method="GET", path=KEY, offset=1000)
     with pytest.raises(BotoCoreError):  # boto3 sees the reset while streaming the body
-        s3.get_object(Bucket="checkpoints", Key=KEY)["Body"].read()
+        s3.get_object(Bucket=BUCKET, Key=KEY)["Body"].read()
 
 
 def test_reset_at_offset_zero_sends_nothing_and_never_contacts_upstream(proxy, s3, server):
@@ -177,7 +177,7 @@ def test_truncate_keeps_original_content_length_sends_n_bytes_then_fin(proxy, s3
     assert proxy.body_bytes("GET", KEY) == 70_000
     proxy.add_rule("truncate", method="GET", path=KEY, offset=5)
     with pytest.raises(BotoCoreError):  # IncompleteReadError / ResponseStreamingError
-        s3.get_object(Bucket="checkpoints", Key=KEY)["Body"].read()
+        s3.get_object(Bucket=BUCKET, Key=KEY)["Body"].read()
 
 
 def test_stall_sends_n_bytes_then_silence_for_seconds_then_closes(proxy, s3, server):

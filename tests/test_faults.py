@@ -9,143 +9,42 @@ fault to the test here that proves it.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agent import layout
-from agent.cancel import Cancel
 from agent.localstate import INCOMPLETE_SUFFIX
-from agent.save import CheckpointId, CommitRequest, commit_checkpoint
-from agent.stores.s3boto import Boto3Store
 from bench.seaweed import SeaweedServer
-from tests.support.faultproxy import LOOPBACK, FaultProxy
-from tests.support.helpers import AGENT
-from tests.support.specs import spec
+from tests.support.faultproxy import FaultProxy
+from tests.support.helpers import (
+    AGENT,
+    JOB,
+    NAME,
+    PART,
+    agent_env,
+    assert_exact,
+    assert_one_line_failure,
+    file_bytes,
+    loaded,
+    payload,
+    put_object,
+    run_agent,
+    start_agent,
+    upload_checkpoint,
+    wait_for,
+)
+from tests.support.specs import latest, spec
 
 pytestmark = pytest.mark.seaweed
 
 KIB, MIB = 1 << 10, 1 << 20
-PART = 256 * KIB  # small checksum parts, so a resumed file skips most of itself
-JOB, NAME = "job-f", "checkpoint-7"
-
-
-# ---- helpers shared with test_bad_input.py and test_secrets.py ---------------------------------
-
-def payload(size: int, seed: str) -> bytes:
-    """Deterministic pseudo-random bytes: an offset mistake cannot go unnoticed."""
-    return random.Random(seed).randbytes(size)
-
-
-def upload_checkpoint(server: SeaweedServer, prefix: str, src: Path, files: dict[str, bytes], *,
-                      job: str = JOB, name: str = NAME, project: str = "proj", part_size: int = PART,
-                      ) -> dict[str, bytes]:
-    """Commit `files` as checkpoint `name` of `job` straight to SeaweedFS (not through a proxy).
-
-    In-process, because `ckpt-agent save` always uses 8 MiB parts and these tests want small
-    ones. Needs the `s3_env` fixture (boto3 reads the credentials from the environment).
-    """
-    folder = src / job / name
-    for rel, data in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-    store = Boto3Store(server.bucket, prefix)
-    try:
-        ident = CheckpointId(project, job, name)
-        commit_checkpoint(store, CommitRequest(folder, ident, 4, part_size=part_size), lambda n: None, Cancel())
-    finally:
-        store.close()
-    return files
-
-
-def put_object(server: SeaweedServer, prefix: str, key: str, data: bytes) -> None:
-    server.client().put_object(Bucket=server.bucket, Key=f"{prefix}/{key}", Body=data)
-
-
-def get_object(server: SeaweedServer, prefix: str, key: str) -> bytes:
-    return server.client().get_object(Bucket=server.bucket, Key=f"{prefix}/{key}")["Body"].read()
-
-
-def latest(project: str | None = "proj", job_id: str | None = None) -> dict:
-    return {"typ": "baseten_latest_checkpoint", "project_name": project, "job_id": job_id}
-
-
-def named(name: str = NAME, job_id: str = JOB) -> dict:
-    return {"typ": "baseten_named_checkpoint", "checkpoint_name": name, "job_id": job_id}
-
-
-def agent_env(server: SeaweedServer, prefix: str, folder: Path, *, endpoint: str | None = None,
-              refs: tuple[dict, ...] = (), **extra: str) -> dict[str, str]:
-    """The agent's whole environment: no AWS_*/BT_* from the caller, short timeouts, few workers."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    env = {
-        **keep, **server.env(),
-        "BT_CHECKPOINT_STORE": f"s3://{server.bucket}/{prefix}",
-        "BT_TRAINING_PROJECT_NAME": "proj",
-        "BT_LOAD_CHECKPOINT_CONFIG": spec(folder, *(refs or (named(),))),
-        "CKPT_AGENT_WORKERS": "4",
-        "CKPT_AGENT_READ_TIMEOUT": "2",
-    }
-    if endpoint:
-        env["AWS_ENDPOINT_URL"] = endpoint
-    env.update(extra)
-    return env
-
-
-def run_agent(args: list[str], env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([AGENT, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def start_agent(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([AGENT, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def loaded(folder: Path, name: str = NAME, rank: int = 0) -> Path:
-    return folder / f"rank-{rank}" / name
-
-
-def assert_exact(folder: Path, files: dict[str, bytes], name: str = NAME) -> None:
-    """The checkpoint folder holds exactly `files`, byte for byte, and no temporary files."""
-    root = loaded(folder, name)
-    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    assert found == sorted(files)
-    for rel, data in files.items():
-        assert (root / rel).read_bytes() == data, rel
-
-
-def assert_one_line_failure(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    """A clean failure: the documented exit code, one `error:` line naming the culprit, no traceback."""
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr
-    assert result.stderr.rstrip().splitlines()[-1] == errors[0]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-
-
-def file_bytes(proxy: FaultProxy, rel: str = "") -> int:
-    """Payload bytes of checkpoint data the proxy forwarded: ranged GETs of file `rel` (or of any
-    file or pack when `rel` is empty); manifests, job records and listings are never ranged."""
-    where = f"/rank-0/{rel}" if rel else ""
-    return sum(e.body_bytes for e in proxy.exchanges if e.method == "GET" and e.range is not None and where in e.target)
 
 
 @dataclass
@@ -163,12 +62,6 @@ class Checkpoint:
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
-
-@pytest.fixture
-def proxy(seaweed: SeaweedServer):
-    with FaultProxy(LOOPBACK, seaweed.s3_port) as p:
-        yield p
-
 
 @pytest.fixture
 def one_big(s3_env: SeaweedServer, s3_prefix: str, tmp_path: Path) -> Checkpoint:
@@ -250,7 +143,7 @@ def test_http_500_and_503_while_resolving_are_retried(status, engine, one_big, p
     manifest = proxy.add_rule("status", method="GET", path=".manifest.json", status=status, count=2)
     listing = proxy.add_rule("status", method="GET", path="list-type=2", status=status, count=2)
     dl = tmp_path / "dl"
-    result = run_agent(["load"], one_big.env(dl, proxy, BT_LOAD_CHECKPOINT_CONFIG=spec(dl, latest()),
+    result = run_agent(["load"], one_big.env(dl, proxy, BT_LOAD_CHECKPOINT_CONFIG=spec(dl, latest("proj")),
                                              CKPT_AGENT_S3_ENGINE=engine))
     assert result.returncode == 0, result.stderr
     assert (manifest.fired, listing.fired) == (2, 2)

@@ -24,8 +24,8 @@ from agent.cancel import Cancel
 from agent.errors import IntegrityError
 from agent.localstate import INCOMPLETE_SUFFIX
 from agent.manifest import FileEntry, JobRecord, checksum, format_checksum, parse_manifest
-from tests.support.helpers import AGENT
-from tests.support.specs import spec
+from tests.support.helpers import AGENT, clean_env
+from tests.support.specs import named, spec
 
 JOB, NAME, PART = "job-h", "checkpoint-1", 64 << 10
 FILES = {"model.bin": random.Random(1).randbytes(200_000), "sub/state.json": b'{"step": 7}'}
@@ -65,10 +65,8 @@ class Box:
         self.marker = tmp / "trained"
 
     def env(self, **extra: str) -> dict[str, str]:
-        keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-        return {**keep, "BT_CHECKPOINT_STORE": f"file://{self.store}", "CKPT_AGENT_WORKERS": "1",
-                "BT_LOAD_CHECKPOINT_CONFIG": spec(self.dl, {"typ": "baseten_named_checkpoint",
-                                                            "checkpoint_name": NAME, "job_id": JOB}), **extra}
+        return clean_env(**{"BT_CHECKPOINT_STORE": f"file://{self.store}", "CKPT_AGENT_WORKERS": "1",
+                            "BT_LOAD_CHECKPOINT_CONFIG": spec(self.dl, named(NAME, JOB)), **extra})
 
     def run(self, *args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess:
         argv = list(args) or ["run", "--", "touch", str(self.marker)]

@@ -32,19 +32,20 @@ from agent.spec import LatestRef
 from agent.stores import base, open_store
 from agent.stores.base import Listing, Store
 from agent.stores.local import LocalStore
-from tests.test_faults import (
+from tests.support.helpers import (
     JOB,
     NAME,
     agent_env,
     assert_exact,
     assert_one_line_failure,
+    clean_env,
     get_object,
-    latest,
     payload,
     put_object,
     run_agent,
     upload_checkpoint,
 )
+from tests.support.specs import latest, spec
 
 ENGINES = ("http", "boto3")
 BAD_NAMES = {
@@ -98,10 +99,8 @@ def planted_manifest(legit: dict, name: str) -> bytes:
 
 
 def local_env(store: Path, folder: Path, *refs: dict, **extra: str) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    return {**keep, "BT_CHECKPOINT_STORE": str(store), "BT_TRAINING_PROJECT_NAME": "proj",
-            "BT_LOAD_CHECKPOINT_CONFIG": json.dumps({"enabled": True, "checkpoints": list(refs),
-                                                     "download_folder": str(folder)}), **extra}
+    return clean_env(**{"BT_CHECKPOINT_STORE": str(store), "BT_TRAINING_PROJECT_NAME": "proj",
+                        "BT_LOAD_CHECKPOINT_CONFIG": spec(folder, *refs), **extra})
 
 
 Answer = Callable[[str, str, str], tuple[int, dict[str, str], bytes]]
@@ -405,11 +404,10 @@ def test_bucket_in_another_region_is_followed_after_a_301_permanent_redirect(fak
 
 def _credentials_env(tmp_path: Path, engine: str, endpoint: str, config: str, **extra: str) -> dict[str, str]:
     (tmp_path / "config").write_text(config)
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    return {**keep, "BT_CHECKPOINT_STORE": "s3://bucket/root", "AWS_ENDPOINT_URL": endpoint,
-            "AWS_CONFIG_FILE": str(tmp_path / "config"), "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            "AWS_EC2_METADATA_DISABLED": "true", "AWS_REGION": "us-east-1", "CKPT_AGENT_S3_ENGINE": engine,
-            **extra}
+    return clean_env(**{"BT_CHECKPOINT_STORE": "s3://bucket/root", "AWS_ENDPOINT_URL": endpoint,
+                        "AWS_CONFIG_FILE": str(tmp_path / "config"), "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                        "AWS_EC2_METADATA_DISABLED": "true", "AWS_REGION": "us-east-1",
+                        "CKPT_AGENT_S3_ENGINE": engine, **extra})
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -4,72 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agent import layout
-from bench.seaweed import SeaweedServer
-from tests.support.helpers import AGENT
+from tests.support.helpers import StoreUnderTest, clean_env, run_agent, same_tree, save
 from tests.support.specs import latest, named, spec
 
 
-@dataclass
-class StoreUnderTest:
-    """A store as the agent sees it (env) and as the test pokes at it (raw object access)."""
-
-    env: dict[str, str]
-    read: object
-    write: object
-    delete: object
-
-
-def _local_store(root: Path) -> StoreUnderTest:
-    def read(key: str) -> bytes:
-        return (root / key).read_bytes()
-
-    def write(key: str, data: bytes) -> None:
-        (root / key).write_bytes(data)
-
-    def delete(key: str) -> None:
-        (root / key).unlink()
-
-    return StoreUnderTest({"BT_CHECKPOINT_STORE": f"file://{root}"}, read, write, delete)
-
-
-def _s3_store(server: SeaweedServer, prefix: str) -> StoreUnderTest:
-    client = server.client()
-
-    def read(key: str) -> bytes:
-        return client.get_object(Bucket=server.bucket, Key=f"{prefix}/{key}")["Body"].read()
-
-    def write(key: str, data: bytes) -> None:
-        client.put_object(Bucket=server.bucket, Key=f"{prefix}/{key}", Body=data)
-
-    def delete(key: str) -> None:
-        client.delete_object(Bucket=server.bucket, Key=f"{prefix}/{key}")
-
-    env = {**server.env(), "BT_CHECKPOINT_STORE": f"s3://{server.bucket}/{prefix}"}
-    return StoreUnderTest(env, read, write, delete)
-
-
-@pytest.fixture(params=["local", "seaweedfs"])
-def store(request, tmp_path: Path) -> StoreUnderTest:
-    if request.param == "local":
-        return _local_store(tmp_path / "store")
-    server = request.getfixturevalue("seaweed")
-    return _s3_store(server, request.getfixturevalue("s3_prefix"))
-
-
 def base_env(store: StoreUnderTest, tmp_path: Path) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_"))}
-    return {**keep, **store.env, "BT_TRAINING_PROJECT_NAME": "proj"}
-
-
-def agent(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([AGENT, *args], env=env, capture_output=True, text=True, timeout=120, **kw)
+    return clean_env(**store.env, BT_TRAINING_PROJECT_NAME="proj")
 
 
 def make_checkpoint(folder: Path, step: int, size: int = 3_000_000) -> Path:
@@ -80,17 +25,6 @@ def make_checkpoint(folder: Path, step: int, size: int = 3_000_000) -> Path:
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (folder / "empty.txt").write_bytes(b"")
     return folder
-
-
-def save(env: dict[str, str], folder: Path, job: str, name: str, project: str = "proj") -> None:
-    result = agent(["save", str(folder), "--project", project, "--job-id", job, "--name", name], env)
-    assert result.returncode == 0, result.stderr
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
 
 
 @pytest.fixture
@@ -112,7 +46,7 @@ def two_jobs(store: StoreUnderTest, tmp_path: Path) -> dict[str, Path]:
 def test_run_loads_latest_of_project_and_execs_with_load_dir_set(store, two_jobs, tmp_path):
     dl = tmp_path / "dl"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("proj"))}
-    result = agent(["run", "--", "sh", "-c", 'echo "dir=$BT_LOAD_CHECKPOINT_DIR"'], env)
+    result = run_agent(["run", "--", "sh", "-c", 'echo "dir=$BT_LOAD_CHECKPOINT_DIR"'], env)
     assert result.returncode == 0, result.stderr
     assert f"dir={dl}" in result.stdout
     assert same_tree(dl / "rank-0" / "checkpoint-100", two_jobs["b/checkpoint-100"])
@@ -123,7 +57,7 @@ def test_load_latest_of_job_and_named_checkpoint(store, two_jobs, tmp_path):
     dl = tmp_path / "dl"
     refs = (latest(job_id="job-a"), named("checkpoint-20", "job-b"))
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)}
-    result = agent(["load"], env)
+    result = run_agent(["load"], env)
     assert result.returncode == 0, result.stderr
     assert same_tree(dl / "rank-0" / "checkpoint-10", two_jobs["a/checkpoint-10"])
     assert same_tree(dl / "rank-0" / "checkpoint-20", two_jobs["b/checkpoint-20"])
@@ -133,7 +67,7 @@ def test_latest_ignores_a_checkpoint_whose_manifest_is_missing(store, two_jobs, 
     store.delete(layout.manifest_key("job-b", "checkpoint-100", 0))
     dl = tmp_path / "dl"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())}
-    result = agent(["load"], env)
+    result = run_agent(["load"], env)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (dl / "rank-0").iterdir()) == ["checkpoint-20"]
 
@@ -145,7 +79,7 @@ def test_changed_byte_in_store_is_caught_and_command_never_runs(store, two_jobs,
     store.write(key, bytes(data))
     dl, marker = tmp_path / "dl", tmp_path / "trained"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("proj"))}
-    result = agent(["run", "--", "touch", str(marker)], env)
+    result = run_agent(["run", "--", "touch", str(marker)], env)
     assert result.returncode == 5, result.stderr
     assert "model.safetensors" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
@@ -159,7 +93,7 @@ def test_manifest_path_with_dotdot_is_refused_and_nothing_lands_outside(store, t
     store.write(key, json.dumps(manifest).encode())
     dl = tmp_path / "deep" / "dl"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("proj"))}
-    result = agent(["run", "--", "true"], env)
+    result = run_agent(["run", "--", "true"], env)
     assert result.returncode == 5
     assert "escaped.bin" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("escaped.bin"))
@@ -168,7 +102,7 @@ def test_manifest_path_with_dotdot_is_refused_and_nothing_lands_outside(store, t
 def test_named_checkpoint_that_is_not_there_fails_with_not_found(store, two_jobs, tmp_path):
     dl, marker = tmp_path / "dl", tmp_path / "trained"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, named("checkpoint-7", "job-b"))}
-    result = agent(["run", "--", "touch", str(marker)], env)
+    result = run_agent(["run", "--", "touch", str(marker)], env)
     assert result.returncode == 3
     assert "checkpoint-7" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
@@ -177,8 +111,8 @@ def test_named_checkpoint_that_is_not_there_fails_with_not_found(store, two_jobs
 def test_second_start_with_intact_files_downloads_nothing(store, two_jobs, tmp_path):
     dl = tmp_path / "dl"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("proj"))}
-    assert agent(["load"], env).returncode == 0
-    second = agent(["load"], env)
+    assert run_agent(["load"], env).returncode == 0
+    second = run_agent(["load"], env)
     assert second.returncode == 0, second.stderr
     assert "fetched 0 files (0 B), 4 already intact" in second.stderr
 
@@ -186,12 +120,12 @@ def test_second_start_with_intact_files_downloads_nothing(store, two_jobs, tmp_p
 def test_locally_damaged_file_is_refetched(store, two_jobs, tmp_path):
     dl = tmp_path / "dl"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("proj"))}
-    assert agent(["load"], env).returncode == 0
+    assert run_agent(["load"], env).returncode == 0
     target = dl / "rank-0" / "checkpoint-100" / "model.safetensors"
     with open(target, "r+b") as f:
         f.seek(100)
         f.write(b"\0" * 10)
-    result = agent(["load"], env)
+    result = run_agent(["load"], env)
     assert result.returncode == 0, result.stderr
     assert same_tree(dl / "rank-0" / "checkpoint-100", two_jobs["b/checkpoint-100"])
 
@@ -199,7 +133,7 @@ def test_locally_damaged_file_is_refetched(store, two_jobs, tmp_path):
 def test_latest_that_finds_nothing_warns_and_starts_training(store, tmp_path):
     dl, marker = tmp_path / "dl", tmp_path / "trained"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("new-project"))}
-    result = agent(["run", "--", "touch", str(marker)], env)
+    result = run_agent(["run", "--", "touch", str(marker)], env)
     assert result.returncode == 0, result.stderr
     assert "WARNING" in result.stderr and "new-project" in result.stderr
     assert marker.exists()
@@ -209,7 +143,7 @@ def test_required_latest_that_finds_nothing_is_fatal(store, tmp_path):
     dl, marker = tmp_path / "dl", tmp_path / "trained"
     env = {**base_env(store, tmp_path), "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("new-project")),
            "BT_LOAD_CHECKPOINT_REQUIRED": "1"}
-    result = agent(["run", "--", "touch", str(marker)], env)
+    result = run_agent(["run", "--", "touch", str(marker)], env)
     assert result.returncode == 3
     assert "BT_LOAD_CHECKPOINT_REQUIRED" in result.stderr
     assert not marker.exists()
@@ -234,7 +168,7 @@ def test_small_files_travel_in_packs_and_still_exist_one_by_one(store, tmp_path)
         src / "shard-1" / "tensor-001.bin").read_bytes()
     dl = tmp_path / "dl"
     env["BT_LOAD_CHECKPOINT_CONFIG"] = spec(dl, named("checkpoint-5", "job-p"))
-    result = agent(["load"], env)
+    result = run_agent(["load"], env)
     assert result.returncode == 0, result.stderr
     assert same_tree(dl / "rank-0" / "checkpoint-5", src)
 
@@ -249,6 +183,6 @@ def test_a_changed_byte_in_a_pack_is_caught(store, tmp_path):
     store.write(key, bytes(data))
     dl = tmp_path / "dl"
     env["BT_LOAD_CHECKPOINT_CONFIG"] = spec(dl, named("checkpoint-6", "job-q"))
-    result = agent(["load"], env)
+    result = run_agent(["load"], env)
     assert result.returncode == 5, result.stderr
     assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr

@@ -23,28 +23,22 @@ from agent import layout
 from agent.cli import build_parser
 from agent.localstate import VerifiedIndex
 from agent.report import JsonReporter, Reporter, _LineSink, make_reporter
-from tests.support.helpers import AGENT
+from tests.support.helpers import clean_env, run_agent, save
 from tests.support.specs import latest, named, spec
-
-
-def agent(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([AGENT, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    return {**keep, "BT_CHECKPOINT_STORE": f"file://{tmp_path / 'store'}", "BT_TRAINING_PROJECT_NAME": "proj"}
+    return clean_env(BT_CHECKPOINT_STORE=f"file://{tmp_path / 'store'}", BT_TRAINING_PROJECT_NAME="proj")
 
 
-def save(env: dict[str, str], tmp_path: Path, job: str, name: str, size: int = 200_000) -> Path:
+def make_and_save(env: dict[str, str], tmp_path: Path, job: str, name: str, size: int = 200_000) -> Path:
     folder = tmp_path / "src" / job / name
     (folder / "sub").mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(os.urandom(size))
     (folder / "sub" / "state.pt").write_bytes(os.urandom(1000))
     (folder / "trainer_state.json").write_text(json.dumps({"checkpoint": name}))
-    result = agent(["save", str(folder), "--project", "proj", "--job-id", job, "--name", name], env)
-    assert result.returncode == 0, result.stderr
+    save(env, folder, job, name)
     return folder
 
 
@@ -56,10 +50,9 @@ def json_lines(text: str) -> list[dict]:
 def job_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Saved once per module: job-a with checkpoint-20 committed before checkpoint-100."""
     base = tmp_path_factory.mktemp("job-template")
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    env = {**keep, "BT_CHECKPOINT_STORE": f"file://{base / 'store'}"}
+    env = clean_env(BT_CHECKPOINT_STORE=f"file://{base / 'store'}")
     for name in ("checkpoint-20", "checkpoint-100"):
-        save(env, base, "job-a", name)
+        make_and_save(env, base, "job-a", name)
     return base
 
 
@@ -76,7 +69,7 @@ def job(job_template: Path, tmp_path: Path) -> dict[str, Path]:
 def test_json_log_format_writes_one_json_object_per_line_for_a_whole_load(env, job, tmp_path):
     env = {**env, "BT_LOG_FORMAT": "json",
            "BT_LOAD_CHECKPOINT_CONFIG": spec(tmp_path / "dl", latest(), latest("empty-project"))}
-    result = agent(["load"], env)
+    result = run_agent(["load"], env)
     assert result.returncode == 0, result.stderr
     lines = json_lines(result.stderr)
     for line in lines:
@@ -92,7 +85,7 @@ def test_json_log_format_writes_one_json_object_per_line_for_a_whole_load(env, j
 def test_json_log_format_reports_an_error_as_one_json_line_with_its_exit_code(env, job, tmp_path):
     env = {**env, "BT_LOG_FORMAT": "json",
            "BT_LOAD_CHECKPOINT_CONFIG": spec(tmp_path / "dl", named("checkpoint-7", "job-a"))}
-    result = agent(["load"], env)
+    result = run_agent(["load"], env)
     assert result.returncode == 3
     [line] = json_lines(result.stderr)
     assert line["level"] == "error" and line["fields"] == {"exit_code": 3, "error": "NotFoundError"}
@@ -100,14 +93,14 @@ def test_json_log_format_reports_an_error_as_one_json_line_with_its_exit_code(en
 
 
 def test_default_log_format_stays_human_readable(env, job, tmp_path):
-    result = agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(tmp_path / "dl", latest())})
+    result = run_agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(tmp_path / "dl", latest())})
     assert result.returncode == 0
     assert all(line.startswith("ckpt-agent: ") for line in result.stderr.splitlines())
     assert "{" not in result.stderr
 
 
 def test_unknown_log_format_is_a_configuration_error(env):
-    result = agent(["ls"], {**env, "BT_LOG_FORMAT": "xml"})
+    result = run_agent(["ls"], {**env, "BT_LOG_FORMAT": "xml"})
     assert result.returncode == 2
     assert "BT_LOG_FORMAT" in result.stderr and len(result.stderr.splitlines()) == 1
 
@@ -157,7 +150,7 @@ def test_json_reporter_never_draws_a_bar_even_on_a_terminal():
 def test_loaded_json_records_resolution_manifest_checksums_bytes_duration_and_version(env, job, tmp_path):
     dl = tmp_path / "dl"
     refs = (latest(job_id="job-a"), named("checkpoint-20", "job-a"))
-    result = agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)})
+    result = run_agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)})
     assert result.returncode == 0, result.stderr
     record = json.loads((dl / ".ckpt-agent" / "loaded-rank-0.json").read_text())
     from agent import __version__
@@ -180,7 +173,7 @@ def test_loaded_json_records_resolution_manifest_checksums_bytes_duration_and_ve
 
 def test_ready_file_is_written_only_after_everything_is_in_place(env, job, tmp_path):
     dl, ready = tmp_path / "dl", tmp_path / "shared" / "ready"
-    result = agent(["load", "--ready-file", str(ready)], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())})
+    result = run_agent(["load", "--ready-file", str(ready)], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())})
     assert result.returncode == 0, result.stderr
     content = json.loads(ready.read_text())
     assert content["ready"] is True and Path(content["download_folder"]) == dl
@@ -193,20 +186,20 @@ def test_failed_load_removes_a_stale_ready_file_and_writes_none(env, job, tmp_pa
     ready = tmp_path / "ready"
     ready.write_text("from an earlier run")
     env = {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(tmp_path / "dl", named("checkpoint-7", "job-a"))}
-    assert agent(["load", "--ready-file", str(ready)], env).returncode == 3
+    assert run_agent(["load", "--ready-file", str(ready)], env).returncode == 3
     assert not ready.exists()
 
 
 def test_failed_load_leaves_no_record_of_the_previous_one(env, job, tmp_path):
     dl = tmp_path / "dl"
     env = {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())}
-    assert agent(["load"], env).returncode == 0
-    save(env, tmp_path, "job-a", "checkpoint-200")
+    assert run_agent(["load"], env).returncode == 0
+    make_and_save(env, tmp_path, "job-a", "checkpoint-200")
     key = tmp_path / "store" / layout.file_key("job-a", "checkpoint-200", 0, "model.safetensors")
     data = bytearray(key.read_bytes())
     data[7] ^= 1
     key.write_bytes(bytes(data))
-    assert agent(["load"], env).returncode == 5
+    assert run_agent(["load"], env).returncode == 5
     assert not (dl / ".ckpt-agent" / "loaded-rank-0.json").exists()
 
 
@@ -215,7 +208,7 @@ def test_failed_load_leaves_no_record_of_the_previous_one(env, job, tmp_path):
 
 def test_load_dry_run_prints_each_choice_and_why_and_creates_nothing(env, job, tmp_path):
     dl = tmp_path / "not-yet" / "dl"
-    result = agent(["load", "--dry-run", "--ready-file", str(tmp_path / "ready")],
+    result = run_agent(["load", "--dry-run", "--ready-file", str(tmp_path / "ready")],
                    {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest(), latest("empty-project"))})
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -229,10 +222,10 @@ def test_load_dry_run_prints_each_choice_and_why_and_creates_nothing(env, job, t
 def test_dry_run_after_a_load_shows_what_is_already_present(env, job, tmp_path):
     dl = tmp_path / "dl"
     env = {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())}
-    assert agent(["load"], env).returncode == 0
+    assert run_agent(["load"], env).returncode == 0
     (dl / "rank-0" / "checkpoint-100" / "trainer_state.json").write_text("edited")
     before = sorted(p for p in dl.rglob("*"))
-    result = agent(["load", "--dry-run"], env)
+    result = run_agent(["load", "--dry-run"], env)
     assert result.returncode == 0, result.stderr
     assert "present:      2 files intact" in result.stdout and "to download:  1 files" in result.stdout
     assert sorted(p for p in dl.rglob("*")) == before
@@ -242,7 +235,7 @@ def test_dry_run_after_a_load_shows_what_is_already_present(env, job, tmp_path):
 def test_run_dry_run_prints_the_command_and_executes_nothing(env, job, tmp_path):
     marker = tmp_path / "trained"
     env = {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(tmp_path / "dl", latest())}
-    result = agent(["run", "--dry-run", "--", "touch", str(marker)], env)
+    result = run_agent(["run", "--dry-run", "--", "touch", str(marker)], env)
     assert result.returncode == 0, result.stderr
     assert f"would exec: touch {marker}" in result.stdout and "checkpoint-100" in result.stdout
     assert not marker.exists() and not (tmp_path / "dl").exists()
@@ -254,7 +247,7 @@ def test_dry_run_does_not_wait_for_a_load_holding_the_folder(env, job, tmp_path)
     with open(dl / ".ckpt-agent" / "lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         started = time.monotonic()
-        result = agent(["load", "--dry-run"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())})
+        result = run_agent(["load", "--dry-run"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())})
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 10 and "in use" not in result.stderr
 
@@ -282,7 +275,7 @@ def test_latest_local_checkpoint_is_the_store_newest_and_matches_get_last_checkp
 
     dl = tmp_path / "dl"
     refs = (named("checkpoint-100", "job-a"), named("checkpoint-20", "job-a"))
-    assert agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)}).returncode == 0
+    assert run_agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)}).returncode == 0
     os.utime(dl / "rank-0" / "checkpoint-20", (time.time() + 100, time.time() + 100))  # newer on disk
     monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(dl))
     monkeypatch.delenv("BT_NODE_RANK", raising=False)
@@ -293,11 +286,11 @@ def test_latest_local_checkpoint_is_the_store_newest_and_matches_get_last_checkp
 def test_latest_local_checkpoint_follows_commit_order_over_names(env, tmp_path, monkeypatch):
     import agent as package
 
-    save(env, tmp_path, "job-x", "checkpoint-100")
-    save(env, tmp_path, "job-x", "checkpoint-20")  # committed last: the store's newest
+    make_and_save(env, tmp_path, "job-x", "checkpoint-100")
+    make_and_save(env, tmp_path, "job-x", "checkpoint-20")  # committed last: the store's newest
     dl = tmp_path / "dl"
     refs = (named("checkpoint-100", "job-x"), named("checkpoint-20", "job-x"))
-    assert agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)}).returncode == 0
+    assert run_agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)}).returncode == 0
     monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(dl))
     assert package.latest_local_checkpoint(0) == str(dl / "rank-0" / "checkpoint-20")
 
@@ -310,7 +303,7 @@ def test_latest_local_checkpoint_is_none_when_nothing_was_loaded(env, tmp_path, 
     dl = tmp_path / "dl"
     monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(dl))
     assert package.latest_local_checkpoint() is None  # no folder at all
-    result = agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("empty-project"))})
+    result = run_agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest("empty-project"))})
     assert result.returncode == 0 and "WARNING" in result.stderr
     assert package.latest_local_checkpoint() is None  # a load that found nothing
 
@@ -319,7 +312,7 @@ def test_latest_local_checkpoint_takes_the_rank_from_bt_node_rank(env, job, tmp_
     import agent as package
 
     dl = tmp_path / "dl"
-    result = agent(["load"], {**env, "BT_NODE_RANK": "1", "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())})
+    result = run_agent(["load"], {**env, "BT_NODE_RANK": "1", "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())})
     assert result.returncode == 0, result.stderr
     monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(dl))
     monkeypatch.setenv("BT_NODE_RANK", "1")

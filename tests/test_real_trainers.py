@@ -19,12 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import AGENT
+from tests.support.helpers import AGENT, StoreUnderTest, committed, dir_store, s3_store, start, sync_env, wait_for
 from tests.support.specs import latest, spec
-from tests.test_sidecar import StoreUnderTest, _local, _seaweed, committed, env_for, procs, start, wait_for
 
 pytestmark = pytest.mark.trainers
-FIXTURES = (procs,)  # imported for the tests' `procs` argument: kills what a test left running
 
 SCRIPTS = Path(__file__).with_name("trainers")
 STEPS, EVERY, HOLD = 20, 5, 12  # checkpoints at 5, 10, (SIGTERM after 12), then 15, 20 in the resumed job
@@ -61,7 +59,7 @@ def start_job(procs: list, tmp_path: Path, store: StoreUnderTest, script: str, j
     folder = tmp_path / job
     folder.mkdir()
     ckpts, out = folder / "ckpts", folder / "result.json"
-    env = env_for(store, ckpts, job=job, BT_CHECKPOINTING_ENABLED="1")
+    env = sync_env(store, ckpts, job=job, BT_CHECKPOINTING_ENABLED="1")
     argv = [sys.executable, str(SCRIPTS / script), "--dir", str(ckpts), "--out", str(out), *map(str, args)]
     if load_from:
         env["BT_LOAD_CHECKPOINT_CONFIG"] = spec(folder / "loaded", latest(job_id=load_from))
@@ -73,7 +71,7 @@ def start_job(procs: list, tmp_path: Path, store: StoreUnderTest, script: str, j
 
 def committed_set(store: StoreUnderTest, job: str) -> set[str]:
     """The job's committed checkpoints, as `ckpt-agent ls --job-id J --json` lists them."""
-    result = subprocess.run([AGENT, "ls", "--job-id", job, "--json"], env=env_for(store, Path("/nonexistent")),
+    result = subprocess.run([AGENT, "ls", "--job-id", job, "--json"], env=sync_env(store, Path("/nonexistent")),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return {c["name"] for c in json.loads(result.stdout)["checkpoints"] if c["state"] == "committed"}
@@ -117,12 +115,12 @@ def preempt_and_resume(procs: list, tmp_path: Path, store: StoreUnderTest, scrip
 
 @pytest.fixture
 def local_store(tmp_path: Path) -> StoreUnderTest:
-    return _local(tmp_path / "store")
+    return dir_store(tmp_path / "store")
 
 
 def test_hf_trainer_preempted_resumes_from_latest_bit_identical_and_its_final_model_folder_is_committed(
         s3_env, s3_prefix, tmp_path, procs):
-    store = _seaweed(s3_env, s3_prefix)
+    store = s3_store(s3_env, s3_prefix)
     run = preempt_and_resume(procs, tmp_path, store, "hf_trainer.py", after="checkpoint-10",
                              committed_first={"checkpoint-5", "checkpoint-10", "checkpoint-12"},
                              resumes="checkpoint-12", second_args=("--final", "final-model"))

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from tests.support.helpers import AGENT
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_"))}
-    return {**env, **extra}
+from tests.support.helpers import AGENT, clean_env
 
 
 def test_run_execs_a_plain_command_keeping_pid_and_exit_status():

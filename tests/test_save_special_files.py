@@ -21,7 +21,7 @@ from agent.stores.local import LocalStore
 from agent.sync.loop import Sidecar
 from agent.sync.options import SyncOptions
 from agent.sync.readiness import Why
-from tests.support.helpers import AGENT
+from tests.support.helpers import AGENT, clean_env
 
 SECRET = b"aws_secret_access_key = SECRETSECRETSECRET\n"
 
@@ -73,9 +73,8 @@ def store_holds_secret(store: Path) -> bool:
 
 
 def agent_env(store: Path, ckpts: Path | None = None) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    env = {**keep, "BT_CHECKPOINT_STORE": f"file://{store}", "BT_TRAINING_JOB_ID": "job-1",
-           "BT_TRAINING_PROJECT_NAME": "proj", "CKPT_AGENT_QUIET_SECONDS": "0"}
+    env = clean_env(BT_CHECKPOINT_STORE=f"file://{store}", BT_TRAINING_JOB_ID="job-1",
+                    BT_TRAINING_PROJECT_NAME="proj", CKPT_AGENT_QUIET_SECONDS="0")
     if ckpts is not None:
         env["BT_CHECKPOINT_DIR"] = str(ckpts)
     return env

@@ -1,14 +1,15 @@
 """Credentials never reach the output: issue 4, "Secrets".
 
-A SeaweedFS server of its own accepts exactly one identity whose access key id and secret key are
-recognisable (they contain SHOULDNOTLEAK), so every failure path of a load really runs with them:
+The session's SeaweedFS server accepts exactly one identity; its access key id and secret key
+are the secrets searched for (every 12-character piece of them), so every failure path of a
+load really runs with them:
 bad spec, missing checkpoint, missing bucket, wrong secret, unknown key, a session token, bad
 manifest, changed object, planted symlink, unusable folder, a persistent network fault, the
 deadline, a signal, and faults that are retried and recovered. A fake S3 endpoint goes further and
 echoes the signed request (Authorization, session token) back in its error bodies and even in a
 malformed status line, as AWS's own SignatureDoesNotMatch does with StringToSign and
 CanonicalRequest. Every run's stdout and stderr, in both log formats, are searched for the
-credentials.
+credentials; the ones no server accepts contain SHOULDNOTLEAK to be recognisable as well.
 """
 
 from __future__ import annotations
@@ -28,26 +29,25 @@ import pytest
 
 import bench.seaweed as seaweed_module
 from agent import layout
-from bench.seaweed import SeaweedServer, start_seaweed
-from tests.support.faultproxy import LOOPBACK, FaultProxy
-from tests.test_faults import (
+from bench.seaweed import SeaweedServer
+from tests.support.faultproxy import LOOPBACK
+from tests.support.helpers import (
     AGENT,
     JOB,
     NAME,
     agent_env,
-    named,
     payload,
     run_agent,
-    spec,
     upload_checkpoint,
     wait_for,
 )
+from tests.support.specs import named, spec
 
 pytestmark = pytest.mark.seaweed
 
 MARK = "SHOULDNOTLEAK"
-ACCESS_KEY = "AKIAKEYSHOULDNOTLEAK7Q"
-SECRET_KEY = "SECRETSHOULDNOTLEAK/wJalrXUtnFEMI+K7MDENGbPxRfiCY"
+ACCESS_KEY = seaweed_module.ACCESS_KEY  # the shared server's one identity
+SECRET_KEY = seaweed_module.SECRET_KEY
 SESSION_TOKEN = "TOKENSHOULDNOTLEAK" + "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJH" * 4
 WRONG_SECRET = "WRONGSECRETSHOULDNOTLEAK+abcdefghijklmnopqrstuv"
 WRONG_KEY = "AKIAWRONGSHOULDNOTLEAK"
@@ -60,23 +60,9 @@ def assert_no_secret(result: subprocess.CompletedProcess | tuple[str, str]) -> N
     text = f"{out}\n{err}"
     assert MARK.lower() not in text.lower(), f"a credential leaked:\n{text}"
     for secret in ALL_SECRETS:  # and no recognisable fragment of one either
-        for i in range(0, len(secret) - 12, 6):
+        for i in range(0, len(secret) - 11, 6):
             assert secret[i:i + 12] not in text, f"part of a credential leaked:\n{text}"
     assert "Traceback" not in text
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[SeaweedServer]:
-    """SeaweedFS whose only identity is the recognisable ACCESS_KEY / SECRET_KEY."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(seaweed_module, "ACCESS_KEY", ACCESS_KEY)
-        mp.setattr(seaweed_module, "SECRET_KEY", SECRET_KEY)
-        srv = start_seaweed(tmp_path_factory.mktemp("secrets-seaweed"))
-    try:
-        yield srv
-    finally:
-        srv.process.kill()  # a throwaway server: no need to wait for a clean shutdown
-        srv.process.wait(10)
 
 
 def secret_env(srv: SeaweedServer, prefix: str, folder: Path, **extra: str) -> dict[str, str]:
@@ -110,19 +96,14 @@ BOTH_FORMATS = pytest.mark.parametrize("load", ["human", "json"], indirect=True)
 
 
 @pytest.fixture
-def load(request, server: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Load:
+def load(request, seaweed: SeaweedServer, s3_prefix: str, tmp_path: Path,
+         monkeypatch: pytest.MonkeyPatch) -> Load:
     """BT_LOG_FORMAT=json unless the test asks for both formats (BOTH_FORMATS)."""
-    prefix = f"secrets-{tmp_path.name}"
-    for name, value in {**server.env(), "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}.items():
+    prefix = s3_prefix
+    for name, value in seaweed.env().items():
         monkeypatch.setenv(name, value)
-    upload_checkpoint(server, prefix, tmp_path / "src", FILES, part_size=256 << 10)
-    return Load(server, prefix, tmp_path, getattr(request, "param", "json"))
-
-
-@pytest.fixture
-def proxy(server: SeaweedServer) -> Iterator[FaultProxy]:
-    with FaultProxy(LOOPBACK, server.s3_port) as p:
-        yield p
+    upload_checkpoint(seaweed, prefix, tmp_path / "src", FILES, part_size=256 << 10)
+    return Load(seaweed, prefix, tmp_path, getattr(request, "param", "json"))
 
 
 # ---- every failure path, with the recognisable credentials in the environment ----------------
@@ -136,7 +117,7 @@ def _unknown_scheme(ld: Load) -> subprocess.CompletedProcess:
 
 
 def _not_found(ld: Load) -> subprocess.CompletedProcess:
-    return ld.run(BT_LOAD_CHECKPOINT_CONFIG=spec(ld.dl, named("checkpoint-404")))
+    return ld.run(BT_LOAD_CHECKPOINT_CONFIG=spec(ld.dl, named("checkpoint-404", JOB)))
 
 
 def _no_bucket(ld: Load) -> subprocess.CompletedProcess:
@@ -337,9 +318,9 @@ ECHO_CASES = [(mode, engine, fmt) for mode in ("403", "400") for engine in ("htt
 
 
 @pytest.mark.parametrize(("mode", "engine", "log_format"), ECHO_CASES)
-def test_store_errors_that_echo_the_signed_request_never_reach_the_output(mode, engine, log_format, server,
+def test_store_errors_that_echo_the_signed_request_never_reach_the_output(mode, engine, log_format, seaweed,
                                                                           echo_store, tmp_path):
-    env = secret_env(server, "p", tmp_path / "dl", AWS_SESSION_TOKEN=SESSION_TOKEN, AWS_ENDPOINT_URL=echo_store(mode),
+    env = secret_env(seaweed, "p", tmp_path / "dl", AWS_SESSION_TOKEN=SESSION_TOKEN, AWS_ENDPOINT_URL=echo_store(mode),
                      CKPT_AGENT_S3_ENGINE=engine, BT_LOG_FORMAT=log_format)
     started = time.monotonic()
     result = run_agent(["run", "--", "touch", str(tmp_path / "trained")], env)

@@ -11,11 +11,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,87 +28,16 @@ from agent.sync.loop import Sidecar
 from agent.sync.observe import open_for_writing
 from agent.sync.options import SyncOptions
 from agent.sync.readiness import NotReady, Why
-from bench.seaweed import SeaweedServer
-from tests.support.helpers import AGENT
-
-TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
-QUIET = "0.5"
-
-
-@dataclass
-class StoreUnderTest:
-    env: dict[str, str]
-    exists: Callable[[str], bool]
-    read: Callable[[str], bytes]
-
-
-def _local(root: Path) -> StoreUnderTest:
-    return StoreUnderTest({"BT_CHECKPOINT_STORE": f"file://{root}"}, lambda k: (root / k).exists(),
-                          lambda k: (root / k).read_bytes())
-
-
-def _seaweed(server: SeaweedServer, prefix: str) -> StoreUnderTest:
-    client = server.client()
-
-    def exists(key: str) -> bool:
-        return "Contents" in client.list_objects_v2(Bucket=server.bucket, Prefix=f"{prefix}/{key}")
-
-    def read(key: str) -> bytes:
-        return client.get_object(Bucket=server.bucket, Key=f"{prefix}/{key}")["Body"].read()
-
-    return StoreUnderTest({**server.env(), "BT_CHECKPOINT_STORE": f"s3://{server.bucket}/{prefix}"}, exists, read)
-
-
-@pytest.fixture(params=["local", "seaweedfs"])
-def store(request, tmp_path: Path) -> StoreUnderTest:
-    if request.param == "local":
-        return _local(tmp_path / "store")
-    return _seaweed(request.getfixturevalue("seaweed"), request.getfixturevalue("s3_prefix"))
-
-
-@pytest.fixture
-def local_store(tmp_path: Path) -> StoreUnderTest:
-    return _local(tmp_path / "store")
-
-
-@pytest.fixture
-def procs():
-    """Every process a test starts; any still running at the end is killed (by its own pid)."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def env_for(store: StoreUnderTest, ckpts: Path, job: str = "job-1", **extra: str) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    return {**keep, **store.env, "BT_TRAINING_PROJECT_NAME": "proj", "BT_TRAINING_JOB_ID": job,
-            "BT_CHECKPOINT_DIR": str(ckpts), "CKPT_AGENT_QUIET_SECONDS": QUIET,
-            "CKPT_AGENT_POLL_SECONDS": "0.1", **extra}
-
-
-def start(procs: list, argv: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
-    p = subprocess.Popen(argv, env=env, stdout=open(out, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    procs.append(p)
-    return p
-
-
-def trainer(ckpts: Path, *args: object) -> list[str]:
-    return [*TRAINER, "--dir", str(ckpts), *map(str, args)]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.05)
-
-
-def committed(store: StoreUnderTest, name: str, job: str = "job-1") -> bool:
-    return store.exists(layout.manifest_key(job, name, 0))
+from tests.support.helpers import (
+    AGENT,
+    StoreUnderTest,
+    committed,
+    same_tree,
+    start,
+    sync_env,
+    trainer,
+    wait_for,
+)
 
 
 def manifest(store: StoreUnderTest, name: str, job: str = "job-1") -> dict:
@@ -122,16 +49,10 @@ def load_latest_as_second_job(store: StoreUnderTest, tmp_path: Path) -> Path:
     dl = tmp_path / "dl"
     spec = {"enabled": True, "download_folder": str(dl),
             "checkpoints": [{"typ": "baseten_latest_checkpoint", "project_name": "proj", "job_id": None}]}
-    env = {**env_for(store, tmp_path / "unused", job="job-2"), "BT_LOAD_CHECKPOINT_CONFIG": json.dumps(spec)}
+    env = {**sync_env(store, tmp_path / "unused", job="job-2"), "BT_LOAD_CHECKPOINT_CONFIG": json.dumps(spec)}
     result = subprocess.run([AGENT, "load"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return dl / "rank-0"
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
 
 
 def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
@@ -144,7 +65,7 @@ def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) ->
 
 def test_sync_commits_each_checkpoint_and_latest_by_project_loads_the_last_one_byte_for_byte(store, tmp_path, procs):
     ckpts = tmp_path / "ckpts"
-    env = env_for(store, ckpts)
+    env = sync_env(store, ckpts)
     sync = start(procs, [AGENT, "sync"], env, tmp_path / "sync.log")
     train = start(procs, trainer(ckpts, "--checkpoints", 3, "--every", 0.3), env, tmp_path / "trainer.log")
     assert train.wait(60) == 0
@@ -160,7 +81,7 @@ def test_sync_commits_each_checkpoint_and_latest_by_project_loads_the_last_one_b
 
 def test_trainer_killed_mid_checkpoint_never_commits_it_and_latest_is_the_one_before(store, tmp_path, procs):
     ckpts = tmp_path / "ckpts"
-    env = env_for(store, ckpts)
+    env = sync_env(store, ckpts)
     sync = start(procs, [AGENT, "sync"], env, tmp_path / "sync.log")
     train = start(procs, trainer(ckpts, "--checkpoints", 3, "--every", 0.2, "--stall-at", 20), env,
                   tmp_path / "trainer.log")
@@ -168,8 +89,9 @@ def test_trainer_killed_mid_checkpoint_never_commits_it_and_latest_is_the_one_be
     train.kill()
     train.wait()
     wait_for(lambda: committed(store, "checkpoint-10"), what="checkpoint-10 committed")
-    time.sleep(4 * float(QUIET))  # the half-written checkpoint is now quiet: only its missing trainer_state.json
-    assert stop(sync) == 0        # keeps it from being committed
+    wait_for(lambda: "checkpoint-20 has been quiet" in (tmp_path / "sync.log").read_text(),
+             what="the sidecar to see the half-written checkpoint-20 quiet")
+    assert stop(sync) == 0  # only its missing trainer_state.json keeps it from being committed
     log = (tmp_path / "sync.log").read_text()
     assert "checkpoint-20 NOT committed: incomplete: no trainer_state.json" in log, log
     assert not committed(store, "checkpoint-20")
@@ -180,7 +102,7 @@ def test_trainer_killed_mid_checkpoint_never_commits_it_and_latest_is_the_one_be
 
 def test_restarted_sync_does_not_upload_committed_checkpoints_again(local_store, tmp_path, procs):
     ckpts, root = tmp_path / "ckpts", tmp_path / "store"
-    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    env = sync_env(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
     assert subprocess.run(trainer(ckpts, "--checkpoints", 2, "--every", 0), capture_output=True).returncode == 0
     first = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0 and first.stderr.count("sync: committed checkpoint-") == 2, first.stderr
@@ -197,7 +119,7 @@ def test_restarted_sync_does_not_upload_committed_checkpoints_again(local_store,
 
 
 def test_sync_without_a_job_id_is_a_config_error(local_store, tmp_path):
-    env = env_for(local_store, tmp_path / "ckpts")
+    env = sync_env(local_store, tmp_path / "ckpts")
     del env["BT_TRAINING_JOB_ID"]
     result = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
@@ -208,7 +130,7 @@ def test_sync_without_a_job_id_is_a_config_error(local_store, tmp_path):
 def test_checkpoint_with_a_file_still_open_for_writing_is_committed_only_after_it_is_closed(
         local_store, tmp_path, procs):
     ckpts = tmp_path / "ckpts"
-    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0.3")
+    env = sync_env(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0.3")
     sync = start(procs, [AGENT, "sync"], env, tmp_path / "sync.log")
     # Everything, trainer_state.json included, is written and quiet for 2 s while the weights file
     # is held open; then more bytes are appended. Only the open handle can hold the commit back.
@@ -227,7 +149,7 @@ def test_checkpoint_with_a_file_still_open_for_writing_is_committed_only_after_i
 def test_sigterm_to_supervising_run_reaches_the_trainer_flushes_its_final_checkpoint_and_exits_with_its_status(
         store, tmp_path, procs):
     ckpts, record = tmp_path / "ckpts", tmp_path / "record"
-    env = env_for(store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    env = sync_env(store, ckpts, BT_CHECKPOINTING_ENABLED="1")
     run = start(procs, [AGENT, "run", "--", *trainer(ckpts, "--checkpoints", 100, "--every", 60,
                                                       "--record", record, "--exit-on-sigterm", 17)],
                 env, tmp_path / "run.log")
@@ -245,7 +167,7 @@ def test_sigterm_to_supervising_run_reaches_the_trainer_flushes_its_final_checkp
 def test_supervised_trainer_killed_mid_checkpoint_exits_137_and_that_checkpoint_stays_uncommitted(
         local_store, tmp_path, procs):
     ckpts = tmp_path / "ckpts"
-    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    env = sync_env(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
     run = start(procs, [AGENT, "run", "--", *trainer(ckpts, "--checkpoints", 3, "--every", 0.2, "--stall-at", 20)],
                 env, tmp_path / "run.log")
     wait_for(lambda: "STALLED checkpoint-20" in (tmp_path / "run.log").read_text(), what="the stall")
@@ -262,7 +184,7 @@ def test_supervised_trainer_killed_mid_checkpoint_exits_137_and_that_checkpoint_
 def test_final_flush_waits_for_a_checkpoint_a_leftover_process_still_holds_open_for_writing(
         local_store, tmp_path, procs):
     ckpts, log = tmp_path / "ckpts", tmp_path / "trainer.log"
-    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1", CKPT_AGENT_QUIET_SECONDS="0.3")
+    env = sync_env(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1", CKPT_AGENT_QUIET_SECONDS="0.3")
     # The command exits at once while its background trainer still holds the weights file open.
     script = (f"{' '.join(trainer(ckpts, '--checkpoints', 1, '--hold-open', 2))} > {log} & "
               f"while ! grep -q HOLDING {log}; do sleep 0.05; done; exit 0")
@@ -274,7 +196,7 @@ def test_final_flush_waits_for_a_checkpoint_a_leftover_process_still_holds_open_
 
 
 def test_supervise_mode_exits_with_the_trainers_status_or_128_plus_its_signal(local_store, tmp_path):
-    env = env_for(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
+    env = sync_env(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
     for command, status in (("exit 3", 3), ("kill -KILL $$", 137), ("true", 0)):
         result = subprocess.run([AGENT, "run", "--", "sh", "-c", command], env=env, capture_output=True,
                                 text=True, timeout=60)
@@ -282,7 +204,7 @@ def test_supervise_mode_exits_with_the_trainers_status_or_128_plus_its_signal(lo
 
 
 def test_checkpointing_without_a_job_id_fails_before_the_trainer_starts(local_store, tmp_path):
-    env = env_for(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
+    env = sync_env(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
     del env["BT_TRAINING_JOB_ID"]
     marker = tmp_path / "trained"
     result = subprocess.run([AGENT, "run", "--", "touch", str(marker)], env=env, capture_output=True, text=True)
@@ -338,8 +260,7 @@ def test_keep_last_deletes_older_checkpoints_manifest_first_and_a_restart_does_n
     ckpts, store = tmp_path / "ckpts", RecordingStore(tmp_path / "store")
     for step in (10, 20, 30, 40):
         make_checkpoint(ckpts / f"checkpoint-{step}", step)
-    time.sleep(0.3)
-    sidecar, _ = sidecar_for(store, ckpts, keep_last=2)
+    sidecar, _ = sidecar_for(store, ckpts, keep_last=2, quiet_seconds=0)
     assert sidecar.run(once=True).committed == [f"checkpoint-{s}" for s in (10, 20, 30, 40)]
     for gone in ("checkpoint-10", "checkpoint-20"):
         deletes = [key for op, key in store.log if op == "delete" and f"/{gone}/" in key]
@@ -347,7 +268,7 @@ def test_keep_last_deletes_older_checkpoints_manifest_first_and_a_restart_does_n
         assert store.list_recursive(layout.checkpoint_prefix("job-1", gone)) == []
     for kept in ("checkpoint-30", "checkpoint-40"):
         assert store.exists(layout.manifest_key("job-1", kept, 0))
-    restarted, out = sidecar_for(store, ckpts, keep_last=2)
+    restarted, out = sidecar_for(store, ckpts, keep_last=2, quiet_seconds=0)
     assert restarted.run(once=True).committed == []
     assert "checkpoint-10 is older than a checkpoint this job already committed" in out.getvalue()
 
@@ -365,8 +286,7 @@ def test_a_file_changed_during_upload_is_not_committed_in_that_state(tmp_path):
                 f.write(b"more bytes written while the upload runs")
 
     store.on_upload = change_once
-    time.sleep(0.3)
-    sidecar, out = sidecar_for(store, ckpts)
+    sidecar, out = sidecar_for(store, ckpts, quiet_seconds=0)
     thread = in_thread(sidecar)
     wait_for(lambda: "checkpoint-10" in sidecar.result.committed, what="the second attempt")
     sidecar.finish(None, wait_for_writers=True)
@@ -402,8 +322,7 @@ class SlowStore(RecordingStore):
 def test_sigterm_finishes_the_upload_in_flight_only_within_the_grace_period(tmp_path, grace, is_committed):
     ckpts, store = tmp_path / "ckpts", SlowStore(tmp_path / "store", 1.0)
     make_checkpoint(ckpts / "checkpoint-10", 10)
-    time.sleep(0.3)
-    sidecar, out = sidecar_for(store, ckpts)
+    sidecar, out = sidecar_for(store, ckpts, quiet_seconds=0)
     thread = in_thread(sidecar)
     assert store.started.wait(10)
     sidecar.finish(time.monotonic() + grace, wait_for_writers=False)  # what run_standalone does on SIGTERM
@@ -450,7 +369,8 @@ def test_a_top_level_file_that_is_not_a_checkpoint_is_reported_once_and_counted(
     sidecar, out = sidecar_for(store, ckpts)
     thread = in_thread(sidecar)
     wait_for(lambda: "checkpoint-10" in sidecar.result.committed)
-    time.sleep(0.3)
+    make_checkpoint(ckpts / "checkpoint-20", 20)  # more passes, each seeing notes.txt again, until
+    wait_for(lambda: "checkpoint-20" in sidecar.result.committed)  # this one is quiet and committed
     sidecar.finish(None, wait_for_writers=True)
     thread.join(10)
     assert out.getvalue().count("notes.txt is not uploaded: a file that is not a checkpoint") == 1
@@ -474,8 +394,7 @@ def test_identical_file_is_copied_inside_s3_instead_of_uploaded_again(seaweed, s
     for step in (10, 20):
         make_checkpoint(ckpts / f"checkpoint-{step}", step)
         (ckpts / f"checkpoint-{step}" / "config.json").write_text('{"same": true}')
-    time.sleep(0.3)
-    sidecar, out = sidecar_for(store, ckpts)
+    sidecar, out = sidecar_for(store, ckpts, quiet_seconds=0)
     assert sidecar.run(once=True).committed == ["checkpoint-10", "checkpoint-20"]
     assert store.copies == [layout.file_key("job-1", "checkpoint-20", 0, "config.json")]
     assert "1 copied inside the store" in out.getvalue()
@@ -524,7 +443,7 @@ def test_a_single_file_checkpoint_loads_as_that_file_and_latest_local_checkpoint
     ckpts.mkdir()
     with zipfile.ZipFile(ckpts / "ckpt-5.pt", "w") as z:  # the shape torch.save writes
         z.writestr("archive/data.pkl", os.urandom(3000))
-    env = env_for(store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    env = sync_env(store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
     result = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "committed ckpt-5.pt: 1 files" in result.stderr, result.stderr
     assert manifest(store, "ckpt-5.pt")["kind"] == "file"
@@ -539,7 +458,7 @@ def test_a_folder_checkpoint_still_resumes_from_the_folder(local_store, tmp_path
 
     ckpts = tmp_path / "ckpts"
     make_checkpoint(ckpts / "checkpoint-10", 10)
-    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    env = sync_env(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
     assert subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, timeout=60).returncode == 0
     assert "kind" not in manifest(local_store, "checkpoint-10")  # folder manifests are as older agents wrote them
     loaded = load_latest_as_second_job(local_store, tmp_path)
@@ -553,7 +472,7 @@ def test_a_folder_checkpoint_still_resumes_from_the_folder(local_store, tmp_path
 def test_run_takes_the_sync_flags_with_checkpointing_and_says_where_they_go_without(local_store, tmp_path):
     ckpts = tmp_path / "ckpts"
     script = f"mkdir -p {ckpts}/out && echo w > {ckpts}/out/w.bin && echo done > {ckpts}/out/DONE"
-    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    env = sync_env(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
     result = subprocess.run([AGENT, "run", "--complete-file", "DONE", "--quiet-seconds", "0", "--", "sh", "-c",
                              script], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "committed out:" in result.stderr, result.stderr
@@ -577,7 +496,7 @@ def test_final_flush_after_the_trainer_exits_does_not_wait_for_the_quiet_period(
     ckpts = tmp_path / "ckpts"
     # A quiet period of an hour: if the flush waited for it, run would not exit within the timeout. In its
     # own PID namespace nothing but the agent is left once the trainer exits: that is not being blind.
-    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1", CKPT_AGENT_QUIET_SECONDS="3600")
+    env = sync_env(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1", CKPT_AGENT_QUIET_SECONDS="3600")
     result = subprocess.run([*prefix, AGENT, "run", "--", *trainer(ckpts, "--checkpoints", 1, "--every", 0)],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -587,7 +506,7 @@ def test_final_flush_after_the_trainer_exits_does_not_wait_for_the_quiet_period(
 def test_a_supervised_folder_of_no_known_format_is_committed_after_exit_0_not_after_a_failure(
         local_store, tmp_path):
     ckpts = tmp_path / "ckpts"
-    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    env = sync_env(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
     for name, status in (("ok", 0), ("bad", 3)):
         script = f"mkdir -p {ckpts}/{name} && echo w > {ckpts}/{name}/w.npy && exit {status}"
         result = subprocess.run([AGENT, "run", "--", "sh", "-c", script], env=env, capture_output=True,
@@ -602,7 +521,7 @@ def test_a_sidecar_in_its_own_pid_namespace_says_once_that_it_cannot_see_open_fi
     ckpts = tmp_path / "ckpts"
     make_checkpoint(ckpts / "checkpoint-10", 10)
     make_checkpoint(ckpts / "checkpoint-20", 20)
-    env = env_for(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
+    env = sync_env(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
     result = subprocess.run([*UNSHARE, AGENT, "sync", "--once"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,6 @@ and take the container with it; the trainer's save was cut off.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.launch import runs_through_shell
-from tests.support.helpers import AGENT
-from tests.test_sidecar import TRAINER, committed, env_for, local_store, procs, start, wait_for  # noqa: F401
+from tests.support.helpers import AGENT, TRAINER, clean_env, committed, start, sync_env, wait_for
 
 SLOW_SAVE = ("--checkpoints", "2", "--every", "60", "--chunks", "20", "--chunk-sleep", "0.075")
 
@@ -44,11 +42,6 @@ def launchers(line: str) -> dict[str, tuple[list[str], dict[str, str]]]:
     return found
 
 
-def base_env(**extra: str) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    return {**keep, **extra}
-
-
 def stop_after_first_checkpoint(run: subprocess.Popen, log: Path) -> int:
     wait_for(lambda: "DONE checkpoint-10" in log.read_text(), what="the first checkpoint")
     run.send_signal(signal.SIGTERM)
@@ -64,21 +57,21 @@ def assert_final_save_finished(ckpts: Path, record: Path, log: Path) -> None:
 @pytest.mark.parametrize("how", ["sh -c", "bash -c", "one start command", "start commands loop"])
 @pytest.mark.parametrize("trainer_status, expected", [(0, 143), (17, 17)])
 def test_sigterm_to_the_agent_lets_a_trainer_behind_a_shell_finish_its_save(
-        how, trainer_status, expected, tmp_path, procs):  # noqa: F811
+        how, trainer_status, expected, tmp_path, procs):
     ckpts, record, log = tmp_path / "ckpts", tmp_path / "record", tmp_path / "run.log"
     ways = launchers(trainer_line(ckpts, record, trainer_status))
     if how not in ways:
         pytest.skip(f"{how.split()[0]} is not installed")
     argv, extra = ways[how]
-    run = start(procs, [AGENT, "run", *argv], base_env(**extra), log)
+    run = start(procs, [AGENT, "run", *argv], clean_env(**extra), log)
     assert stop_after_first_checkpoint(run, log) == expected, log.read_text()
     assert_final_save_finished(ckpts, record, log)
 
 
 def test_supervise_mode_waits_for_the_trainer_behind_a_shell_and_commits_its_final_save(
-        local_store, tmp_path, procs):  # noqa: F811
+        local_store, tmp_path, procs):
     ckpts, record, log = tmp_path / "ckpts", tmp_path / "record", tmp_path / "run.log"
-    env = env_for(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
+    env = sync_env(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
     run = start(procs, [AGENT, "run", "--", "sh", "-c", f"cd /tmp && {trainer_line(ckpts, record, 0)}"], env, log)
     assert stop_after_first_checkpoint(run, log) == 143, log.read_text()
     assert_final_save_finished(ckpts, record, log)
@@ -86,12 +79,12 @@ def test_supervise_mode_waits_for_the_trainer_behind_a_shell_and_commits_its_fin
     assert committed(local_store, "checkpoint-20"), log.read_text()
 
 
-def test_a_trainer_that_ignores_sigterm_is_killed_when_the_grace_period_ends(tmp_path, procs):  # noqa: F811
+def test_a_trainer_that_ignores_sigterm_is_killed_when_the_grace_period_ends(tmp_path, procs):
     log = tmp_path / "run.log"
     script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('READY', flush=True); " \
              "time.sleep(600)"
     run = start(procs, [AGENT, "run", "--", "sh", "-c", f"cd /tmp && {sys.executable} -c \"{script}\""],
-                base_env(CKPT_AGENT_GRACE_SECONDS="1"), log)
+                clean_env(CKPT_AGENT_GRACE_SECONDS="1"), log)
     wait_for(lambda: "READY" in log.read_text(), what="the trainer")
     run.send_signal(signal.SIGTERM)
     assert run.wait(60) == 137, log.read_text()
@@ -100,7 +93,7 @@ def test_a_trainer_that_ignores_sigterm_is_killed_when_the_grace_period_ends(tmp
 
 def test_without_a_signal_the_exit_status_is_the_commands_own(tmp_path):
     for command, status in (("exit 3", 3), ("kill -KILL $$", 137), ("true", 0)):
-        result = subprocess.run([AGENT, "run", "--", "sh", "-c", command], env=base_env(), capture_output=True,
+        result = subprocess.run([AGENT, "run", "--", "sh", "-c", command], env=clean_env(), capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == status, result.stderr
 
@@ -121,8 +114,8 @@ def test_shells_and_shell_scripts_run_as_a_child_and_everything_else_is_execd(tm
     assert not runs_through_shell(["no-such-command"], env)
 
 
-def test_a_missing_command_run_as_a_child_is_a_one_line_error_with_exit_127(local_store, tmp_path):  # noqa: F811
-    env = env_for(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
+def test_a_missing_command_run_as_a_child_is_a_one_line_error_with_exit_127(local_store, tmp_path):
+    env = sync_env(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
     result = subprocess.run([AGENT, "run", "--", "no-such-trainer-binary"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 127, result.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import traceback
 import uuid
 
@@ -20,6 +19,7 @@ from agent.stores.base import Listing, Store
 from agent.stores.local import LocalStore
 from agent.stores.s3boto import Boto3Store
 from agent.stores.s3native import NativeS3Store
+from tests.support.helpers import payload
 
 MIB = 1 << 20
 BIG_UPLOAD_SIZE = 65 * MIB + 1  # over the 64 MiB multipart threshold: two parts
@@ -44,11 +44,6 @@ def read_range(store: Store, key: str, start: int, length: int, chunk: int = 100
     finally:
         reader.close()
     return bytes(out)
-
-
-def payload(size: int, seed: str = "") -> bytes:
-    """Deterministic pseudo-random bytes, so an offset mistake cannot go unnoticed."""
-    return random.Random(seed).randbytes(size)
 
 
 class StoreContract:
@@ -366,11 +361,6 @@ class TestS3StoreOnSeaweed(StoreContract, BigUploadContract, S3ErrorContract):
         finally:
             store.close()
         self._assert_denied_without_secret(info.value)
-
-
-def test_payload_is_deterministic_and_distinct_per_seed() -> None:
-    assert payload(1000, "x") == payload(1000, "x")
-    assert payload(1000, "x") != payload(1000, "y")
 
 
 @pytest.mark.seaweed

@@ -5,38 +5,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from agent import layout
-from tests.support.helpers import AGENT
-from tests.support.specs import spec
+from tests.support.helpers import clean_env, run_agent, save
+from tests.support.specs import named, spec
 
-
-def agent(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([AGENT, *args], env=env, capture_output=True, text=True, timeout=60)
-
-
-def named(name: str) -> dict:
-    return {"typ": "baseten_named_checkpoint", "checkpoint_name": name, "job_id": "job-a"}
+JOB = "job-a"
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with job-a/checkpoint-1 (a 20 MiB file: three 8 MiB parts) and checkpoint-2."""
     base = tmp_path_factory.mktemp("verify-template")
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    env = {**keep, "BT_CHECKPOINT_STORE": f"file://{base / 'store'}"}
+    env = clean_env(BT_CHECKPOINT_STORE=f"file://{base / 'store'}")
     for name, size in (("checkpoint-1", 20 << 20), ("checkpoint-2", 1000)):
         folder = base / "src" / name
         (folder / "sub").mkdir(parents=True)
         (folder / "model.bin").write_bytes(os.urandom(size))
         (folder / "sub" / "state.pt").write_bytes(os.urandom(100))
         (folder / "empty").write_bytes(b"")
-        result = agent(["save", str(folder), "--project", "proj", "--job-id", "job-a"], env)
-        assert result.returncode == 0, result.stderr
+        save(env, folder, JOB, name)
     return base
 
 
@@ -44,11 +35,10 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def loaded(template: Path, tmp_path: Path) -> tuple[dict[str, str], Path]:
     """Both checkpoints loaded into tmp_path/dl; the env names that folder in its spec."""
     shutil.copytree(template / "store", tmp_path / "store")
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
     dl = tmp_path / "dl"
-    env = {**keep, "BT_CHECKPOINT_STORE": f"file://{tmp_path / 'store'}",
-           "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, named("checkpoint-1"), named("checkpoint-2"))}
-    result = agent(["load"], env)
+    env = clean_env(BT_CHECKPOINT_STORE=f"file://{tmp_path / 'store'}",
+                    BT_LOAD_CHECKPOINT_CONFIG=spec(dl, named("checkpoint-1", JOB), named("checkpoint-2", JOB)))
+    result = run_agent(["load"], env)
     assert result.returncode == 0, result.stderr
     return env, dl
 
@@ -59,7 +49,7 @@ def statuses(stdout: str) -> dict[str, str]:
 
 def test_verify_after_a_load_reports_every_file_ok_and_exits_0(loaded):
     env, dl = loaded
-    result = agent(["verify", str(dl)], env)
+    result = run_agent(["verify", str(dl)], env)
     assert result.returncode == 0, result.stderr
     assert statuses(result.stdout) == {f"rank-0/checkpoint-{n}/{f}": "ok"
                                        for n in (1, 2) for f in ("model.bin", "sub/state.pt", "empty")}
@@ -81,7 +71,7 @@ def test_verify_reports_missing_changed_and_extra_files_and_exits_5(loaded):
     (ckpt / "notes.txt").write_text("added by hand")
     (ckpt / "empty.ckpt-incomplete").write_bytes(b"x")
     (dl / "rank-0" / "checkpoint-2" / "link").symlink_to("/etc/hostname")
-    result = agent(["verify", str(dl)], env)
+    result = run_agent(["verify", str(dl)], env)
     assert result.returncode == 5
     assert statuses(result.stdout) == {
         "rank-0/checkpoint-1/model.bin": "changed", "rank-0/checkpoint-1/sub/state.pt": "missing",
@@ -98,22 +88,21 @@ def test_a_load_repairs_what_verify_found_missing_or_changed(loaded):
     env, dl = loaded
     (dl / "rank-0" / "checkpoint-2" / "model.bin").write_bytes(b"tampered")
     (dl / "rank-0" / "checkpoint-1" / "empty").unlink()
-    assert agent(["verify", str(dl)], env).returncode == 5
-    assert agent(["load"], env).returncode == 0
-    assert agent(["verify", str(dl)], env).returncode == 0
+    assert run_agent(["verify", str(dl)], env).returncode == 5
+    assert run_agent(["load"], env).returncode == 0
+    assert run_agent(["verify", str(dl)], env).returncode == 0
 
 
 def test_verify_without_a_folder_checks_the_spec_download_folder(loaded):
     env, dl = loaded
     (dl / "rank-0" / "checkpoint-2" / "empty").unlink()
-    result = agent(["verify"], env)
+    result = run_agent(["verify"], env)
     assert result.returncode == 5
     assert statuses(result.stdout)["rank-0/checkpoint-2/empty"] == "missing"
 
 
 def test_verify_of_a_folder_no_load_wrote_fails_with_not_found(tmp_path):
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-    result = agent(["verify", str(tmp_path)], keep)
+    result = run_agent(["verify", str(tmp_path)], clean_env())
     assert result.returncode == 3
     assert "loaded-rank-0.json" in result.stderr and len(result.stderr.splitlines()) == 1
 
@@ -124,7 +113,7 @@ def test_verify_flags_a_recorded_manifest_that_was_edited(loaded):
     manifest = json.loads(recorded.read_text())
     manifest["files"] = [f for f in manifest["files"] if f["path"] != "model.bin"]
     recorded.write_text(json.dumps(manifest))
-    result = agent(["verify", str(dl)], env)
+    result = run_agent(["verify", str(dl)], env)
     assert result.returncode == 5
     assert statuses(result.stdout)[".ckpt-agent/manifests/rank-0/checkpoint-2.json"] == "changed"
 
@@ -138,10 +127,10 @@ def test_load_records_the_manifests_exactly_as_the_store_served_them(loaded, tmp
 
 def test_a_later_load_verifies_only_what_it_loaded(loaded):
     env, dl = loaded
-    env = {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, named("checkpoint-2"))}
-    assert agent(["load"], env).returncode == 0
+    env = {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, named("checkpoint-2", JOB))}
+    assert run_agent(["load"], env).returncode == 0
     assert [p.name for p in (dl / ".ckpt-agent" / "manifests" / "rank-0").iterdir()] == ["checkpoint-2.json"]
-    result = agent(["verify", "--json", str(dl)], env)
+    result = run_agent(["verify", "--json", str(dl)], env)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["checkpoints"] == ["rank-0/checkpoint-2"]

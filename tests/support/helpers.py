@@ -1,5 +1,6 @@
 """Helpers every test file shares: a clean environment, running the installed `ckpt-agent`,
-saving a checkpoint through it, waiting on a condition with a deadline, and a store to inspect.
+saving a checkpoint through it, waiting on a condition with a deadline, a store to inspect, and
+checkpoints committed to SeaweedFS with the checks on what a load left behind.
 
 One place, so each test file says only what is particular to it.
 """
@@ -15,10 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import layout
+from agent.cancel import Cancel
+from agent.save import CheckpointId, commit_checkpoint
+from agent.stores.s3boto import Boto3Store
 from bench.seaweed import SeaweedServer
+from tests.support.faultproxy import FaultProxy
+from tests.support.specs import named, spec
 
 AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 _FOREIGN = ("AWS_", "BT_", "CKPT_AGENT_")
+JOB, NAME = "job-f", "checkpoint-7"  # the job and checkpoint `upload_checkpoint` commits by default
+PART = 256 * 1024  # small checksum parts, so a resumed file skips most of itself
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -57,6 +66,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "")
         time.sleep(0.02)
 
 
+def same_tree(a: Path, b: Path) -> bool:
+    """The two folders hold the same files with the same bytes."""
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+
+
 def payload(size: int, seed: str) -> bytes:
     """Deterministic pseudo-random bytes: an offset mistake cannot go unnoticed."""
     return random.Random(seed).randbytes(size)
@@ -84,7 +100,7 @@ class StoreUnderTest:
     exists: Callable[[str], bool]
 
 
-def local_store(root: Path) -> StoreUnderTest:
+def dir_store(root: Path) -> StoreUnderTest:
     def write(key: str, data: bytes) -> None:
         (root / key).parent.mkdir(parents=True, exist_ok=True)
         (root / key).write_bytes(data)
@@ -94,7 +110,7 @@ def local_store(root: Path) -> StoreUnderTest:
                           lambda k: (root / k).unlink(), lambda k: (root / k).exists())
 
 
-def seaweed_store(server: SeaweedServer, prefix: str) -> StoreUnderTest:
+def s3_store(server: SeaweedServer, prefix: str) -> StoreUnderTest:
     """The shared SeaweedFS server, seen through this test's own key prefix."""
     client = server.client()
     bucket = server.bucket
@@ -113,3 +129,99 @@ def seaweed_store(server: SeaweedServer, prefix: str) -> StoreUnderTest:
 
     env = {**server.env(), "BT_CHECKPOINT_STORE": f"s3://{bucket}/{prefix}"}
     return StoreUnderTest(env, read, write, delete, exists)
+
+
+# ---- the save side: a fake trainer and `ckpt-agent sync` ---------------------------------------
+
+TRAINER = [sys.executable, str(Path(__file__).parents[1] / "fake_trainer.py")]
+QUIET = "0.5"  # seconds a checkpoint must be unchanged before the sidecar commits it
+
+
+def trainer(ckpts: Path, *args: object) -> list[str]:
+    """tests/fake_trainer.py writing HF-Trainer-like checkpoints into `ckpts`."""
+    return [*TRAINER, "--dir", str(ckpts), *map(str, args)]
+
+
+def sync_env(store: StoreUnderTest, ckpts: Path, job: str = "job-1", **extra: str) -> dict[str, str]:
+    """Environment for `ckpt-agent sync`/`run` saving `ckpts` as `job`, with short quiet periods."""
+    return clean_env(**store.env, BT_TRAINING_PROJECT_NAME="proj", BT_TRAINING_JOB_ID=job,
+                     BT_CHECKPOINT_DIR=str(ckpts), CKPT_AGENT_QUIET_SECONDS=QUIET,
+                     CKPT_AGENT_POLL_SECONDS="0.1", **extra)
+
+
+def start(procs: list[subprocess.Popen], argv: list[str], env: dict[str, str],
+          out: Path) -> subprocess.Popen:
+    """Start `argv` with stdout and stderr in `out`; `procs` (the fixture) kills it if left running."""
+    with open(out, "wb") as log:
+        p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    procs.append(p)
+    return p
+
+
+def committed(store: StoreUnderTest, name: str, job: str = "job-1") -> bool:
+    return store.exists(layout.manifest_key(job, name, 0))
+
+
+# ---- checkpoints in SeaweedFS, and what a load leaves behind ------------------------------------
+
+def upload_checkpoint(server: SeaweedServer, prefix: str, src: Path, files: dict[str, bytes], *,
+                      job: str = JOB, name: str = NAME, project: str = "proj", part_size: int = PART,
+                      ) -> dict[str, bytes]:
+    """Commit `files` as checkpoint `name` of `job` straight to SeaweedFS (not through a proxy).
+
+    In-process, because `ckpt-agent save` always uses 8 MiB parts and these tests want small
+    ones. Needs the `s3_env` fixture (boto3 reads the credentials from the environment).
+    """
+    folder = src / job / name
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    store = Boto3Store(server.bucket, prefix)
+    try:
+        ident = CheckpointId(project, job, name)
+        commit_checkpoint(store, folder, ident, 4, lambda n: None, Cancel(), part_size=part_size)
+    finally:
+        store.close()
+    return files
+
+
+def put_object(server: SeaweedServer, prefix: str, key: str, data: bytes) -> None:
+    server.client().put_object(Bucket=server.bucket, Key=f"{prefix}/{key}", Body=data)
+
+
+def get_object(server: SeaweedServer, prefix: str, key: str) -> bytes:
+    return server.client().get_object(Bucket=server.bucket, Key=f"{prefix}/{key}")["Body"].read()
+
+
+def agent_env(server: SeaweedServer, prefix: str, folder: Path, *, endpoint: str | None = None,
+              refs: tuple[dict, ...] = (), **extra: str) -> dict[str, str]:
+    """The agent's whole environment for a load from SeaweedFS into `folder` (by default of
+    NAME of JOB): short timeouts, few workers; `endpoint` puts e.g. a fault proxy in between."""
+    env = clean_env(**server.env(), BT_CHECKPOINT_STORE=f"s3://{server.bucket}/{prefix}",
+                    BT_TRAINING_PROJECT_NAME="proj",
+                    BT_LOAD_CHECKPOINT_CONFIG=spec(folder, *(refs or (named(NAME, JOB),))),
+                    CKPT_AGENT_WORKERS="4", CKPT_AGENT_READ_TIMEOUT="2")
+    if endpoint:
+        env["AWS_ENDPOINT_URL"] = endpoint
+    env.update(extra)
+    return env
+
+
+def loaded(folder: Path, name: str = NAME, rank: int = 0) -> Path:
+    return folder / f"rank-{rank}" / name
+
+
+def assert_exact(folder: Path, files: dict[str, bytes], name: str = NAME) -> None:
+    """The checkpoint folder holds exactly `files`, byte for byte, and no temporary files."""
+    root = loaded(folder, name)
+    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert found == sorted(files)
+    for rel, data in files.items():
+        assert (root / rel).read_bytes() == data, rel
+
+
+def file_bytes(proxy: FaultProxy, rel: str = "") -> int:
+    """Payload bytes of checkpoint data the proxy forwarded: ranged GETs of file `rel` (or of any
+    file or pack when `rel` is empty); manifests, job records and listings are never ranged."""
+    where = f"/rank-0/{rel}" if rel else ""
+    return sum(e.body_bytes for e in proxy.exchanges if e.method == "GET" and e.range is not None and where in e.target)
