@@ -311,22 +311,28 @@ def test_commit_checkpoint_refuses_to_write_the_manifest_when_a_file_changes_dur
     assert not store.exists(layout.manifest_key("job-1", "checkpoint-10", 0))
 
 
-class SlowStore(RecordingStore):
-    def __init__(self, root: Path, seconds: float) -> None:
+class HeldStore(RecordingStore):
+    """Every upload starts, then waits until the test releases it."""
+
+    def __init__(self, root: Path) -> None:
         super().__init__(root)
-        self.started = threading.Event()
-        self.on_upload = lambda key: (self.started.set(), time.sleep(seconds))
+        self.started, self.release = threading.Event(), threading.Event()
+        self.on_upload = lambda key: (self.started.set(), self.release.wait(30))
 
 
 @pytest.mark.parametrize("grace, is_committed", [(10.0, True), (0.2, False)])
 def test_sigterm_finishes_the_upload_in_flight_only_within_the_grace_period(tmp_path, grace, is_committed):
-    ckpts, store = tmp_path / "ckpts", SlowStore(tmp_path / "store", 1.0)
+    ckpts, store = tmp_path / "ckpts", HeldStore(tmp_path / "store")
     make_checkpoint(ckpts / "checkpoint-10", 10)
     sidecar, out = sidecar_for(store, ckpts, quiet_seconds=0)
     thread = in_thread(sidecar)
     assert store.started.wait(10)
     sidecar.finish(time.monotonic() + grace, wait_for_writers=False)  # what run_standalone does on SIGTERM
+    if is_committed:
+        store.release.set()  # the upload in flight ends well within the grace period
     thread.join(15)
+    store.release.set()
+    assert not thread.is_alive()
     assert store.exists(layout.manifest_key("job-1", "checkpoint-10", 0)) is is_committed
     if not is_committed:
         assert sidecar.result.not_committed == {"checkpoint-10": NotReady(Why.CUT)}

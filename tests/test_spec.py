@@ -61,7 +61,7 @@ def _config_examples() -> list[str]:
 
 def test_local_copy_of_reference_examples_matches_shared_original():
     if not SHARED_ORIGINAL.is_file():
-        pytest.skip("shared/reference is not beside this clone")
+        pytest.skip(f"nothing to compare tests/data's copy with: {SHARED_ORIGINAL} is not beside this clone")
     assert json.loads(LOCAL_COPY.read_text()) == json.loads(SHARED_ORIGINAL.read_text())
 
 
