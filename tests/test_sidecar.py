@@ -32,6 +32,7 @@ from tests.support.helpers import (
     AGENT,
     StoreUnderTest,
     committed,
+    run_agent,
     same_tree,
     start,
     sync_env,
@@ -50,7 +51,7 @@ def load_latest_as_second_job(store: StoreUnderTest, tmp_path: Path) -> Path:
     spec = {"enabled": True, "download_folder": str(dl),
             "checkpoints": [{"typ": "baseten_latest_checkpoint", "project_name": "proj", "job_id": None}]}
     env = {**sync_env(store, tmp_path / "unused", job="job-2"), "BT_LOAD_CHECKPOINT_CONFIG": json.dumps(spec)}
-    result = subprocess.run([AGENT, "load"], env=env, capture_output=True, text=True, timeout=60)
+    result = run_agent(["load"], env)
     assert result.returncode == 0, result.stderr
     return dl / "rank-0"
 
@@ -104,13 +105,13 @@ def test_restarted_sync_does_not_upload_committed_checkpoints_again(local_store,
     ckpts, root = tmp_path / "ckpts", tmp_path / "store"
     env = sync_env(local_store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
     assert subprocess.run(trainer(ckpts, "--checkpoints", 2, "--every", 0), capture_output=True).returncode == 0
-    first = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    first = run_agent(["sync", "--once"], env)
     assert first.returncode == 0 and first.stderr.count("sync: committed checkpoint-") == 2, first.stderr
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
     (ckpts / "checkpoint-30").mkdir()
     for f in (ckpts / "checkpoint-20").iterdir():
         (ckpts / "checkpoint-30" / f.name).write_bytes(f.read_bytes())
-    second = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    second = run_agent(["sync", "--once"], env)
     assert second.returncode == 0, second.stderr
     assert "checkpoint-10 is already committed; not uploading it again" in second.stderr
     assert "checkpoint-20 is already committed; not uploading it again" in second.stderr
@@ -121,7 +122,7 @@ def test_restarted_sync_does_not_upload_committed_checkpoints_again(local_store,
 def test_sync_without_a_job_id_is_a_config_error(local_store, tmp_path):
     env = sync_env(local_store, tmp_path / "ckpts")
     del env["BT_TRAINING_JOB_ID"]
-    result = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    result = run_agent(["sync", "--once"], env)
     assert result.returncode == 2
     assert "BT_TRAINING_JOB_ID" in result.stderr and result.stderr.strip().count("\n") == 0
 
@@ -207,7 +208,7 @@ def test_checkpointing_without_a_job_id_fails_before_the_trainer_starts(local_st
     env = sync_env(local_store, tmp_path / "ckpts", BT_CHECKPOINTING_ENABLED="1")
     del env["BT_TRAINING_JOB_ID"]
     marker = tmp_path / "trained"
-    result = subprocess.run([AGENT, "run", "--", "touch", str(marker)], env=env, capture_output=True, text=True)
+    result = run_agent(["run", "--", "touch", str(marker)], env)
     assert result.returncode == 2 and "BT_TRAINING_JOB_ID" in result.stderr
     assert not marker.exists()
 
@@ -450,7 +451,7 @@ def test_a_single_file_checkpoint_loads_as_that_file_and_latest_local_checkpoint
     with zipfile.ZipFile(ckpts / "ckpt-5.pt", "w") as z:  # the shape torch.save writes
         z.writestr("archive/data.pkl", os.urandom(3000))
     env = sync_env(store, ckpts, CKPT_AGENT_QUIET_SECONDS="0")
-    result = subprocess.run([AGENT, "sync", "--once"], env=env, capture_output=True, text=True, timeout=60)
+    result = run_agent(["sync", "--once"], env)
     assert result.returncode == 0 and "committed ckpt-5.pt: 1 files" in result.stderr, result.stderr
     assert manifest(store, "ckpt-5.pt")["kind"] == "file"
     loaded = load_latest_as_second_job(store, tmp_path)
@@ -479,8 +480,8 @@ def test_run_takes_the_sync_flags_with_checkpointing_and_says_where_they_go_with
     ckpts = tmp_path / "ckpts"
     script = f"mkdir -p {ckpts}/out && echo w > {ckpts}/out/w.bin && echo done > {ckpts}/out/DONE"
     env = sync_env(local_store, ckpts, BT_CHECKPOINTING_ENABLED="1")
-    result = subprocess.run([AGENT, "run", "--complete-file", "DONE", "--quiet-seconds", "0", "--", "sh", "-c",
-                             script], env=env, capture_output=True, text=True, timeout=60)
+    result = run_agent(["run", "--complete-file", "DONE", "--quiet-seconds", "0", "--", "sh", "-c",
+                             script], env)
     assert result.returncode == 0 and "committed out:" in result.stderr, result.stderr
     del env["BT_CHECKPOINTING_ENABLED"]
     result = subprocess.run([AGENT, "run", "--complete-file", "DONE", "--", "true"], env=env, capture_output=True,
