@@ -23,10 +23,9 @@ import pytest
 
 from agent import cli, layout
 from agent import settings as settings_module
-from agent.cancel import Cancel
 from agent.errors import ConfigError, IntegrityError, StoreError
 from agent.resolve import resolve
-from agent.save import CheckpointId, CommitRequest, commit_checkpoint, ensure_job
+from agent.save import CheckpointId, ensure_job
 from agent.settings import settings_from_env
 from agent.spec import LatestRef
 from agent.stores import base, open_store
@@ -39,6 +38,7 @@ from tests.support.helpers import (
     assert_exact,
     assert_one_line_failure,
     clean_env,
+    commit_files,
     get_object,
     payload,
     put_object,
@@ -84,12 +84,10 @@ class PlantedStore(LocalStore):
         return super().read_bytes(key, limit)
 
 
-def save(store: Store, tmp: Path, job: str, name: str, project: str | None = "proj") -> dict:
-    folder = tmp / "src" / job / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.bin").write_bytes(f"{job}/{name}".encode())
-    request = CommitRequest(folder, CheckpointId(project, job, name), 2)
-    manifest = commit_checkpoint(store, request, lambda n: None, Cancel())
+def commit(store: Store, tmp: Path, job: str, name: str, project: str | None = "proj") -> dict:
+    """A one-file checkpoint committed in-process; its manifest as JSON."""
+    manifest = commit_files(store, tmp / "src" / job / name, {"model.bin": f"{job}/{name}".encode()},
+                            CheckpointId(project, job, name), workers=2)
     return json.loads(manifest.to_json())
 
 
@@ -175,7 +173,7 @@ def s3_store(engine: str, endpoint: str, monkeypatch: pytest.MonkeyPatch, **extr
 @pytest.mark.parametrize("bad", BAD_NAMES.values(), ids=BAD_NAMES.keys())
 def test_planted_checkpoint_name_is_ignored_with_an_escaped_warning_and_never_wins_latest(bad, tmp_path):
     store = PlantedStore(str(tmp_path / "store"), {})
-    legit = save(store, tmp_path, "j1", "checkpoint-1")
+    legit = commit(store, tmp_path, "j1", "checkpoint-1")
     store.planted[layout.manifest_key("j1", bad, 0)] = planted_manifest(legit, bad)
     result = resolve(store, (LatestRef(job_id="j1"),), 0, None)
     assert [r.manifest.checkpoint_name for r in result.checkpoints] == ["checkpoint-1"]
@@ -186,7 +184,7 @@ def test_planted_checkpoint_name_is_ignored_with_an_escaped_warning_and_never_wi
 @pytest.mark.parametrize("bad", BAD_NAMES.values(), ids=BAD_NAMES.keys())
 def test_planted_job_in_a_project_index_is_ignored_and_never_wins_latest(bad, tmp_path):
     store = PlantedStore(str(tmp_path / "store"), {})
-    save(store, tmp_path, "j1", "checkpoint-1")
+    commit(store, tmp_path, "j1", "checkpoint-1")
     store.planted[layout.project_job_key("proj", bad)] = json.dumps(
         {"job_id": bad, "created_at": "2999-01-01T00:00:00Z"}).encode()
     result = resolve(store, (LatestRef(project_name="proj"),), 0, None)
@@ -268,7 +266,7 @@ def test_project_index_record_is_written_by_a_serializer_even_for_a_quoted_job_i
 def test_one_bad_project_index_entry_breaks_neither_latest_nor_ls(entry, tmp_path):
     store_dir = tmp_path / "store"
     files = {"model.bin": b"j1/checkpoint-1"}
-    save(LocalStore(str(store_dir)), tmp_path, "j1", "checkpoint-1")
+    commit(LocalStore(str(store_dir)), tmp_path, "j1", "checkpoint-1")
     (store_dir / layout.project_job_key("proj", "j0")).write_bytes(entry)
     dl = tmp_path / "dl"
     env = local_env(store_dir, dl, {"typ": "baseten_latest_checkpoint", "project_name": "proj", "job_id": None})
@@ -482,7 +480,7 @@ def test_an_object_over_the_read_limit_fails_cleanly_naming_the_key(engine, fake
 @pytest.mark.parametrize("what", ["manifest", "job record", "index entry"])
 def test_oversized_store_records_fail_the_load_or_are_skipped(what, monkeypatch, tmp_path):
     store = LocalStore(str(tmp_path / "store"))
-    save(store, tmp_path, "j1", "checkpoint-1")
+    commit(store, tmp_path, "j1", "checkpoint-1")
     padding = {"padding": "x" * 3000}
     monkeypatch.setattr(layout, "MAX_MANIFEST_BYTES", 2000)
     monkeypatch.setattr(layout, "MAX_RECORD_BYTES", 2000)

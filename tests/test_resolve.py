@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from agent import layout
-from agent.cancel import Cancel
 from agent.errors import ConfigError, IntegrityError, NotFoundError
 from agent.manifest import FileEntry, JobRecord, Manifest
 from agent.resolve import list_checkpoints, project_jobs, read_job, resolve
-from agent.save import CheckpointId, CommitRequest, commit_checkpoint, ensure_job
+from agent.save import CheckpointId, ensure_job
 from agent.spec import LatestRef, NamedRef
 from agent.stores.local import LocalStore
+from tests.support.helpers import commit_files
 
 PART = 8
 
@@ -31,14 +31,9 @@ def save(store: LocalStore, tmp_path: Path):
 
     def _save(job_id: str, name: str, project: str | None = "proj", rank: int = 0, num_nodes: int = 1,
               files: dict[str, bytes] | None = None) -> Manifest:
-        folder = tmp_path / f"src-{next(counter)}"
-        for rel, data in (files or {"model.bin": f"{job_id}/{name}/{rank}".encode() * 3,
-                                    "sub/config.json": b"{}"}).items():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_bytes(data)
-        ident = CheckpointId(project, job_id, name, rank, num_nodes)
-        return commit_checkpoint(store, CommitRequest(folder, ident, workers=2, part_size=PART),
-                                 progress=lambda n: None, cancel=Cancel())
+        files = files or {"model.bin": f"{job_id}/{name}/{rank}".encode() * 3, "sub/config.json": b"{}"}
+        return commit_files(store, tmp_path / f"src-{next(counter)}", files,
+                            CheckpointId(project, job_id, name, rank, num_nodes), part_size=PART, workers=2)
 
     return _save
 

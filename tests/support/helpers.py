@@ -18,7 +18,9 @@ from pathlib import Path
 
 from agent import layout
 from agent.cancel import Cancel
-from agent.save import CheckpointId, commit_checkpoint
+from agent.manifest import Manifest
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from agent.stores.base import Store
 from agent.stores.s3boto import Boto3Store
 from bench.seaweed import SeaweedServer
 from tests.support.faultproxy import FaultProxy
@@ -144,9 +146,9 @@ def trainer(ckpts: Path, *args: object) -> list[str]:
 
 def sync_env(store: StoreUnderTest, ckpts: Path, job: str = "job-1", **extra: str) -> dict[str, str]:
     """Environment for `ckpt-agent sync`/`run` saving `ckpts` as `job`, with short quiet periods."""
-    return clean_env(**store.env, BT_TRAINING_PROJECT_NAME="proj", BT_TRAINING_JOB_ID=job,
-                     BT_CHECKPOINT_DIR=str(ckpts), CKPT_AGENT_QUIET_SECONDS=QUIET,
-                     CKPT_AGENT_POLL_SECONDS="0.1", **extra)
+    return clean_env(**{**store.env, "BT_TRAINING_PROJECT_NAME": "proj", "BT_TRAINING_JOB_ID": job,
+                        "BT_CHECKPOINT_DIR": str(ckpts), "CKPT_AGENT_QUIET_SECONDS": QUIET,
+                        "CKPT_AGENT_POLL_SECONDS": "0.1", **extra})
 
 
 def start(procs: list[subprocess.Popen], argv: list[str], env: dict[str, str],
@@ -164,6 +166,16 @@ def committed(store: StoreUnderTest, name: str, job: str = "job-1") -> bool:
 
 # ---- checkpoints in SeaweedFS, and what a load leaves behind ------------------------------------
 
+def commit_files(store: Store, folder: Path, files: dict[str, bytes], ident: CheckpointId, *,
+                 part_size: int = PART, workers: int = 4) -> Manifest:
+    """Write `files` into `folder` and commit them as `ident` in-process: no CLI, any part size."""
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return commit_checkpoint(store, CommitRequest(folder, ident, workers, part_size=part_size), lambda n: None,
+                             Cancel())
+
+
 def upload_checkpoint(server: SeaweedServer, prefix: str, src: Path, files: dict[str, bytes], *,
                       job: str = JOB, name: str = NAME, project: str = "proj", part_size: int = PART,
                       ) -> dict[str, bytes]:
@@ -172,14 +184,9 @@ def upload_checkpoint(server: SeaweedServer, prefix: str, src: Path, files: dict
     In-process, because `ckpt-agent save` always uses 8 MiB parts and these tests want small
     ones. Needs the `s3_env` fixture (boto3 reads the credentials from the environment).
     """
-    folder = src / job / name
-    for rel, data in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
     store = Boto3Store(server.bucket, prefix)
     try:
-        ident = CheckpointId(project, job, name)
-        commit_checkpoint(store, folder, ident, 4, lambda n: None, Cancel(), part_size=part_size)
+        commit_files(store, src / job / name, files, CheckpointId(project, job, name), part_size=part_size)
     finally:
         store.close()
     return files
