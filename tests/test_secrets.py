@@ -27,9 +27,8 @@ from xml.sax.saxutils import escape
 import boto3
 import pytest
 
-import bench.seaweed as seaweed_module
 from agent import layout
-from bench.seaweed import SeaweedServer
+from bench.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer  # the shared server's one identity
 from tests.support.faultproxy import LOOPBACK
 from tests.support.helpers import (
     AGENT,
@@ -46,8 +45,6 @@ from tests.support.specs import named, spec
 pytestmark = pytest.mark.seaweed
 
 MARK = "SHOULDNOTLEAK"
-ACCESS_KEY = seaweed_module.ACCESS_KEY  # the shared server's one identity
-SECRET_KEY = seaweed_module.SECRET_KEY
 SESSION_TOKEN = "TOKENSHOULDNOTLEAK" + "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJH" * 4
 WRONG_SECRET = "WRONGSECRETSHOULDNOTLEAK+abcdefghijklmnopqrstuv"
 WRONG_KEY = "AKIAWRONGSHOULDNOTLEAK"
