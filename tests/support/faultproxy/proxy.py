@@ -198,7 +198,11 @@ class FaultProxy(Ledger):
             record.status = rule.status
             record.outcome = "status"
             return "keep" if keep_alive else "fin"
+        return self._forward(conn, head, request_framing, rule, matched, keep_alive, record)
 
+    def _forward(self, conn: Conn, head: Head, request_framing: int | str, rule: Rule | None,
+                 matched: list[Rule], keep_alive: bool, record: Exchange) -> str:
+        """Send the request upstream on a new connection; relay the response, faults applied."""
         try:
             upstream = socket.create_connection(self.upstream, timeout=self.timeout)
         except OSError:
@@ -233,7 +237,7 @@ class FaultProxy(Ledger):
             raise ProtocolError(f"bad status line {response.start!r}") from None
         record.status = status
 
-        bodiless = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        bodiless = record.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         framing = 0 if bodiless else body_framing(response)
         if framing == "eof":
             keep_alive = False
