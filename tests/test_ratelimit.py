@@ -16,7 +16,7 @@ from agent.retry import Backoff, retry
 from agent.stores.s3common import store_error
 from agent.stores.s3native import NativeS3Store
 from bench.seaweed import SeaweedServer
-from tests.faultproxy import LOOPBACK, FaultProxy
+from tests.support.faultproxy import LOOPBACK, FaultProxy
 
 DEADLINE = 10.0  # seconds a test waits for a thread before failing; never reached when it works
 
