@@ -313,12 +313,24 @@ def test_commit_checkpoint_refuses_to_write_the_manifest_when_a_file_changes_dur
 
 
 class HeldStore(RecordingStore):
-    """Every upload starts, then waits until the test releases it."""
+    """Every part upload starts, then waits until the test releases it (in a pool worker, which
+    a cancel does not wait for: start_upload runs in the pool's task source, which it does)."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.started, self.release = threading.Event(), threading.Event()
-        self.on_upload = lambda key: (self.started.set(), self.release.wait(30))
+
+    def start_upload(self, key: str, size: int):
+        upload = super().start_upload(key, size)
+        put_part = upload.put_part
+
+        def held_put_part(*args):
+            self.started.set()
+            self.release.wait(30)
+            return put_part(*args)
+
+        upload.put_part = held_put_part
+        return upload
 
 
 @pytest.mark.parametrize("grace, is_committed", [(10.0, True), (0.2, False)])
