@@ -39,11 +39,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**keep, **extra}
 
 
-def run_agent(args: list[str], env: dict[str, str], timeout: float = 120,
-              **kw: object) -> subprocess.CompletedProcess[str]:
+def run_agent(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run `ckpt-agent ARGS` to completion, capturing its output as text."""
-    return subprocess.run([AGENT, *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          **kw)  # type: ignore[call-overload]
+    return subprocess.run([AGENT, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def start_agent(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
