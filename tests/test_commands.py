@@ -19,7 +19,8 @@ from agent.commands.save import SaveOptions
 from agent.commands.sync import SyncCommandOptions, SyncFlags
 from agent.commands.verify import VerifyOptions
 from agent.errors import EXIT_CONFIG, EXIT_TIMEOUT
-from tests.specs import AGENT, named, spec
+from tests.support.helpers import AGENT
+from tests.support.specs import named, spec
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -18,7 +18,8 @@ from agent.errors import IntegrityError
 from agent.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest, read_part_digests
 from agent.save import CheckpointId, CommitRequest, commit_checkpoint
 from agent.stores.local import LocalStore
-from tests.specs import AGENT, named, spec
+from tests.support.helpers import AGENT
+from tests.support.specs import named, spec
 
 PART = 1 << 20  # packs take files up to 1 MiB and need them single-part
 WHERE = "rank-0.manifest.json"
