@@ -20,8 +20,9 @@ from agent.plan import check_selection
 from agent.safefs import Folder
 from agent.selection import Selection
 from agent.settings import selection_from_env
-from tests.faultproxy import LOOPBACK, FaultProxy
-from tests.specs import AGENT, latest, spec
+from tests.support.faultproxy import LOOPBACK, FaultProxy
+from tests.support.helpers import AGENT
+from tests.support.specs import latest, spec
 
 JOB, NAME = "job-1", "checkpoint-20"
 # The HF Trainer layout; the optimizer is most of the bytes, as in real checkpoints.
