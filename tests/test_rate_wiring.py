@@ -26,10 +26,11 @@ from agent.errors import ThrottledError
 from agent.ratelimit import BURST_SECONDS, Aimd, ConcurrencyGate, Limiter, TokenBucket, limiter
 from agent.retry import Backoff
 from bench.seaweed import SeaweedServer
-from tests.faultproxy import FaultProxy
-from tests.test_faults import (
+from tests.support.faultproxy import FaultProxy
+from tests.support.helpers import (
     JOB,
     NAME,
+    FakeClock,
     agent_env,
     assert_exact,
     assert_one_line_failure,
@@ -38,8 +39,6 @@ from tests.test_faults import (
     run_agent,
     upload_checkpoint,
 )
-from tests.test_faults import proxy as proxy  # noqa: PLC0414 - the fixture, re-exported for pytest
-from tests.test_ratelimit import FakeClock
 
 MIB = 1 << 20
 RATE = 4_000_000  # CKPT_AGENT_MAX_RATE=4MB

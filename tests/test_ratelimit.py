@@ -17,25 +17,9 @@ from agent.stores.s3common import store_error
 from agent.stores.s3native import NativeS3Store
 from bench.seaweed import SeaweedServer
 from tests.support.faultproxy import LOOPBACK, FaultProxy
+from tests.support.helpers import FakeClock
 
 DEADLINE = 10.0  # seconds a test waits for a thread before failing; never reached when it works
-
-
-class FakeClock:
-    """Time that moves only when somebody sleeps; sleeps from several threads never move it back."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.slept.append(seconds)
-            self.now = max(self.now, self.now + seconds)
 
 
 def worst_window(grants: list[tuple[float, int]], burst: float, rate: float) -> float:
