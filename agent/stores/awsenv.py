@@ -106,7 +106,8 @@ def proxy_for(env: Mapping[str, str], endpoint: Endpoint) -> Proxy | None:
     # Sorted, upper case comes first, so the lower-case variable wins as it does in urllib and botocore.
     found = {k.lower(): v for k, v in sorted(env.items()) if k.lower() in PROXY_VARS}
     url = found.get(f"{endpoint.scheme}_proxy")
-    if not url or urllib.request.proxy_bypass_environment(endpoint.host_header, {"no": found.get("no_proxy", "")}):
+    if not url or urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]  # missing from typeshed
+            endpoint.host_header, {"no": found.get("no_proxy", "")}):
         return None
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme != "http" or not parts.hostname:

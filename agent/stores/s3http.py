@@ -24,6 +24,7 @@ from agent.stores.s3common import REQUEST_BACKOFF, content_range_size, store_err
 from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, canonical_query, sign, uri_encode
 
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
+_ENDPOINT = "ckpt_endpoint"
 ANSWER_LIMIT = 16 << 20  # a LIST page or an upload answer; S3's are well under 1 MiB
 
 
@@ -78,7 +79,7 @@ class S3Http:
     def _connect(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
-        if conn is not None and conn.ckpt_endpoint is self.endpoint:
+        if conn is not None and getattr(conn, _ENDPOINT) is self.endpoint:
             return conn
         if conn is not None:  # kept from before the bucket's region was learnt
             conn.close()
@@ -90,7 +91,7 @@ class S3Http:
         if self._proxy and self.endpoint.scheme == "https":
             conn.set_tunnel(self.endpoint.host, self.endpoint.port, headers=self._proxy.headers)
         conn.blocksize = 1 << 20
-        conn.ckpt_endpoint = self.endpoint
+        setattr(conn, _ENDPOINT, self.endpoint)  # a connection serves only the endpoint it was opened for
         return conn
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
