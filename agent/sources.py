@@ -7,18 +7,20 @@ its keys are the parts' sha256). Only what none of them holds goes to the store.
 
 Local files are as untrusted as the store. Each is opened read-only, relative to a folder fd,
 without following a link at any depth and with O_NONBLOCK (a planted FIFO never blocks), and used
-only if it is a regular file of the manifest's size. A part is read once into the worker's buffer,
-checked (crc32c, and sha256 when the manifest has it) and written from that same buffer, so the
-bytes placed are exactly the bytes checked, whatever the source does meanwhile. The source's
-(dev, inode, size, mtime_ns, ctime_ns) must also be the same after the part as when it was
-opened, so a file rewritten under us is dropped even where a part of it happens to match. Copies,
-never hardlinks: the trainer writes its folder again, another rank's agent replaces its files, and
-a hardlinked file in the download folder is refused by safefs anyway.
+only if it is a regular file of the manifest's size. A part is copied in the kernel, as `cp`
+does, and then the bytes *placed in the destination* are checked against the manifest's crc32c,
+the check every byte from the store gets: so what the trainer reads is what was checked, whatever
+the source does meanwhile. A file at the manifest's own path needs no more than crc32c (it catches
+corruption and a stale version); the cache picks bytes by their content, so its hits are also
+re-hashed with sha256 (agent.cache). The source's (dev, inode, size, mtime_ns, ctime_ns) must be
+the same after each part as when it was opened, so a file rewritten under us is dropped even
+where a part of it happens to match. Copies (or reflinks), never hardlinks: the trainer writes
+its folder again, another rank's agent replaces its files, and safefs refuses a hardlinked file
+in the download folder anyway.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
@@ -29,9 +31,9 @@ from pathlib import Path
 from agent.cache import PartCache
 from agent.errors import AgentError
 from agent.fetch import part_bounds
-from agent.fileio import read_span, write_all
+from agent.fileio import copy_range
 from agent.localstate import rank_dir
-from agent.manifest import checksum, format_checksum, read_checksums
+from agent.manifest import read_checksums
 from agent.plan import FileTask
 from agent.safefs import Folder, open_file
 from agent.settings import Settings
@@ -116,12 +118,10 @@ class LocalSources:
                 return
 
     def _place(self, fd: int, task: FileTask, part: int, sources: list[_Source], buf: memoryview) -> str | None:
-        start, end = part_bounds(task, part)
-        crc, sha = task.entry.parts[part], task.entry.strong[part] if task.entry.strong else None
         for source in sources:
-            if _copy_checked(source.fd, fd, start, end, crc, sha, buf) and source.unchanged():
+            if _copy_checked(source.fd, fd, task, part, buf) and source.unchanged():
                 return source.kind
-        if self._can_get and sha is not None and self._from_cache(fd, task, part, sha, buf):
+        if self._can_get and task.entry.strong and self._from_cache(fd, task, part, task.entry.strong[part], buf):
             return CACHE
         return None
 
@@ -174,19 +174,15 @@ class LocalSources:
         return opened
 
 
-def _copy_checked(src: int, dst: int, start: int, end: int, crc: str, sha: str | None, buf: memoryview) -> bool:
-    """[start, end) of `src` to the same place in `dst`, through `buf`; True if those bytes match."""
-    value, strong, offset = 0, hashlib.sha256() if sha is not None else None, start
+def _copy_checked(src: int, dst: int, task: FileTask, part: int, buf: memoryview) -> bool:
+    """Part `part` of `src` to the same place in `dst`, in the kernel (as `cp` does; a reflink
+    where the file system has them); True if the bytes placed in `dst` match the manifest."""
+    start, end = part_bounds(task, part)
     try:
-        for chunk in read_span(src, start, end - start, buf):
-            value = checksum(chunk, value)
-            if strong is not None:
-                strong.update(chunk)
-            write_all(dst, chunk, offset)
-            offset += len(chunk)
+        copied = copy_range(src, dst, start, end - start, src_offset=start)
     except OSError:
         return False
-    return offset == end and format_checksum(value) == crc and (strong is None or strong.hexdigest() == sha)
+    return copied and read_checksums(dst, start, end, task.part_size, buf) == [task.entry.parts[part]]
 
 
 def _open_regular(folder: Folder, rel: str) -> int | None:
