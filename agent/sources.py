@@ -76,6 +76,11 @@ class LocalSources:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def usable(self) -> bool:
+        """Whether there is anywhere to look at all; if not, the load skips the lookups."""
+        return self._trainer is not None or bool(self._ranks) or self._can_get
+
     def close(self) -> None:
         if self._cache is not None:
             if self._cache.stats.discarded:

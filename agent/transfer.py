@@ -263,7 +263,8 @@ def run_plan(store: Store, plan: Plan, folder: Folder, options: TransferOptions,
     intact files are only counted. Every ranged GET goes through `limiter`: the rate cap and the
     throttle-aware gate."""
     started = time.monotonic()
-    engine = _Engine(store, plan, folder, options, progress, cancel, index, limiter, sources)
+    engine = _Engine(store, plan, folder, options, progress, cancel, index, limiter,
+                     sources if sources is not None and sources.usable else None)
     engine.stats.files_reused = len(plan.intact)
     engine.stats.bytes_reused = sum(t.entry.size for t in plan.intact)
     try:
