@@ -22,7 +22,7 @@ from agent.cache import ENTRIES, PartCache
 from agent.cancel import Cancel
 from agent.load import LoadResult, load_checkpoints
 from agent.report import JsonReporter, Reporter
-from agent.save import CheckpointId, commit_checkpoint
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint
 from agent.settings import settings_from_env
 from agent.stores import open_store
 from tests.faultproxy import LOOPBACK, FaultProxy
@@ -79,12 +79,17 @@ def saved(rig: Rig) -> tuple[Path, dict[str, bytes]]:
     """A checkpoint written by the 'trainer' into its checkpoint folder and committed to the store."""
     folder = rig.tmp / "trainer" / NAME
     files = make_checkpoint(folder)
+    commit(rig, folder, NAME)
+    return folder, files
+
+
+def commit(rig: Rig, path: Path, name: str) -> None:
     store = open_store(settings_from_env(rig.env))
     try:
-        commit_checkpoint(store, folder, CheckpointId("proj", JOB, NAME), 2, lambda n: None, Cancel(), PART)
+        commit_checkpoint(store, CommitRequest(path, CheckpointId("proj", JOB, name), 2, part_size=PART),
+                          lambda n: None, Cancel())
     finally:
         store.close()
-    return folder, files
 
 
 @dataclass
@@ -141,12 +146,7 @@ def test_a_single_file_checkpoint_in_bt_checkpoint_dir_is_a_source(rig, tmp_path
     trainer.mkdir()
     data = os.urandom(2 * PART + 3)
     (trainer / "ckpt-3.pt").write_bytes(data)
-    store = open_store(settings_from_env(rig.env))
-    try:
-        commit_checkpoint(store, trainer / "ckpt-3.pt", CheckpointId("proj", JOB, "ckpt-3.pt"), 2, lambda n: None,
-                          Cancel(), PART)
-    finally:
-        store.close()
+    commit(rig, trainer / "ckpt-3.pt", "ckpt-3.pt")
     settings = settings_from_env({**rig.env, "BT_CHECKPOINT_DIR": str(trainer),
                                   "BT_LOAD_CHECKPOINT_CONFIG": spec(tmp_path / "dl", named("ckpt-3.pt", JOB))})
     stats = load_checkpoints(settings, Reporter(io.StringIO()), Cancel()).stats
