@@ -124,7 +124,7 @@ class LocalSources:
 
     def _place(self, fd: int, task: FileTask, part: int, sources: list[_Source], buf: memoryview) -> str | None:
         for source in sources:
-            if _copy_checked(source.fd, fd, task, part, buf) and source.unchanged():
+            if source.unchanged() and _copy_checked(source.fd, fd, task, part, buf) and source.unchanged():
                 return source.kind
         if self._can_get and task.entry.strong and self._from_cache(fd, task, part, task.entry.strong[part], buf):
             return CACHE
