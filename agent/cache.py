@@ -12,7 +12,6 @@ there is never read through and never blocks.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import os
@@ -27,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import LocalError
+from agent.fileio import BUFFER, copy_range, read_span, write_all
 
 ENTRIES = "sha256"  # the folder of entries; a later algorithm gets its own
 LOCK = ".lock"  # flock'ed for eviction; its first 8 bytes count the bytes cached
 TMP_PREFIX = ".tmp-"
 STALE_TMP_NS = 3600 * 10**9  # a temporary file this old belonged to an agent that died
-BUFFER = 1 << 20
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -84,7 +83,7 @@ class PartCache:
             if not stat.S_ISREG(st.st_mode) or st.st_size != length or _sha256_of(src, length) != digest:
                 self._discard(name, st)
                 return self._count(hit=False)
-            if not _copy(src, fd, offset, length):
+            if not copy_range(src, fd, offset, length):
                 return self._count(hit=False)
             with suppress(OSError):  # the hit makes it the most recently used, where the disk allows
                 os.utime(src)
@@ -97,9 +96,10 @@ class PartCache:
         view = memoryview(data).cast("B")
         return self._put(digest, len(view), (view[i:i + BUFFER] for i in range(0, len(view), BUFFER)))
 
-    def put_span(self, digest: str, fd: int, offset: int, length: int) -> bool:
-        """put() of [offset, offset + length) of an open file, e.g. a part just verified on disk."""
-        return self._put(digest, length, _read_span(fd, offset, length))
+    def put_span(self, digest: str, fd: int, offset: int, length: int, buf: memoryview | None = None) -> bool:
+        """put() of [offset, offset + length) of an open file, e.g. a part just verified on disk;
+        `buf` lends a worker's buffer for the reads."""
+        return self._put(digest, length, read_span(fd, offset, length, buf))
 
     def evict(self) -> int:
         """Remove least-recently-used entries until the cache fits its cap; the bytes freed."""
@@ -133,7 +133,7 @@ class PartCache:
             sha, written = hashlib.sha256(), 0
             for chunk in chunks:
                 sha.update(chunk)
-                _write_all(out, chunk)
+                write_all(out, chunk)
                 written += len(chunk)
             if written == length and sha.hexdigest() == digest:
                 os.fsync(out)
@@ -253,48 +253,9 @@ def _open_entries(root: Path) -> int:
 
 def _sha256_of(fd: int, length: int) -> str:
     sha = hashlib.sha256()
-    for chunk in _read_span(fd, 0, length):
+    for chunk in read_span(fd, 0, length):
         sha.update(chunk)
     return sha.hexdigest()
-
-
-def _read_span(fd: int, offset: int, length: int) -> Iterator[memoryview]:
-    """The bytes of [offset, offset + length) in buffer-sized chunks; stops early if the file is shorter."""
-    buf = memoryview(bytearray(min(BUFFER, max(length, 1))))
-    end = offset + length
-    while offset < end:
-        n = os.preadv(fd, [buf[: min(len(buf), end - offset)]], offset)
-        if n <= 0:
-            return
-        yield buf[:n]
-        offset += n
-
-
-def _copy(src: int, dst: int, offset: int, length: int) -> bool:
-    """In-kernel copy where the file systems allow it (a reflink on some); False if `src` shrank."""
-    done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src, dst, length - done, done, offset + done)
-            if n == 0:
-                return False
-            done += n
-        return True
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-    for chunk in _read_span(src, done, length - done):
-        _write_all(dst, chunk, offset + done)
-        done += len(chunk)
-    return done == length
-
-
-def _write_all(fd: int, data: memoryview, offset: int | None = None) -> None:
-    while data:
-        n = os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
-        data = data[n:]
-        if offset is not None:
-            offset += n
 
 
 def _unlink(dir_fd: int, name: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -26,11 +27,12 @@ from agent.localstate import (
 from agent.manifest import checksum, format_checksum
 from agent.plan import Plan, check_selection, make_plan
 from agent.ratelimit import limiter
-from agent.report import Reporter, human_bytes
+from agent.report import Reporter, human_bytes, source_summary
 from agent.resolve import Resolution, Resolved, latest_order, resolve
 from agent.safefs import Folder, write_atomic
 from agent.selection import EVERY_FILE, Selection
 from agent.settings import Settings
+from agent.sources import open_sources
 from agent.stores import open_store
 from agent.transfer import TransferOptions, TransferStats, run_plan
 
@@ -117,7 +119,7 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
         seconds=round(time.monotonic() - started, 3), download_folder=str(folder.root.absolute()),
         node_rank=rank, files_total=plan.total_files, bytes_total=plan.total_bytes,
         files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
-        warnings=tuple(result.resolution.warnings), checkpoints=tuple(checkpoints),
+        bytes_from=stats.bytes_from(), warnings=tuple(result.resolution.warnings), checkpoints=tuple(checkpoints),
         files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes,
         selection=plan.selection.record()), manifests)
 
@@ -162,7 +164,8 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
             try:
                 options = TransferOptions(workers=settings.workers, chunk_size=settings.chunk_size)
                 limits = limiter(settings.max_rate, settings.workers, cancel, reporter.info)
-                stats = run_plan(store, plan, folder, options, sink, cancel, index, limits)
+                with open_sources(settings, folder, functools.partial(reporter.warn, event="part_cache")) as sources:
+                    stats = run_plan(store, plan, folder, options, sink, cancel, index, limits, sources)
             finally:
                 sink.close()
             result = LoadResult(resolution, plan, stats)
@@ -177,11 +180,11 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
         f"loaded {plan.total_files} files, {human_bytes(plan.total_bytes)} into {root}: "
         f"fetched {stats.files_fetched} files ({human_bytes(stats.bytes_fetched)}), "
         f"{stats.files_reused} already intact, {left_out + ', ' if left_out else ''}{seconds:.2f} s, "
-        f"{rate:.0f} MB/s",
+        f"{rate:.0f} MB/s; {source_summary(stats.bytes_from())}",
         event="loaded", download_folder=str(root), files=plan.total_files, bytes=plan.total_bytes,
         files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
         files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes, selection=plan.selection.record(),
-        seconds=round(seconds, 3),
+        bytes_from=stats.bytes_from(), seconds=round(seconds, 3),
     )
     return result
 

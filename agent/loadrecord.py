@@ -62,6 +62,9 @@ class LoadRecord:
     files_excluded: int = 0  # listed by the manifests, left out by the selection
     bytes_excluded: int = 0
     selection: dict[str, list[str]] = field(default_factory=EVERY_FILE.record)  # what `verify` must not miss
+    # every byte by where it came from: store, checkpoint_dir (BT_CHECKPOINT_DIR), ranks (other
+    # ranks' folders), cache, reused (already verified here); bytes_fetched is the store's share
+    bytes_from: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,16 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+SOURCE_NAMES = {"store": "store", "checkpoint_dir": "BT_CHECKPOINT_DIR", "ranks": "other ranks",
+                "cache": "part cache", "reused": "already here"}
+
+
+def source_summary(bytes_from: dict[str, int]) -> str:
+    """`from store 1.2 GB, BT_CHECKPOINT_DIR 3.4 GB`: only the sources that gave something."""
+    shown = [f"{SOURCE_NAMES.get(k, k)} {human_bytes(n)}" for k, n in bytes_from.items() if n]
+    return "from " + ", ".join(shown) if shown else "no bytes to place"
+
+
 class Reporter:
     def __init__(self, stream: TextIO | None = None, interval: float = PROGRESS_INTERVAL) -> None:
         self.stream = stream or sys.stderr

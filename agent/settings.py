@@ -66,6 +66,7 @@ class Settings:
     checkpoint_dir: str = DEFAULT_CHECKPOINT_DIR
     checkpointing_enabled: bool = False
     max_rate: int | None = None  # CKPT_AGENT_MAX_RATE: bytes per second, loads and uploads; None: no cap
+    cache: CacheSettings | None = None
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -143,6 +144,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         checkpoint_dir=env.get("BT_CHECKPOINT_DIR", "").strip() or DEFAULT_CHECKPOINT_DIR,
         checkpointing_enabled=env_flag(env, "BT_CHECKPOINTING_ENABLED"),
         max_rate=max_rate_from_env(env),
+        cache=cache_settings_from_env(env),
     )
 
 

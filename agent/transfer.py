@@ -3,8 +3,10 @@
 Each file is written with `os.pwrite` into `<name>.ckpt-incomplete` next to its destination and
 renamed into place only when all of its parts match the manifest. A temporary file left by an
 earlier, killed run is kept (if it is a regular file with one link): its parts are checked
-locally and only the bad ones are fetched. Every file and folder is reached through agent.safefs;
-the bytes themselves stream through agent.fetch.
+locally. A part still missing is then looked for in agent.sources (BT_CHECKPOINT_DIR, other ranks,
+the part cache), and only the rest is fetched, in contiguous runs so misses still combine into
+few ranged GETs. Every file and folder is reached through agent.safefs; the bytes from the store
+stream through agent.fetch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from agent.pool import run_tasks
 from agent.ratelimit import NO_LIMITS, Limiter
 from agent.retry import Backoff
 from agent.safefs import Folder, open_file, open_or_create
+from agent.sources import LOCAL_KINDS, LocalSources
 from agent.stores.base import RangeReader, Store
 
 Progress = Callable[[int], None]
@@ -44,10 +47,19 @@ class TransferOptions:
 
 @dataclass
 class TransferStats:
+    """`bytes_fetched` came from the store; `bytes_local` by agent.sources kind; `bytes_reused` were
+    already verified in the download folder (intact files, parts of a resumed file)."""
+
     files_fetched: int = 0
     files_reused: int = 0
     bytes_fetched: int = 0
     seconds: float = 0.0
+    bytes_local: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOCAL_KINDS, 0))
+    bytes_reused: int = 0
+
+    def bytes_from(self) -> dict[str, int]:
+        """Every byte of the load by where it came from, as the summary and loaded.json show it."""
+        return {"store": self.bytes_fetched, **self.bytes_local, "reused": self.bytes_reused}
 
 
 @dataclass
@@ -61,9 +73,9 @@ class _FileState:
 
 class _Engine:
     def __init__(self, store: Store, plan: Plan, folder: Folder, options: TransferOptions, progress: Progress,
-                 cancel: Cancel, index: VerifiedIndex, limiter: Limiter) -> None:
+                 cancel: Cancel, index: VerifiedIndex, limiter: Limiter, sources: LocalSources | None) -> None:
         self.plan, self.folder, self.options = plan, folder, options
-        self.progress, self.cancel, self.index = progress, cancel, index
+        self.progress, self.cancel, self.index, self.sources = progress, cancel, index, sources
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
         self.fetcher = Fetcher(store, cancel, options.backoff, options.buffer_size, self._fetched, limiter)
@@ -73,6 +85,18 @@ class _Engine:
         with self._stats_lock:
             self.stats.bytes_fetched += count
         self.progress(count)
+
+    def _placed(self, kind: str, count: int) -> None:
+        """Bytes placed from a local source (agent.sources)."""
+        with self._stats_lock:
+            self.stats.bytes_local[kind] += count
+        self.progress(count)
+
+    def _missing(self, fd: int, task: FileTask, parts: list[int]) -> list[int]:
+        """The parts no local source could supply, for the store."""
+        if self.sources is None:
+            return parts
+        return self.sources.fill(fd, task, parts, self.fetcher.buffer(), self._placed)
 
     def units(self) -> Iterator[Callable[[], None]]:
         """Packed small files go as spans of their pack; large files as chunk-sized ranges."""
@@ -95,8 +119,26 @@ class _Engine:
                 yield functools.partial(self._run_unit, state, first, last)
 
     def _run_span(self, key: str, members: list[FileTask]) -> None:
-        self.fetcher.resuming(key, 0, len(members),
-                              lambda first, _last: self.fetcher.span(key, members, first, self._write_member))
+        """Members found locally are placed first; the others come from the pack, regrouped so a
+        hole left by local ones splits the range only where it is large."""
+        wanted = [task for task in members if not self._member_local(task)]
+        for span in _spans(wanted, self.options.chunk_size):
+            self.fetcher.resuming(key, 0, len(span),
+                                  lambda first, _last, span=span: self.fetcher.span(key, span, first,
+                                                                                    self._write_member))
+
+    def _member_local(self, task: FileTask) -> bool:
+        if self.sources is None:
+            return False
+        fd, _ = self._open_temp(task)
+        try:
+            os.ftruncate(fd, task.entry.size)
+            found = not self._missing(fd, task, [0])
+        finally:
+            os.close(fd)
+        if found:
+            self._place(task)
+        return found
 
     def _prepare(self, state: _FileState) -> None:
         """Create or adopt the temporary file; an existing destination is adopted for re-checking."""
@@ -124,9 +166,11 @@ class _Engine:
         fd, _ = self._open_temp(task)
         try:
             todo = [p for p in range(first, last) if not (state.resumed and self._part_ok(fd, task, p))]
-            for run_start, run_end in _runs(todo):
+            for run_start, run_end in _runs(self._missing(fd, task, todo)):
                 self.fetcher.resuming(task.key, run_start, run_end,
                                       lambda a, b: self.fetcher.parts(fd, task, a, b))
+                if self.sources is not None:
+                    self.sources.keep(fd, task, run_start, run_end, self.fetcher.buffer())
         finally:
             os.close(fd)
         with state.lock:
@@ -138,6 +182,8 @@ class _Engine:
     def _part_ok(self, fd: int, task: FileTask, part: int) -> bool:
         start, end = part_bounds(task, part)
         if read_checksums(fd, start, end, task.part_size, self.fetcher.buffer()) == [task.entry.parts[part]]:
+            with self._stats_lock:
+                self.stats.bytes_reused += end - start
             self.progress(end - start)
             return True
         return False
@@ -149,6 +195,8 @@ class _Engine:
             if existed:
                 os.ftruncate(fd, 0)
             self.fetcher.member(fd, task, reader)
+            if self.sources is not None:
+                self.sources.keep(fd, task, 0, 1, self.fetcher.buffer())
         finally:
             os.close(fd)
         self._place(task)
@@ -209,12 +257,16 @@ def _runs(parts: list[int]) -> Iterator[tuple[int, int]]:
 
 
 def run_plan(store: Store, plan: Plan, folder: Folder, options: TransferOptions, progress: Progress,
-             cancel: Cancel, index: VerifiedIndex, limiter: Limiter = NO_LIMITS) -> TransferStats:
-    """Download and verify everything in `plan.fetch`; intact files are only counted. Every
-    ranged GET goes through `limiter`: the rate cap and the throttle-aware gate."""
+             cancel: Cancel, index: VerifiedIndex, limiter: Limiter = NO_LIMITS,
+             sources: LocalSources | None = None) -> TransferStats:
+    """Download and verify everything in `plan.fetch`, from `sources` where they hold the bytes;
+    intact files are only counted. Every ranged GET goes through `limiter`: the rate cap and the
+    throttle-aware gate."""
     started = time.monotonic()
-    engine = _Engine(store, plan, folder, options, progress, cancel, index, limiter)
+    engine = _Engine(store, plan, folder, options, progress, cancel, index, limiter,
+                     sources if sources is not None and sources.usable else None)
     engine.stats.files_reused = len(plan.intact)
+    engine.stats.bytes_reused = sum(t.entry.size for t in plan.intact)
     try:
         run_tasks(engine.units(), options.workers, cancel)
     except LoadTimeoutError as exc:
