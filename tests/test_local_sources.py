@@ -25,8 +25,9 @@ from agent.report import JsonReporter, Reporter
 from agent.save import CheckpointId, CommitRequest, commit_checkpoint
 from agent.settings import settings_from_env
 from agent.stores import open_store
-from tests.faultproxy import LOOPBACK, FaultProxy
-from tests.specs import AGENT, named, spec
+from tests.support.faultproxy import LOOPBACK, FaultProxy
+from tests.support.helpers import AGENT
+from tests.support.specs import named, spec
 
 PART = 1 << 20  # small parts keep the files small; packs take files up to 1 MiB
 JOB, NAME = "job-1", "checkpoint-7"
