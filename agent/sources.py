@@ -7,16 +7,15 @@ its keys are the parts' sha256). Only what none of them holds goes to the store.
 
 Local files are as untrusted as the store. Each is opened read-only, relative to a folder fd,
 without following a link at any depth and with O_NONBLOCK (a planted FIFO never blocks), and used
-only if it is a regular file of the manifest's size. A part is copied in the kernel, as `cp`
-does, and then the bytes *placed in the destination* are checked against the manifest's crc32c,
-the check every byte from the store gets: so what the trainer reads is what was checked, whatever
-the source does meanwhile. A file at the manifest's own path needs no more than crc32c (it catches
-corruption and a stale version); the cache picks bytes by their content, so its hits are also
-re-hashed with sha256 (agent.cache). The source's (dev, inode, size, mtime_ns, ctime_ns) must be
-the same after each part as when it was opened, so a file rewritten under us is dropped even
-where a part of it happens to match. Copies (or reflinks), never hardlinks: the trainer writes
-its folder again, another rank's agent replaces its files, and safefs refuses a hardlinked file
-in the download folder anyway.
+only if it is a regular file of the manifest's size. A part is copied through the worker's buffer
+and checked against the manifest's crc32c on its way, the check every byte from the store gets:
+what is written is what was checked, whatever the source does meanwhile. A file at the manifest's
+own path needs no more than crc32c (it catches corruption and a stale version); the cache picks
+bytes by their content, so its hits are also re-hashed with sha256 (agent.cache). The source's
+(dev, inode, size, mtime_ns, ctime_ns) must be the same after each part as when it was opened, so
+a file rewritten under us is dropped even where a part of it happens to match. Copies, never
+hardlinks: the trainer writes its folder again, another rank's agent replaces its files, and
+safefs refuses a hardlinked file in the download folder anyway.
 """
 
 from __future__ import annotations
@@ -31,9 +30,9 @@ from pathlib import Path
 from agent.cache import PartCache
 from agent.errors import AgentError
 from agent.fetch import part_bounds
-from agent.fileio import copy_range
+from agent.fileio import read_span, write_all
 from agent.localstate import rank_dir
-from agent.manifest import read_checksums
+from agent.manifest import checksum, format_checksum, read_checksums
 from agent.plan import FileTask
 from agent.safefs import Folder, open_file
 from agent.settings import Settings
@@ -180,14 +179,19 @@ class LocalSources:
 
 
 def _copy_checked(src: int, dst: int, task: FileTask, part: int, buf: memoryview) -> bool:
-    """Part `part` of `src` to the same place in `dst`, in the kernel (as `cp` does; a reflink
-    where the file system has them); True if the bytes placed in `dst` match the manifest."""
+    """Part `part` of `src` to the same place in `dst` through the worker's buffer; True if its
+    crc32c matches the manifest. Each chunk is checksummed on its way, so the bytes placed are the
+    bytes checked, in one pass over each file (a kernel copy then a read-back to check was two)."""
     start, end = part_bounds(task, part)
+    crc, done = 0, start
     try:
-        copied = copy_range(src, dst, start, end - start, src_offset=start)
+        for chunk in read_span(src, start, end - start, buf):
+            crc = checksum(chunk, crc)
+            write_all(dst, chunk, done)
+            done += len(chunk)
     except OSError:
         return False
-    return copied and read_checksums(dst, start, end, task.part_size, buf) == [task.entry.parts[part]]
+    return done == end and format_checksum(crc) == task.entry.parts[part]
 
 
 def _open_regular(folder: Folder, rel: str) -> int | None:

@@ -213,18 +213,19 @@ def test_a_local_source_changed_after_its_part_was_verified_is_not_reused(rig, m
     trainer, files = saved(rig)
     source = trainer / BIG
     ino = source.stat().st_ino
-    copy, rewritten = sources.copy_range, []
+    copy, rewritten = sources._copy_checked, []
 
-    def copy_then_rewrite(src: int, dst: int, offset: int, length: int, src_offset: int = 0) -> bool:
-        ok = copy(src, dst, offset, length, src_offset)
+    def copy_then_rewrite(src: int, dst: int, task, part: int, buf: memoryview) -> bool:
+        ok = copy(src, dst, task, part, buf)
         if os.fstat(src).st_ino == ino and not rewritten:
+            start, end = sources.part_bounds(task, part)
             with open(source, "r+b") as f:
-                f.seek(src_offset)
-                f.write(files[BIG][src_offset:src_offset + length])
-            rewritten.append(src_offset)
+                f.seek(start)
+                f.write(files[BIG][start:end])
+            rewritten.append(start)
         return ok
 
-    monkeypatch.setattr(sources, "copy_range", copy_then_rewrite)
+    monkeypatch.setattr(sources, "_copy_checked", copy_then_rewrite)
     loaded = load(rig, rig.tmp / "dl", BT_CHECKPOINT_DIR=str(trainer.parent))
     assert rewritten == [0]
     assert loaded.served == len(files[BIG]) == loaded.bytes_from["store"]
