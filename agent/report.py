@@ -104,7 +104,7 @@ class ProgressSink:
 
 class _BarSink(ProgressSink):
     def __init__(self, total: int, label: str, stream: TextIO) -> None:
-        from tqdm import tqdm  # type: ignore[import-untyped]  # ships no type hints
+        from tqdm import tqdm
 
         self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, file=stream,
                          mininterval=0.2, leave=False)

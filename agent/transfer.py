@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from agent.cancel import Cancel
 from agent.errors import IntegrityError, LoadTimeoutError
@@ -123,9 +124,10 @@ class _Engine:
         hole left by local ones splits the range only where it is large."""
         wanted = [task for task in members if not self._member_local(task)]
         for span in _spans(wanted, self.options.chunk_size):
-            self.fetcher.resuming(key, 0, len(span),
-                                  lambda first, _last, span=span: self.fetcher.span(key, span, first,
-                                                                                    self._write_member))
+            self.fetcher.resuming(key, 0, len(span), partial(self._span_step, key, span))
+
+    def _span_step(self, key: str, span: list[FileTask], first: int, _last: int) -> int:
+        return self.fetcher.span(key, span, first, self._write_member)
 
     def _member_local(self, task: FileTask) -> bool:
         if self.sources is None:
@@ -211,7 +213,7 @@ class _Engine:
         moves ctime), so a file swapped in by someone else never matches the record."""
         dfd, name = self.folder.parent(task.rel)
         tmp = name + INCOMPLETE_SUFFIX
-        fd = open_file(dfd, tmp, f"{task.dest}{INCOMPLETE_SUFFIX}", write=True)
+        fd = None if dfd is None else open_file(dfd, tmp, f"{task.dest}{INCOMPLETE_SUFFIX}", write=True)
         if fd is None:
             raise IntegrityError(f"{task.dest}{INCOMPLETE_SUFFIX}: removed while it was being downloaded")
         try:

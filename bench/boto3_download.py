@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import boto3
 
     client = boto3.client("s3")
-    keys = []
+    keys: list[str] = []
     for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=args.bucket, Prefix=args.prefix
     ):

@@ -25,7 +25,7 @@ def _first_field(path: str, prefix: str) -> str | None:
 def machine_info(folder: Path) -> dict:
     mem = None
     with contextlib.suppress(ValueError, IndexError, AttributeError):
-        mem = round(int(_first_field("/proc/meminfo", "MemTotal:").split()[0]) / 1024**2, 1)
+        mem = round(int((_first_field("/proc/meminfo", "MemTotal:") or "").split()[0]) / 1024**2, 1)
     return {
         "nproc": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

@@ -51,7 +51,8 @@ def main() -> None:
                                                                       "job_id": "job-1"}]}))
     subprocess.run([AGENT, "save", str(trainer), "--project", "proj", "--job-id", "job-1", "--name",
                     "checkpoint-1"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cp_times, load_times = [], []
+    cp_times: list[float] = []
+    load_times: list[float] = []
     for r in range(args.rounds):
         runs = [("cp", ["cp", "-r", str(trainer), str(top / "cp")]), ("load", [AGENT, "load"])]
         for name, cmd in runs if r % 2 == 0 else runs[::-1]:
