@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from agent.errors import NotFoundError, StoreError
+from agent.errors import IntegrityError, NotFoundError, StoreError
 from agent.stores.base import Listing, Store
 from agent.stores.local import LocalStore
 from agent.stores.s3boto import Boto3Store
@@ -200,6 +200,46 @@ class StoreContract:
         assert not store.exists("missing/inner.txt")
 
 
+class CopyPartContract:
+    """An object assembled from ranges copied inside the store and uploaded ones (incremental
+    uploads). Parts are >= 5 MiB but the last, as S3 requires."""
+
+    def test_copy_part_assembles_copied_and_uploaded_ranges_byte_exact(self, store: Store, tmp_path) -> None:
+        source = payload(12 * MIB, "copy-src")
+        store.write_bytes("prev/obj", source)
+        fresh = tmp_path / "fresh.bin"
+        fresh.write_bytes(payload(5 * MIB, "fresh"))
+        lengths = [5 * MIB, 5 * MIB, 3]
+        upload = store.start_upload("next/obj", sum(lengths), lengths)
+        with open(fresh, "rb") as f:
+            upload.put_part(1, f, 0, 5 * MIB)
+        upload.copy_part(2, "prev/obj", 12 * MIB - 3, 3)
+        upload.copy_part(0, "prev/obj", MIB, 5 * MIB)
+        upload.complete()
+        assert store.read_bytes("next/obj") == source[MIB:6 * MIB] + fresh.read_bytes() + source[-3:]
+        assert store.read_bytes("prev/obj") == source
+
+    def test_copy_part_of_a_missing_source_raises_not_found_and_nothing_is_written(self, store: Store) -> None:
+        upload = store.start_upload("next/obj", 5 * MIB, [5 * MIB])
+        with pytest.raises(NotFoundError):
+            upload.copy_part(0, "prev/missing", 0, 5 * MIB)
+        upload.abort()
+        assert not store.exists("next/obj")
+
+
+class ShortSourceContract:
+    """Stores that check a copied range against the source's size (moto does not; save checks the
+    source's size itself before it copies from it)."""
+
+    def test_copy_part_past_the_end_of_the_source_fails(self, store: Store) -> None:
+        store.write_bytes("prev/short", payload(MIB, "short"))
+        upload = store.start_upload("next/obj", 2 * MIB, [2 * MIB])
+        with pytest.raises((IntegrityError, StoreError)):
+            upload.copy_part(0, "prev/short", 0, 2 * MIB)
+        upload.abort()
+        assert not store.exists("next/obj")
+
+
 class BigUploadContract:
     """upload_file of a file big enough for S3 multipart (kept off moto: slow there)."""
 
@@ -244,7 +284,43 @@ class S3ErrorContract:
 # --- the backends ----------------------------------------------------------------------------
 
 
-class TestLocalStore(StoreContract, BigUploadContract):
+class MemoryStore(Store):
+    """Only the abstract methods: the base class's fallbacks (read back + put) are what it copies with."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        if key not in self.objects:
+            raise NotFoundError(f"{key}: not found")
+        return self.objects[key]
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.objects[key] = bytes(data)
+
+    def list_dir(self, prefix: str) -> Listing:
+        below = [k[len(prefix):] for k in self.objects if k.startswith(prefix)]
+        return Listing(tuple(sorted(k for k in below if "/" not in k)),
+                       tuple(sorted({k.split("/", 1)[0] for k in below if "/" in k})))
+
+    def open_range(self, key: str, start: int, length: int):
+        data = self.read_bytes(key)[start:start + length]
+        return io.BytesIO(data)
+
+    def upload_file(self, key: str, source, size: int) -> None:
+        self.objects[key] = source.read(size)
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+class TestBaseStoreFallback(CopyPartContract, ShortSourceContract):
+    @pytest.fixture
+    def store(self) -> Store:
+        return MemoryStore()
+
+
+class TestLocalStore(StoreContract, CopyPartContract, ShortSourceContract, BigUploadContract):
     @pytest.fixture
     def store(self, tmp_path) -> Store:
         return LocalStore(str(tmp_path / "store"))
@@ -262,7 +338,7 @@ class TestLocalStore(StoreContract, BigUploadContract):
         assert store.list_dir("d/") == Listing(("done",), ())
 
 
-class TestS3StoreOnMoto(StoreContract, S3ErrorContract):
+class TestS3StoreOnMoto(StoreContract, CopyPartContract, S3ErrorContract):
     @pytest.fixture
     def s3_store_for(self, moto_s3):
         stores = []
@@ -282,7 +358,8 @@ class TestS3StoreOnMoto(StoreContract, S3ErrorContract):
 
 
 @pytest.mark.seaweed
-class TestS3StoreOnSeaweed(StoreContract, BigUploadContract, S3ErrorContract):
+class TestS3StoreOnSeaweed(StoreContract, CopyPartContract, ShortSourceContract, BigUploadContract,
+                           S3ErrorContract):
     """The boto3 engine (CKPT_AGENT_S3_ENGINE=boto3)."""
 
     @staticmethod

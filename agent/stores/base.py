@@ -8,11 +8,15 @@ tests/test_store_conformance.py holds every backend to the same behaviour.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import BinaryIO, Protocol
 
-from agent.errors import IntegrityError
+from agent.errors import IntegrityError, StoreError
 
 MAX_LISTING_ENTRIES = 1_000_000
 
@@ -38,6 +42,12 @@ class Upload(ABC):
     def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
         """Store bytes [start, start+length) of `source` as part `index` (0-based, part_size each)."""
 
+    def copy_part(self, index: int, src_key: str, start: int, length: int) -> None:
+        """Part `index` is bytes [start, start+length) of `src_key`, an object of the same store, so
+        they are not sent again: NotFoundError when it is gone, IntegrityError when it is shorter.
+        Only uploads started with `lengths` take copied parts."""
+        raise NotImplementedError(f"{type(self).__name__} takes no copied parts")
+
     @abstractmethod
     def complete(self) -> None:
         """Make the object visible, all parts at once."""
@@ -62,6 +72,60 @@ class _WholeUpload(Upload):
 
     def abort(self) -> None:
         """Nothing half-written is visible."""
+
+
+class _SpooledUpload(Upload):
+    """For stores that can't copy server-side: parts, copied ones read back from the store, are
+    assembled in a temporary file (not memory), which is then uploaded whole."""
+
+    def __init__(self, store: Store, key: str, lengths: Sequence[int]) -> None:
+        self.store, self.key, self.part_size = store, key, max(lengths, default=1)
+        self._offsets = [0, *accumulate(lengths)]
+        self._spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by complete() or abort()
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        source.seek(start)
+        self._spool.seek(self._offsets[index])
+        limited = _Limited(source, length)
+        shutil.copyfileobj(limited, self._spool)
+        if limited.left:
+            raise StoreError(f"{self.key}: source ended early")
+
+    def copy_part(self, index: int, src_key: str, start: int, length: int) -> None:
+        reader = self.store.open_range(src_key, start, length)
+        try:
+            self._spool.seek(self._offsets[index])
+            buffer, left = memoryview(bytearray(1 << 20)), length
+            while left > 0:
+                n = reader.readinto(buffer[: min(left, len(buffer))])
+                if n <= 0:
+                    raise IntegrityError(f"{src_key}: shorter than the range copied from it")
+                self._spool.write(buffer[:n])
+                left -= n
+        finally:
+            reader.close()
+
+    def complete(self) -> None:
+        try:
+            self._spool.seek(0)
+            self.store.upload_file(self.key, self._spool, self._offsets[-1])
+        finally:
+            self._spool.close()
+
+    def abort(self) -> None:
+        self._spool.close()
+
+
+class _Limited:
+    """The next `length` bytes of a file object, for copyfileobj."""
+
+    def __init__(self, source: BinaryIO, length: int) -> None:
+        self._source, self.left = source, length
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._source.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
 
 
 def upload_in_parts(upload: Upload, source: BinaryIO, size: int) -> None:
@@ -123,8 +187,13 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Remove an object; removing a missing one is not an error."""
 
-    def start_upload(self, key: str, size: int) -> Upload:
-        """Begin a parallel upload; backends that can write parts concurrently override this."""
+    def start_upload(self, key: str, size: int, lengths: Sequence[int] | None = None) -> Upload:
+        """Begin a parallel upload; backends that can write parts concurrently override this.
+
+        `lengths`: the sizes of the parts in order, when they are not all `part_size`: an object
+        assembled from ranges copied inside the store (copy_part) and uploaded ones (put_part)."""
+        if lengths is not None:
+            return _SpooledUpload(self, key, lengths)
         return _WholeUpload(self, key, size)
 
     def copy(self, src_key: str, dst_key: str) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.errors import NotFoundError, StoreError
+from agent.errors import IntegrityError, NotFoundError, StoreError
 from agent.safefs import TEMP_SUFFIX, AtomicFile, write_atomic
 from agent.stores.base import Listing, RangeReader, Store, Upload, too_large, upload_in_parts
 
@@ -71,7 +73,10 @@ class _LocalUpload(Upload):
 
     part_size = 64 << 20
 
-    def __init__(self, path: Path, key: str, size: int) -> None:
+    def __init__(self, path: Path, key: str, size: int, lengths: Sequence[int] | None,
+                 path_of: Callable[[str], Path]) -> None:
+        self._offsets = None if lengths is None else [0, *accumulate(lengths)]
+        self._path_of = path_of
         self._dfd = _open_parent(path)
         try:
             self._file = AtomicFile(self._dfd, path.name, _MODE)
@@ -87,7 +92,7 @@ class _LocalUpload(Upload):
             raise
 
     def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
-        offset = index * self.part_size
+        offset = index * self.part_size if self._offsets is None else self._offsets[index]
         try:
             try:
                 src = source.fileno()
@@ -112,6 +117,17 @@ class _LocalUpload(Upload):
             raise StoreError(f"{self._key}: source ended early") from None
         except OSError as exc:
             raise StoreError(f"{self._key}: cannot write to the local store: {exc.strerror}") from None
+
+    def copy_part(self, index: int, src_key: str, start: int, length: int) -> None:
+        """A range of another file of the store, copied locally (in the kernel where it can)."""
+        try:
+            source = open(self._path_of(src_key), "rb", buffering=0)  # noqa: SIM115 - closed below
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFoundError(f"{src_key}: not found in the local store") from None
+        with source:
+            if os.fstat(source.fileno()).st_size < start + length:
+                raise IntegrityError(f"{src_key}: shorter than the range copied from it")
+            self.put_part(index, source, start, length)
 
     def complete(self) -> None:
         try:
@@ -168,11 +184,25 @@ class LocalStore(Store):
     def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
         upload_in_parts(self.start_upload(key, size), source, size)
 
-    def start_upload(self, key: str, size: int) -> Upload:
+    def start_upload(self, key: str, size: int, lengths: Sequence[int] | None = None) -> Upload:
         try:
-            return _LocalUpload(self._path(key), key, size)
+            return _LocalUpload(self._path(key), key, size, lengths, self._path)
         except OSError as exc:
             raise StoreError(f"{key}: cannot write to {self.describe()}: {exc.strerror}") from None
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """A local copy of the file (in the kernel where it can), never read into memory."""
+        try:
+            size = self._path(src_key).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"{src_key}: not found in {self.describe()}") from None
+        upload = self.start_upload(dst_key, size, [size])
+        try:
+            upload.copy_part(0, src_key, 0, size)
+            upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
 
     def list_dir(self, prefix: str) -> Listing:
         try:

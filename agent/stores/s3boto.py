@@ -10,6 +10,7 @@ operation and the key only.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import boto3
@@ -112,8 +113,8 @@ class Boto3Store(S3StoreBase):
     def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
         upload_in_parts(self.start_upload(key, size), source, size)
 
-    def start_upload(self, key: str, size: int) -> Upload:
-        if size < MULTIPART_THRESHOLD:
+    def start_upload(self, key: str, size: int, lengths: Sequence[int] | None = None) -> Upload:
+        if lengths is None and size < MULTIPART_THRESHOLD:
             return _SingleUpload(self, key, size)
         return _MultipartUpload(self, key)
 
@@ -196,6 +197,17 @@ class _MultipartUpload(Upload):
                                    UploadId=self._upload_id, PartNumber=index + 1,
                                    Body=FileSlice(source, start, length), ContentLength=length)
         self._etags[index + 1] = answer["ETag"]
+
+    def copy_part(self, index: int, src_key: str, start: int, length: int) -> None:
+        """UploadPartCopy; botocore turns S3's 200-with-an-error answer into a ClientError."""
+        answer = self._store._call("upload_part_copy", "copy part", src_key, Key=self._full,
+                                   UploadId=self._upload_id, PartNumber=index + 1,
+                                   CopySource={"Bucket": self._store.bucket, "Key": self._store._key(src_key)},
+                                   CopySourceRange=f"bytes={start}-{start + length - 1}")
+        etag = answer.get("CopyPartResult", {}).get("ETag")
+        if not etag:
+            raise TransientError(f"{self._store._where(self._key)}: copying part {index + 1} failed")
+        self._etags[index + 1] = etag
 
     def complete(self) -> None:
         parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._etags.items())]
