@@ -20,7 +20,9 @@ from pathlib import Path
 
 from agent import layout
 from agent.cancel import Cancel
+from agent.dedup import Segment
 from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError, ThrottledError
+from agent.incremental import NewFile, Reuse, Transferred, plan_reuse
 from agent.manifest import (
     DEFAULT_PART_SIZE,
     FILE_KIND,
@@ -41,8 +43,6 @@ from agent.stores.base import Store, upload_in_parts
 from agent.sync.formats import kind_of
 from agent.transfer import Progress
 
-# S3 copies at most 5 GiB in one CopyObject; bigger files are uploaded again.
-MAX_STORE_COPY = 5 << 30
 # Files are checksummed in regions of this size, so one huge file keeps every core busy.
 CHECKSUM_REGION = 64 << 20
 # A throttle that outlived the store's own retries: sent again once the gate has cut the requests
@@ -176,22 +176,31 @@ def _request(limiter: Limiter, cancel: Cancel, send: Callable[[], None]) -> None
     retry(attempt, THROTTLE_BACKOFF, sleep=cancel.sleep, retry_on=ThrottledError)
 
 
-def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limiter: Limiter,
-                  cancel: Cancel) -> Iterator[Callable[[], None]]:
+def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limiter: Limiter, cancel: Cancel,
+                  moved: Transferred, segments: Sequence[Segment] | None = None) -> Iterator[Callable[[], None]]:
     """One task per part of one file, sharing the pool with every other file; the last completes it.
-    Each part is a request of its own at the gate, its body read under the rate cap."""
+    Each part is a request of its own at the gate, its body read under the rate cap.
+
+    `segments`: an incremental upload's parts (dedup.plan_segments, sources as store keys), some
+    copied inside the store; otherwise every part is uploaded, `upload.part_size` each."""
     size = f.size
-    upload = store.start_upload(key, size)
-    left = [len(range(0, max(size, 1), upload.part_size))]
+    if segments is None:
+        upload = store.start_upload(key, size)
+        segments = [Segment(s, min(upload.part_size, size - s)) for s in range(0, max(size, 1), upload.part_size)]
+    else:
+        upload = store.start_upload(key, size, [s.length for s in segments])
+    left = [len(segments)]
     lock = threading.Lock()
 
     def part(index: int) -> None:
-        start = index * upload.part_size
-        length = min(upload.part_size, size - start)
+        seg = segments[index]
         try:
-            with os.fdopen(open_regular(f), "rb") as source:
-                body = limiter.paced(source)
-                _request(limiter, cancel, lambda: upload.put_part(index, body, start, length))
+            if seg.source is None:
+                with os.fdopen(open_regular(f), "rb") as source:
+                    body = limiter.paced(source)
+                    _request(limiter, cancel, lambda: upload.put_part(index, body, seg.start, seg.length))
+            else:
+                _request(limiter, cancel, lambda: upload.copy_part(index, seg.source, seg.source_start, seg.length))
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
@@ -200,7 +209,9 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limi
         except BaseException:
             upload.abort()
             raise
-        progress(length)
+        copied = seg.length if seg.source is not None else 0
+        moved.add(sent=seg.length - copied, copied=copied)
+        progress(seg.length)
 
     for index in range(left[0]):
         yield lambda i=index: part(i)
@@ -260,10 +271,11 @@ def _copies_server_side(store: Store) -> bool:
 class CommitRequest:
     """One checkpoint to commit.
 
-    `previous`: the job's previous manifest; a file with the same path, size and part checksums
-    there is copied inside the store instead of uploaded, where the store copies server-side.
-    `expected`: the scan the caller judged stable; any difference from it, or any change during
-    the upload, raises CheckpointChanged before the manifest is written.
+    `previous`: the job's previous manifest. Where the store copies server-side, a file that is
+    the same as one there is copied inside the store instead of uploaded, and a file with parts
+    whose sha256 equals a part there is assembled from copies of those and uploads of the rest
+    (incremental.py). `expected`: the scan the caller judged stable; any difference from it, or
+    any change during the upload, raises CheckpointChanged before the manifest is written.
     """
 
     folder: Path
@@ -275,14 +287,15 @@ class CommitRequest:
 
 
 def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, cancel: Cancel,
-                      copied: list[str] | None = None, limiter: Limiter = NO_LIMITS) -> Manifest:
+                      moved: Transferred | None = None, limiter: Limiter = NO_LIMITS) -> Manifest:
     """Upload a folder (or a single-file checkpoint) and write its manifest last.
 
-    The paths copied inside the store instead of uploaded are appended to `copied`. Every request
-    goes through `limiter`: the rate cap and the throttle gate.
+    `moved` is told the bytes sent and copied inside the store, and the files copied whole. Every
+    request goes through `limiter`: the rate cap and the throttle gate.
     """
     folder, ident, workers, part_size = request.folder, request.ident, request.workers, request.part_size
     previous, expected = request.previous, request.expected
+    moved = Transferred() if moved is None else moved
     if (problem := layout.name_problem(ident.name)) is not None:
         raise ConfigError(f"checkpoint folder {layout.quote_name(str(folder))}: its name {problem}; rename it")
     try:
@@ -296,26 +309,25 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
                                 "not committed")
     ensure_job(store, ident)
     sums, strong = _checksums(files, part_size, workers, cancel)
-    same_as_before: dict[str, tuple[int, tuple[str, ...]]] = {}
-    if previous is not None and previous.part_size == part_size and _copies_server_side(store):
-        same_as_before = {e.path: (e.size, e.parts) for e in previous.files if e.size <= MAX_STORE_COPY}
+    reuse = Reuse({}, {})
+    if previous is not None and _copies_server_side(store):
+        reuse = plan_reuse(store, previous, [NewFile(f.rel, f.size, sums[f.rel], strong[f.rel]) for f in files],
+                           part_size)
 
     def copy_or_upload(f: LocalFile) -> Iterator[Callable[[], None]]:
         key = layout.file_key(ident.job_id, ident.name, ident.rank, f.rel)
-        if previous is not None and same_as_before.get(f.rel) == (f.size, sums[f.rel]):
+        if (source := reuse.whole.get(f.rel)) is not None:
             def copy() -> None:
                 try:
-                    source = layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, f.rel)
                     _request(limiter, cancel, lambda: store.copy(source, key))
                 except (StoreError, NotFoundError):  # e.g. the previous object is gone: upload it instead
-                    run_tasks(_upload_tasks(store, key, f, progress, limiter, cancel), 1, cancel)
+                    run_tasks(_upload_tasks(store, key, f, progress, limiter, cancel, moved), 1, cancel)
                 else:
-                    if copied is not None:
-                        copied.append(f.rel)
+                    moved.add(copied=f.size, whole=f.rel)
                     progress(f.size)
             yield copy
             return
-        yield from _upload_tasks(store, key, f, progress, limiter, cancel)
+        yield from _upload_tasks(store, key, f, progress, limiter, cancel, moved, reuse.segments.get(f.rel))
 
     packs = assign_packs([(f.rel, f.path, f.size) for f in files])
     pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
@@ -324,10 +336,14 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
     def open_member(m: Member) -> int:
         return open_regular(by_rel[m.rel])
 
+    def send_pack(pack: Pack) -> None:
+        key = layout.pack_key(ident.job_id, ident.name, ident.rank, pack.id)
+        _request(limiter, cancel, lambda: _upload_pack(store, key, pack, open_member, limiter))
+        moved.add(sent=pack.size)
+
     def tasks() -> Iterator[Callable[[], None]]:
         for pack in packs:
-            yield lambda p=pack: _request(limiter, cancel, lambda: _upload_pack(
-                store, layout.pack_key(ident.job_id, ident.name, ident.rank, p.id), p, open_member, limiter))
+            yield lambda p=pack: send_pack(p)
         for f in files:
             yield from copy_or_upload(f)
 

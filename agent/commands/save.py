@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent.commands.context import Context, cancelled_by_signals
 from agent.errors import ConfigError
+from agent.incremental import Transferred, describe, previous_commit
 from agent.ratelimit import limiter
 from agent.save import CheckpointId, CommitRequest, commit_checkpoint, scan_checkpoint
 from agent.spec import check_name
@@ -41,14 +42,19 @@ def save(ctx: Context, options: SaveOptions) -> int:
     total = sum(f.size for f in scan_checkpoint(folder))
     with cancelled_by_signals(ctx.cancel):
         store = open_store(settings)
+        moved = Transferred()
         sink = ctx.reporter.progress(total, "upload")
         try:
             limits = limiter(settings.max_rate, settings.workers, ctx.cancel, ctx.reporter.info)
-            manifest = commit_checkpoint(store, CommitRequest(folder, ident, settings.workers), sink, ctx.cancel,
-                                         limiter=limits)
+            previous = previous_commit(store, ident.job_id, ident.rank, ident.name)
+            request = CommitRequest(folder, ident, settings.workers, previous=previous)
+            manifest = commit_checkpoint(store, request, sink, ctx.cancel, moved, limits)
         finally:
             sink.close()
             store.close()
     ctx.reporter.info(f"committed {ident.job_id}/{ident.name} rank {ident.rank} to {settings.store}: "
-                      f"{len(manifest.files)} files, {manifest.total_bytes} bytes")
+                      f"{len(manifest.files)} files, {manifest.total_bytes} bytes ({describe(moved)})",
+                      event="save_committed", checkpoint=ident.name, files=len(manifest.files),
+                      bytes=manifest.total_bytes, bytes_sent=moved.sent, bytes_copied=moved.copied,
+                      files_copied=len(moved.files_copied))
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agent.cancel import Cancel
 from agent.errors import AgentError, ConfigError, Interrupted, StoreError
+from agent.incremental import Transferred, describe
 from agent.manifest import natural_key
 from agent.ratelimit import limiter
 from agent.report import Reporter, human_bytes
@@ -267,12 +268,12 @@ class Sidecar:
             self._cancel = cancel
         request = CommitRequest(path, replace(self.ident, name=name), self.workers,
                                 previous=self._ledger.previous, expected=seen.files)
-        copied: list[str] = []
+        moved = Transferred()
         started = time.monotonic()
         sink = self.reporter.progress(sum(f.size for f in seen.files), f"upload {name}")
         try:
             limits = limiter(self.max_rate, self.workers, cancel, self.reporter.info)
-            manifest = commit_checkpoint(self.store, request, sink, cancel, copied, limits)
+            manifest = commit_checkpoint(self.store, request, sink, cancel, moved, limits)
         except CheckpointChanged as exc:
             self.reporter.info(f"sync: {name}: {exc}; it starts over once quiet")
             seen.files, seen.since = (), time.monotonic()  # differs from any scan: quiet starts again
@@ -294,11 +295,11 @@ class Sidecar:
         self._ledger.committed(name, manifest, seen.files)
         self._watch.seen.pop(name, None)
         self.result.committed.append(name)
-        extra = f", {len(copied)} copied inside the store" if copied else ""
         self.reporter.info(f"sync: committed {name}: {len(manifest.files)} files, "
-                           f"{human_bytes(manifest.total_bytes)} in {seconds:.1f} s{extra}",
+                           f"{human_bytes(manifest.total_bytes)} in {seconds:.1f} s ({describe(moved)})",
                            event="sync_committed", checkpoint=name, files=len(manifest.files),
-                           bytes=manifest.total_bytes, seconds=round(seconds, 3), copied=len(copied))
+                           bytes=manifest.total_bytes, seconds=round(seconds, 3), copied=len(moved.files_copied),
+                           bytes_sent=moved.sent, bytes_copied=moved.copied)
         if self.options.keep_last:
             retain(self.store, self.ident.job_id, self.ident.rank, name, self.options.keep_last, self.reporter)
         return None
