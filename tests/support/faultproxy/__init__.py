@@ -55,7 +55,8 @@ Usage::
 Accounting: ``stats`` (overall), ``rule.seen / fired / body_bytes`` (per rule), and the
 ``exchanges`` log with ``body_bytes(method, path)`` / ``requests(method, path)`` helpers.
 ``body_bytes`` counts payload bytes of upstream responses that were written to the client
-socket (synthetic ``status`` bodies are not counted).
+socket (synthetic ``status`` bodies are not counted); ``sent_bytes(method, path)`` the request
+body bytes forwarded upstream (uploads).
 """
 
 from tests.support.faultproxy.ledger import KINDS, Exchange, ProxyStats, Rule

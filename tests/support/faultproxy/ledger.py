@@ -60,6 +60,7 @@ class Exchange:
     body_bytes: int = 0
     fault: str | None = None
     outcome: str = "pending"
+    sent_bytes: int = 0  # request body bytes forwarded upstream (as framed: chunked uploads included)
 
 
 @dataclass
@@ -154,6 +155,10 @@ class Ledger:
         """How many requests matched ``method`` and the target substring ``path``."""
         return len(self._select(method, path))
 
+    def sent_bytes(self, method: str | None = None, path: str = "") -> int:
+        """Request body bytes forwarded upstream for the matching requests (what was uploaded)."""
+        return sum(e.sent_bytes for e in self._select(method, path))
+
     def body_bytes(self, method: str | None = None, path: str = "") -> int:
         """Response payload bytes forwarded to the client for the matching requests."""
         return sum(e.body_bytes for e in self._select(method, path))
@@ -183,6 +188,10 @@ class Ledger:
         if fired is not None:
             self._stats.faults[fired.kind] = self._stats.faults.get(fired.kind, 0) + 1
         return fired, matched
+
+    def _count_sent(self, record: Exchange, n: int) -> None:
+        with self._lock:
+            record.sent_bytes += n
 
     def _count_bytes(self, record: Exchange, matched: list[Rule], n: int) -> None:
         with self._lock:

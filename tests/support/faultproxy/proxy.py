@@ -218,6 +218,7 @@ class FaultProxy(Ledger):
                       conn.check, self.timeout)
             for data in iter_body(conn.reader, request_framing, raw=True):
                 send_all(upstream, data, conn.check, self.timeout)
+                self._count_sent(record, len(data))
             response = read_head(up_reader)
             for _ in range(16):  # skip interim 1xx responses: we answered 100 ourselves
                 if response is None or not is_interim(response):
