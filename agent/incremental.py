@@ -105,7 +105,7 @@ def _plans(files: Sequence[NewFile], part_size: int, index: PartIndex) -> dict[s
 
 
 def describe(moved: Transferred) -> str:
-    """The summary's words for it: `1.2 GB sent, 20 GB copied inside the store (3 files whole)`."""
+    """The summary's words for it: `1.2 GB sent, 20 GB copied inside the store, 3 files whole`."""
     text = f"{human_bytes(moved.sent)} sent, {human_bytes(moved.copied)} copied inside the store"
-    return text + (f" ({len(moved.files_copied)} files whole)" if moved.files_copied else "")
+    return text + (f", {len(moved.files_copied)} files whole" if moved.files_copied else "")
 

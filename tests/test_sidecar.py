@@ -416,7 +416,7 @@ def test_identical_file_is_copied_inside_s3_instead_of_uploaded_again(seaweed, s
     sidecar, out = sidecar_for(store, ckpts, quiet_seconds=0)
     assert sidecar.run(once=True).committed == ["checkpoint-10", "checkpoint-20"]
     assert store.copies == [layout.file_key("job-1", "checkpoint-20", 0, "config.json")]
-    assert "(1 files whole)" in out.getvalue()
+    assert "copied inside the store, 1 files whole" in out.getvalue()
     key = layout.file_key("job-1", "checkpoint-20", 0, "config.json")
     assert store.read_bytes(key) == b'{"same": true}'
 
