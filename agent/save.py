@@ -194,13 +194,14 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limi
 
     def part(index: int) -> None:
         seg = segments[index]
+        src_key = seg.source
         try:
-            if seg.source is None:
+            if src_key is None:
                 with os.fdopen(open_regular(f), "rb") as source:
                     body = limiter.paced(source)
                     _request(limiter, cancel, lambda: upload.put_part(index, body, seg.start, seg.length))
             else:
-                _request(limiter, cancel, lambda: upload.copy_part(index, seg.source, seg.source_start, seg.length))
+                _request(limiter, cancel, lambda: upload.copy_part(index, src_key, seg.source_start, seg.length))
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
@@ -209,7 +210,7 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limi
         except BaseException:
             upload.abort()
             raise
-        copied = seg.length if seg.source is not None else 0
+        copied = seg.length if src_key is not None else 0
         moved.add(sent=seg.length - copied, copied=copied)
         progress(seg.length)
 
