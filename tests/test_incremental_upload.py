@@ -248,3 +248,30 @@ def test_a_renamed_file_is_assembled_from_the_parts_of_the_old_one(tmp_path):
 
     assert (moved.sent, moved.copied) == (PART, 3 * PART)
     assert store.read_bytes(layout.file_key(JOB, "checkpoint-2", 0, "model.bin")) == second
+
+
+def test_the_sidecar_copies_unchanged_parts_and_its_commit_event_counts_bytes_sent_and_copied(tmp_path):
+    import io
+
+    from agent.report import JsonReporter
+    from agent.sync.loop import Sidecar
+    from agent.sync.options import SyncOptions
+
+    store, ckpts = LocalStore(str(tmp_path / "store")), tmp_path / "ckpts"
+    first = _write(ckpts / "checkpoint-10" / "model.safetensors", os.urandom(4 * PART))
+    _write(ckpts / "checkpoint-20" / "model.safetensors", _changed(first, [2]))
+    for step in (10, 20):  # the HF Trainer's marker: written last, the checkpoint is complete
+        _write(ckpts / f"checkpoint-{step}" / "trainer_state.json", json.dumps({"global_step": step}).encode())
+    out = io.StringIO()
+    options = SyncOptions(ckpts, quiet_seconds=0, poll_seconds=0.05, grace_seconds=5)
+    sidecar = Sidecar(store, CheckpointId("proj", JOB, "", 0, 1), options, 4, JsonReporter(out))
+
+    assert sidecar.run(once=True).committed == ["checkpoint-10", "checkpoint-20"]
+
+    events = {e["fields"]["checkpoint"]: e for e in map(json.loads, out.getvalue().splitlines())
+              if e["event"] == "sync_committed"}
+    assert events["checkpoint-10"]["fields"]["bytes_copied"] == 0
+    state = len(json.dumps({"global_step": 20}))  # changed from step 10: uploaded
+    assert (events["checkpoint-20"]["fields"]["bytes_sent"], events["checkpoint-20"]["fields"]["bytes_copied"]) \
+        == (PART + state, 3 * PART)
+    assert "8.4 MB sent, 25.2 MB copied inside the store" in events["checkpoint-20"]["message"]
