@@ -8,7 +8,6 @@ never blocking on a FIFO.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -16,6 +15,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from agent import layout
@@ -31,7 +31,6 @@ from agent.manifest import (
     JobRecord,
     Manifest,
     PackEntry,
-    read_part_digests,
     utc_now,
 )
 from agent.packing import Member, Pack, PackReader, assign_packs
@@ -39,12 +38,10 @@ from agent.pool import run_tasks
 from agent.ratelimit import NO_LIMITS, Limiter
 from agent.resolve import read_job
 from agent.retry import Backoff, retry
+from agent.scan import LocalFile, checksums, difference, open_regular, rescan, scan_checkpoint
 from agent.stores.base import Store, upload_in_parts
-from agent.sync.formats import kind_of
 from agent.transfer import Progress
 
-# Files are checksummed in regions of this size, so one huge file keeps every core busy.
-CHECKSUM_REGION = 64 << 20
 # A throttle that outlived the store's own retries: sent again once the gate has cut the requests
 # at once and its pause has passed (docs/limits.md).
 THROTTLE_BACKOFF = Backoff(attempts=6, base=1.0, cap=10.0)
@@ -63,107 +60,6 @@ class CheckpointId:
     name: str
     rank: int = 0
     num_nodes: int = 1
-
-
-@dataclass(frozen=True)
-class LocalFile:
-    rel: str
-    path: Path
-    size: int
-    mtime_ns: int
-    ino: int = 0
-    ctime_ns: int = 0
-    dev: int = 0
-
-
-class UnsafeEntry(ConfigError):
-    """A link or special file the checkpoint cannot be uploaded with (never read through)."""
-
-
-def _entry(root_real: str, path: Path, rel: str) -> LocalFile:
-    """A regular file, or a symlink to one inside the checkpoint (uploaded as a copy of it);
-    anything else is an UnsafeEntry. Only lstat and stat: a FIFO is never opened here."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        target = os.path.realpath(path)
-        if not (target + os.sep).startswith(root_real + os.sep) or target == root_real:
-            raise UnsafeEntry(f"{path}: a symlink to outside the checkpoint; it is never followed out "
-                              "(copy the file in, or remove the link)")
-        try:
-            st = os.stat(target)
-        except FileNotFoundError:
-            raise UnsafeEntry(f"{path}: a symlink to nothing; remove it or point it at a file") from None
-        path = Path(target)
-        if stat.S_ISDIR(st.st_mode):
-            raise UnsafeEntry(f"{path}: a symlinked folder; links to folders are not uploaded (copy it in)")
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafeEntry(f"{path}: {kind_of(st.st_mode)}, not a regular file; remove it from the checkpoint")
-    return LocalFile(rel, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev)
-
-
-def scan_checkpoint(path: Path) -> list[LocalFile]:
-    """The files of a checkpoint, sorted: a folder's files, or a single-file checkpoint itself.
-
-    A symlink to a file inside the checkpoint is uploaded as a copy of that file; links that lead
-    out, dangling links, symlinked folders and special files (FIFOs, sockets, devices) raise
-    UnsafeEntry naming the entry.
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:  # a FileNotFoundError: the sidecar takes it as a checkpoint that vanished
-        raise NotFoundError(f"{path}: does not exist; give the checkpoint folder or file to upload") from None
-    if stat.S_ISREG(mode):
-        return [_entry(os.path.realpath(path.parent), path, path.name)]
-    if not stat.S_ISDIR(mode):
-        raise UnsafeEntry(f"{path}: {kind_of(mode)}; give the checkpoint folder or file to upload")
-    root_real = os.path.realpath(path)
-    found: list[LocalFile] = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        base = Path(dirpath)
-        for name in dirnames:
-            if os.path.islink(base / name):
-                raise UnsafeEntry(f"{base / name}: a symlinked folder; links to folders are not uploaded "
-                                  "(copy it in, or remove the link)")
-        for name in filenames:
-            found.append(_entry(root_real, base / name, (base / name).relative_to(path).as_posix()))
-    return sorted(found, key=lambda f: f.rel)
-
-
-def open_regular(f: LocalFile) -> int:
-    """A read-only fd of the very file the scan saw: never through a symlink, never blocking on a
-    FIFO, and a file replaced since the scan is an OSError (the commit then sees the change)."""
-    fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or (f.dev and (st.st_dev, st.st_ino) != (f.dev, f.ino)):
-        os.close(fd)
-        raise OSError(errno.ESTALE, "replaced since it was scanned", str(f.path))
-    return fd
-
-
-Digests = dict[str, tuple[str, ...]]
-
-
-def _checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel: Cancel) -> tuple[Digests, Digests]:
-    """Every file's part crc32c and sha256 (one read), in regions on the pool so one huge file uses every core."""
-    region = part_size * max(1, CHECKSUM_REGION // part_size)
-    found: dict[tuple[str, int], list[tuple[str, str]]] = {}
-
-    def one(f: LocalFile, start: int) -> None:
-        fd = open_regular(f)
-        try:
-            sums = read_part_digests(fd, start, min(f.size, start + region), part_size,
-                                     memoryview(bytearray(min(1 << 20, part_size))))
-        finally:
-            os.close(fd)
-        if sums is None:
-            raise FileNotFoundError(errno.ENOENT, "shrank while reading", str(f.path))
-        found[(f.rel, start)] = sums
-
-    run_tasks((lambda f=f, s=s: one(f, s) for f in files for s in range(0, max(f.size, 1), region)), workers, cancel)
-    both = {f.rel: [d for s in range(0, max(f.size, 1), region) for d in found[(f.rel, s)]] for f in files}
-    return ({rel: tuple(crc for crc, _ in d) for rel, d in both.items()},
-            {rel: tuple(sha for _, sha in d) for rel, d in both.items()})
 
 
 def _request(limiter: Limiter, cancel: Cancel, send: Callable[[], None]) -> None:
@@ -215,7 +111,7 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limi
         progress(seg.length)
 
     for index in range(left[0]):
-        yield lambda i=index: part(i)
+        yield partial(part, index)
 
 
 def _upload_pack(store: Store, key: str, pack: Pack, opener: Callable[[Member], int], limiter: Limiter) -> None:
@@ -244,23 +140,6 @@ def ensure_job(store: Store, ident: CheckpointId) -> None:
         except NotFoundError:
             entry = json.dumps({"job_id": ident.job_id, "created_at": job.created_at})
             store.write_bytes(key, entry.encode())
-
-
-def _difference(before: Sequence[LocalFile], after: Sequence[LocalFile]) -> str | None:
-    """The first path that differs between two scans (size, mtime, ctime, inode, added or removed)."""
-    old, new = {f.rel: f for f in before}, {f.rel: f for f in after}
-    for rel in sorted(old.keys() | new.keys()):
-        if old.get(rel) != new.get(rel):
-            return rel
-    return None
-
-
-def _rescan(folder: Path) -> list[LocalFile]:
-    """scan_checkpoint, with a folder that vanished (or a file that vanished mid-scan) as no files."""
-    try:
-        return scan_checkpoint(folder) if os.path.lexists(folder) else []
-    except (FileNotFoundError, ConfigError):
-        return []
 
 
 def _copies_server_side(store: Store) -> bool:
@@ -294,9 +173,44 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
     `moved` is told the bytes sent and copied inside the store, and the files copied whole. Every
     request goes through `limiter`: the rate cap and the throttle gate.
     """
-    folder, ident, workers, part_size = request.folder, request.ident, request.workers, request.part_size
-    previous, expected = request.previous, request.expected
-    moved = Transferred() if moved is None else moved
+    folder, ident = request.folder, request.ident
+    files = _stable_scan(request)
+    single = stat.S_ISREG(os.lstat(folder).st_mode)
+    ensure_job(store, ident)
+    sums, strong = checksums(files, request.part_size, request.workers, cancel)
+    reuse = Reuse({}, {})
+    if request.previous is not None and _copies_server_side(store):
+        reuse = plan_reuse(store, request.previous,
+                           [NewFile(f.rel, f.size, sums[f.rel], strong[f.rel]) for f in files], request.part_size)
+    packs = assign_packs([(f.rel, f.path, f.size) for f in files])
+    sender = _Sender(store, ident, progress, cancel, Transferred() if moved is None else moved, limiter)
+    try:
+        run_tasks(sender.tasks(files, packs, reuse), request.workers, cancel)
+    except OSError:  # StoreError too: a file that shrank or vanished mid-upload looks like a failed upload
+        _unchanged_since(files, request, "while uploading")
+        raise
+    _unchanged_since(files, request, "while uploading")
+    pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
+    manifest = Manifest(
+        project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,
+        rank=ident.rank, committed_at=utc_now(), part_size=request.part_size,
+        files=tuple(_file_entry(f, sums[f.rel], strong[f.rel], pack_of.get(f.rel)) for f in files),
+        packs=tuple(PackEntry(p.id, p.size) for p in packs),
+        kind=FILE_KIND if single else FOLDER_KIND,
+    )
+    store.write_bytes(layout.manifest_key(ident.job_id, ident.name, ident.rank), manifest.to_json().encode())
+    return manifest
+
+
+def _file_entry(f: LocalFile, parts: tuple[str, ...], strong: tuple[str, ...], packed: tuple[int, int] | None
+                ) -> FileEntry:
+    pack, offset = packed if packed is not None else (None, 0)
+    return FileEntry(f.rel, f.size, parts, pack=pack, offset=offset, strong=strong)
+
+
+def _stable_scan(request: CommitRequest) -> list[LocalFile]:
+    """The files to commit; CheckpointChanged if they are not what the caller judged stable."""
+    folder, ident = request.folder, request.ident
     if (problem := layout.name_problem(ident.name)) is not None:
         raise ConfigError(f"checkpoint folder {layout.quote_name(str(folder))}: its name {problem}; rename it")
     try:
@@ -304,66 +218,53 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
     except FileNotFoundError as exc:
         raise CheckpointChanged(f"{exc.filename}: vanished while scanning; checkpoint {ident.name} not committed") \
             from None
-    single = stat.S_ISREG(os.lstat(folder).st_mode)
-    if expected is not None and (rel := _difference(expected, files)) is not None:
-        raise CheckpointChanged(f"{folder / rel}: changed since it was judged stable; checkpoint {ident.name} "
-                                "not committed")
-    ensure_job(store, ident)
-    sums, strong = _checksums(files, part_size, workers, cancel)
-    reuse = Reuse({}, {})
-    if previous is not None and _copies_server_side(store):
-        reuse = plan_reuse(store, previous, [NewFile(f.rel, f.size, sums[f.rel], strong[f.rel]) for f in files],
-                           part_size)
+    if request.expected is not None:
+        _unchanged_since(request.expected, request, "since it was judged stable", files)
+    return files
 
-    def copy_or_upload(f: LocalFile) -> Iterator[Callable[[], None]]:
-        key = layout.file_key(ident.job_id, ident.name, ident.rank, f.rel)
-        if (source := reuse.whole.get(f.rel)) is not None:
-            def copy() -> None:
-                try:
-                    _request(limiter, cancel, lambda: store.copy(source, key))
-                except (StoreError, NotFoundError):  # e.g. the previous object is gone: upload it instead
-                    run_tasks(_upload_tasks(store, key, f, progress, limiter, cancel, moved), 1, cancel)
-                else:
-                    moved.add(copied=f.size, whole=f.rel)
-                    progress(f.size)
-            yield copy
-            return
-        yield from _upload_tasks(store, key, f, progress, limiter, cancel, moved, reuse.segments.get(f.rel))
 
-    packs = assign_packs([(f.rel, f.path, f.size) for f in files])
-    pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
-    by_rel = {f.rel: f for f in files}
+def _unchanged_since(files: Sequence[LocalFile], request: CommitRequest, when: str,
+                     now: Sequence[LocalFile] | None = None) -> None:
+    if (rel := difference(files, rescan(request.folder) if now is None else now)) is not None:
+        raise CheckpointChanged(f"{request.folder / rel}: changed {when}; checkpoint {request.ident.name} "
+                                "not committed") from None
 
-    def open_member(m: Member) -> int:
-        return open_regular(by_rel[m.rel])
 
-    def send_pack(pack: Pack) -> None:
-        key = layout.pack_key(ident.job_id, ident.name, ident.rank, pack.id)
-        _request(limiter, cancel, lambda: _upload_pack(store, key, pack, open_member, limiter))
-        moved.add(sent=pack.size)
+class _Sender:
+    """The upload tasks of one commit, sharing the pool: packs, whole-file copies, parts."""
 
-    def tasks() -> Iterator[Callable[[], None]]:
+    def __init__(self, store: Store, ident: CheckpointId, progress: Progress, cancel: Cancel, moved: Transferred,
+                 limiter: Limiter) -> None:
+        self.store, self.ident, self.progress, self.cancel = store, ident, progress, cancel
+        self.moved, self.limiter = moved, limiter
+
+    def tasks(self, files: Sequence[LocalFile], packs: Sequence[Pack], reuse: Reuse) -> Iterator[Callable[[], None]]:
+        by_rel = {f.rel: f for f in files}
         for pack in packs:
-            yield lambda p=pack: send_pack(p)
+            yield partial(self._send_pack, pack, by_rel)
         for f in files:
-            yield from copy_or_upload(f)
+            key = layout.file_key(self.ident.job_id, self.ident.name, self.ident.rank, f.rel)
+            if (source := reuse.whole.get(f.rel)) is not None:
+                yield partial(self._copy_whole, f, source, key)
+            else:
+                yield from _upload_tasks(self.store, key, f, self.progress, self.limiter, self.cancel, self.moved,
+                                         reuse.segments.get(f.rel))
 
-    try:
-        run_tasks(tasks(), workers, cancel)
-    except OSError:  # StoreError too: a file that shrank or vanished mid-upload looks like a failed upload
-        if (rel := _difference(files, _rescan(folder))) is not None:
-            raise CheckpointChanged(f"{folder / rel}: changed while uploading; checkpoint {ident.name} "
-                                    "not committed") from None
-        raise
-    if (rel := _difference(files, _rescan(folder))) is not None:
-        raise CheckpointChanged(f"{folder / rel}: changed while uploading; checkpoint {ident.name} not committed")
-    manifest = Manifest(
-        project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,
-        rank=ident.rank, committed_at=utc_now(), part_size=part_size,
-        files=tuple(FileEntry(f.rel, f.size, sums[f.rel], *pack_of.get(f.rel, (None, 0)), strong[f.rel])
-                    for f in files),
-        packs=tuple(PackEntry(p.id, p.size) for p in packs),
-        kind=FILE_KIND if single else FOLDER_KIND,
-    )
-    store.write_bytes(layout.manifest_key(ident.job_id, ident.name, ident.rank), manifest.to_json().encode())
-    return manifest
+    def _send_pack(self, pack: Pack, by_rel: dict[str, LocalFile]) -> None:
+        key = layout.pack_key(self.ident.job_id, self.ident.name, self.ident.rank, pack.id)
+
+        def open_member(m: Member) -> int:
+            return open_regular(by_rel[m.rel])
+
+        _request(self.limiter, self.cancel, lambda: _upload_pack(self.store, key, pack, open_member, self.limiter))
+        self.moved.add(sent=pack.size)
+
+    def _copy_whole(self, f: LocalFile, source: str, key: str) -> None:
+        try:
+            _request(self.limiter, self.cancel, lambda: self.store.copy(source, key))
+        except (StoreError, NotFoundError):  # e.g. the previous object is gone: upload it instead
+            run_tasks(_upload_tasks(self.store, key, f, self.progress, self.limiter, self.cancel, self.moved),
+                      1, self.cancel)
+        else:
+            self.moved.add(copied=f.size, whole=f.rel)
+            self.progress(f.size)

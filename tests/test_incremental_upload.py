@@ -189,10 +189,10 @@ def test_checkpoint_n_plus_1_with_5_percent_of_its_parts_changed_sends_under_10_
 
 def test_a_part_whose_crc32c_matches_but_sha256_differs_is_uploaded_not_copied(target, tmp_path, monkeypatch):
     """Every crc32c forced to collide: only sha256 can tell the changed part (and the file) apart."""
-    import agent.save as save
+    import agent.scan as scan
 
-    real = save.read_part_digests
-    monkeypatch.setattr(save, "read_part_digests",
+    real = scan.read_part_digests
+    monkeypatch.setattr(scan, "read_part_digests",
                         lambda *a, **k: [("00000000", sha) for _, sha in real(*a, **k)])
     first = _write(tmp_path / "checkpoint-1" / "model.bin", os.urandom(3 * PART))
     previous, _ = _commit(target.store, tmp_path / "checkpoint-1")

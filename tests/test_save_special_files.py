@@ -16,7 +16,8 @@ from agent import layout
 from agent.cancel import Cancel
 from agent.errors import ConfigError
 from agent.report import Reporter
-from agent.save import CheckpointChanged, CheckpointId, CommitRequest, UnsafeEntry, commit_checkpoint, scan_checkpoint
+from agent.save import CheckpointChanged, CheckpointId, CommitRequest, commit_checkpoint
+from agent.scan import UnsafeEntry, scan_checkpoint
 from agent.stores.local import LocalStore
 from agent.sync.loop import Sidecar
 from agent.sync.options import SyncOptions

@@ -10,7 +10,8 @@ from agent.commands.context import Context, cancelled_by_signals
 from agent.errors import ConfigError
 from agent.incremental import Transferred, describe, previous_commit
 from agent.ratelimit import limiter
-from agent.save import CheckpointId, CommitRequest, commit_checkpoint, scan_checkpoint
+from agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from agent.scan import scan_checkpoint
 from agent.spec import check_name
 from agent.stores import open_store
 

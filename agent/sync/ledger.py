@@ -17,7 +17,8 @@ from agent.errors import AgentError
 from agent.manifest import FILE_KIND, Manifest, natural_key
 from agent.report import Reporter
 from agent.resolve import committed_checkpoints, read_manifest
-from agent.save import CheckpointId, LocalFile
+from agent.save import CheckpointId
+from agent.scan import LocalFile
 from agent.stores.base import Store
 from agent.sync.formats import shape
 

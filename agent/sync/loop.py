@@ -25,7 +25,8 @@ from agent.ratelimit import limiter
 from agent.report import Reporter, human_bytes
 from agent.resolve import read_job
 from agent.retry import Backoff
-from agent.save import CheckpointChanged, CheckpointId, CommitRequest, UnsafeEntry, commit_checkpoint
+from agent.save import CheckpointChanged, CheckpointId, CommitRequest, commit_checkpoint
+from agent.scan import UnsafeEntry
 from agent.stores.base import Store
 from agent.sync import observe
 from agent.sync.formats import Candidate, classify

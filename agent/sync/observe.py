@@ -1,7 +1,7 @@
 """What the sidecar looks at on disk and in /proc, gathered as plain facts for agent.sync.readiness.
 
 Nothing here ever opens a file through a symlink or blocks on a FIFO: top-level entries are
-lstat-ed, and files are read only through agent.save.open_regular.
+lstat-ed, and files are read only through agent.scan.open_regular.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.save import LocalFile, open_regular, scan_checkpoint
+from agent.scan import LocalFile, open_regular, scan_checkpoint
 from agent.sync.formats import DEEPSPEED_LATEST, TAIL_BYTES, TopEntry, file_structure
 
 MARKER_LIMIT = 16 << 20  # a complete file bigger than this is not read (it is there; that is enough)
@@ -85,7 +85,7 @@ def structure(f: LocalFile) -> str | None:
 def snapshot(path: Path) -> tuple[tuple[LocalFile, ...], int] | None:
     """A checkpoint's files and the newest ctime of any file or folder in it; None if it vanished.
 
-    agent.save.UnsafeEntry (a link out, a FIFO, ...) is raised for the caller to report."""
+    agent.scan.UnsafeEntry (a link out, a FIFO, ...) is raised for the caller to report."""
     try:
         files = tuple(scan_checkpoint(path))
         st = os.lstat(path)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.report import Reporter
-from agent.save import LocalFile
+from agent.scan import LocalFile
 from agent.sync import observe
 from agent.sync.formats import DCP_METADATA, HF_STATE, Candidate, Format, folder_format
 from agent.sync.options import SyncOptions
@@ -40,7 +40,7 @@ class Watch:
     def look(self, name: str, path: Path) -> Seen | None:
         """The checkpoint as it is now (its quiet clock restarts on any change); None once it is gone.
 
-        agent.save.UnsafeEntry: it holds a link out or a special file (the caller reports it)."""
+        agent.scan.UnsafeEntry: it holds a link out or a special file (the caller reports it)."""
         snap = observe.snapshot(path)
         if snap is None:  # deleted (e.g. the trainer's own rotation)
             self.seen.pop(name, None)
