@@ -12,8 +12,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 from agent.cancel import Cancel
+from agent.digests import checksum, format_checksum
 from agent.errors import AgentError, IntegrityError, TransientError
-from agent.manifest import checksum, format_checksum
 from agent.plan import FileTask
 from agent.ratelimit import NO_LIMITS, Limiter
 from agent.retry import Backoff

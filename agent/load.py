@@ -12,6 +12,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.cancel import Cancel
+from agent.digests import checksum, format_checksum
 from agent.errors import LocalError
 from agent.loadrecord import LoadedCheckpoint, LoadRecord, forget_load_record, recorded_manifest_path, save_load_record
 from agent.localstate import (
@@ -24,7 +25,6 @@ from agent.localstate import (
     prune_checkpoint,
     state_dir,
 )
-from agent.manifest import checksum, format_checksum
 from agent.plan import Plan, check_selection, make_plan
 from agent.ratelimit import limiter
 from agent.report import Reporter, human_bytes, source_summary

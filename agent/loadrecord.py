@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from agent.digests import checksum, format_checksum
 from agent.errors import AgentError, IntegrityError, LocalError
 from agent.localstate import STATE_DIR, loaded_record, manifests_dir, rank_dir, state_dir
-from agent.manifest import FILE_KIND, Manifest, check_relative_path, checksum, format_checksum, parse_manifest
+from agent.manifest import FILE_KIND, Manifest, check_relative_path, parse_manifest
 from agent.safefs import Folder
 from agent.selection import EVERY_FILE, Selection
 from agent.settings import loaded_folder_from_env

@@ -6,17 +6,12 @@ odd in it (unsafe paths, sizes that do not add up) is an IntegrityError before a
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
-
-import crc32c
 
 from agent.errors import IntegrityError
 from agent.localstate import INCOMPLETE_SUFFIX
@@ -36,63 +31,6 @@ DEFAULT_PART_SIZE = 8 * 1024 * 1024
 FOLDER_KIND, FILE_KIND = "folder", "file"
 NAME_MAX = 255 - len(INCOMPLETE_SUFFIX.encode())  # the temporary twin of a file must fit too
 PATH_MAX = 4096 - 256  # room for the download folder and rank-<r>/<checkpoint>/ in front
-
-
-def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    """crc32c runs at >10 GB/s and releases the GIL, so verification never bottlenecks I/O."""
-    return crc32c.crc32c(data, value)
-
-
-def format_checksum(value: int) -> str:
-    return f"{value:08x}"
-
-
-def read_part_digests(fd: int, start: int, end: int, part_size: int, buf: memoryview,
-                      strong: bool = True) -> list[tuple[str, str]] | None:
-    """(crc32c, sha256) of each part in [start, end) of an open file, in one read of its bytes.
-
-    `start` is a multiple of part_size; None when the file ends before `end`; an empty range is
-    one part, the digests of nothing. strong=False leaves the sha256 "" (crc32c is ~7x cheaper).
-    """
-    digests: list[tuple[str, str]] = []
-    for p_start in range(start, max(end, start + 1), part_size):
-        p_end = min(end, p_start + part_size)
-        crc, offset = 0, p_start
-        sha = hashlib.sha256() if strong else None
-        while offset < p_end:
-            n = os.preadv(fd, [buf[: min(len(buf), p_end - offset)]], offset)
-            if n <= 0:
-                return None
-            crc = checksum(buf[:n], crc)
-            if sha is not None:
-                sha.update(buf[:n])
-            offset += n
-        digests.append((format_checksum(crc), sha.hexdigest() if sha is not None else ""))
-    return digests
-
-
-def read_checksums(fd: int, start: int, end: int, part_size: int, buf: memoryview) -> list[str] | None:
-    """The crc32c checksums of read_part_digests, for checks that need no strong hash."""
-    digests = read_part_digests(fd, start, end, part_size, buf, strong=False)
-    return None if digests is None else [crc for crc, _ in digests]
-
-
-def region_checksums(path: str | os.PathLike, start: int, end: int, part_size: int,
-                     buffer_size: int = 1 << 20) -> list[str]:
-    """Checksums of the parts in [start, end) of a file; FileNotFoundError if it shrank."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        sums = read_checksums(fd, start, end, part_size, memoryview(bytearray(min(buffer_size, part_size))))
-    finally:
-        os.close(fd)
-    if sums is None:
-        raise FileNotFoundError(errno.ENOENT, "shrank while reading", str(path))
-    return sums
-
-
-def file_checksums(path: str | os.PathLike, part_size: int, buffer_size: int = 1 << 20) -> tuple[str, ...]:
-    """Every part checksum of a whole file."""
-    return tuple(region_checksums(path, 0, os.stat(path).st_size, part_size, buffer_size))
 
 
 def part_count(size: int, part_size: int) -> int:

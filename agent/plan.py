@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import layout
+from agent.digests import checksum
 from agent.errors import ConfigError, IntegrityError
 from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex, checkpoint_dir
-from agent.manifest import FileEntry, Manifest, checksum
+from agent.manifest import FileEntry, Manifest
 from agent.safefs import Folder, refuse_hardlink
 from agent.selection import EVERY_FILE, Selection
 

@@ -16,8 +16,8 @@ from functools import partial
 from pathlib import Path
 
 from agent.cancel import Cancel
+from agent.digests import read_part_digests
 from agent.errors import ConfigError, NotFoundError
-from agent.manifest import read_part_digests
 from agent.pool import run_tasks
 from agent.sync.formats import kind_of
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.cache import PartCache
+from agent.digests import checksum, format_checksum, read_checksums
 from agent.errors import AgentError
 from agent.fetch import part_bounds
 from agent.fileio import read_span, write_all
 from agent.localstate import rank_dir
-from agent.manifest import checksum, format_checksum, read_checksums
 from agent.plan import FileTask
 from agent.safefs import Folder, open_file
 from agent.settings import Settings

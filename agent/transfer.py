@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from agent.cancel import Cancel
+from agent.digests import read_checksums
 from agent.errors import IntegrityError, LoadTimeoutError
 from agent.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
 from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
-from agent.manifest import read_checksums
 from agent.plan import FileTask, Plan
 from agent.pool import run_tasks
 from agent.ratelimit import NO_LIMITS, Limiter

@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from agent.digests import read_checksums
 from agent.errors import IntegrityError, NotFoundError
 from agent.loadrecord import read_load_record, read_recorded_manifest, record_names, recorded_selection
 from agent.localstate import INCOMPLETE_SUFFIX, STATE_DIR, loaded_record
-from agent.manifest import FileEntry, Manifest, check_relative_path, read_checksums
+from agent.manifest import FileEntry, Manifest, check_relative_path
 from agent.safefs import Folder, open_file
 from agent.selection import Selection
 

@@ -21,9 +21,10 @@ import pytest
 
 from agent import layout
 from agent.cancel import Cancel
+from agent.digests import checksum, format_checksum
 from agent.errors import IntegrityError
 from agent.localstate import INCOMPLETE_SUFFIX
-from agent.manifest import FileEntry, JobRecord, checksum, format_checksum, parse_manifest
+from agent.manifest import FileEntry, JobRecord, parse_manifest
 from tests.support.helpers import AGENT, clean_env
 from tests.support.specs import named, spec
 

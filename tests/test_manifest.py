@@ -8,6 +8,7 @@ import random
 import crc32c
 import pytest
 
+from agent.digests import file_checksums, format_checksum
 from agent.errors import IntegrityError
 from agent.manifest import (
     ALGORITHM,
@@ -16,8 +17,6 @@ from agent.manifest import (
     JobRecord,
     Manifest,
     check_relative_path,
-    file_checksums,
-    format_checksum,
     natural_key,
     parse_job_record,
     parse_manifest,

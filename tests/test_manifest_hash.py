@@ -14,8 +14,9 @@ import pytest
 
 from agent import layout
 from agent.cancel import Cancel
+from agent.digests import read_part_digests
 from agent.errors import IntegrityError
-from agent.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest, read_part_digests
+from agent.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest
 from agent.save import CheckpointId, CommitRequest, commit_checkpoint
 from agent.stores.local import LocalStore
 from tests.support.helpers import AGENT
