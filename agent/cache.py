@@ -25,8 +25,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import LocalError
-from agent.fileio import BUFFER, copy_range, read_span, write_all
+from ckpt_agent.errors import LocalError
+from ckpt_agent.fileio import BUFFER, copy_range, read_span, write_all
 
 ENTRIES = "sha256"  # the folder of entries; a later algorithm gets its own
 LOCK = ".lock"  # flock'ed for eviction; its first 8 bytes count the bytes cached

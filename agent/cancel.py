@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from agent.errors import Interrupted, LoadTimeoutError
+from ckpt_agent.errors import Interrupted, LoadTimeoutError
 
 T = TypeVar("T")
 

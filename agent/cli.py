@@ -1,7 +1,7 @@
 """The command line: the only module that reads argv and os.environ, and the one place errors are printed.
 
 Each command's flags become its options dataclass here, the environment becomes a Context
-(agent.commands), and every AgentError is caught once and printed as one line; its class picks
+(ckpt_agent.commands), and every AgentError is caught once and printed as one line; its class picks
 the exit code.
 """
 
@@ -14,14 +14,14 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent import __version__
-from agent.cancel import Cancel
-from agent.commands.context import Context
-from agent.commands.sync import SyncFlags
-from agent.errors import EXIT_INTERNAL, AgentError, ConfigError
-from agent.report import Reporter, make_reporter
-from agent.settings import debug, load_spec, log_format, selection_from_env, settings_from_env
-from agent.spec import check_name
+from ckpt_agent import __version__
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.commands.context import Context
+from ckpt_agent.commands.sync import SyncFlags
+from ckpt_agent.errors import EXIT_INTERNAL, AgentError, ConfigError
+from ckpt_agent.report import Reporter, make_reporter
+from ckpt_agent.settings import debug, load_spec, log_format, selection_from_env, settings_from_env
+from ckpt_agent.spec import check_name
 
 EPILOG_MAIN = """examples:
   ckpt-agent ls                                  # every job in BT_CHECKPOINT_STORE
@@ -79,7 +79,7 @@ def _sync_flags(args: argparse.Namespace) -> SyncFlags:
 # One function per command: its options from the flags, its context from the environment, the call.
 
 def _run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from agent.commands.run import RunOptions, run
+    from ckpt_agent.commands.run import RunOptions, run
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     options = RunOptions(tuple(command), args.dry_run, _sync_flags(args),
@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -
 
 
 def _load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from agent.commands.load import LoadOptions, load
+    from ckpt_agent.commands.load import LoadOptions, load
 
     options = LoadOptions(args.dry_run, Path(args.ready_file) if args.ready_file else None,
                           selection_from_env(env, args.include, args.exclude))
@@ -96,21 +96,21 @@ def _load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) 
 
 
 def _save(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from agent.commands.save import SaveOptions, save
+    from ckpt_agent.commands.save import SaveOptions, save
 
     options = SaveOptions(args.folder, args.project, args.job_id, args.name, args.rank, args.num_nodes)
     return save(_context(env, reporter, args.workers, args.chunk_mb), options)
 
 
 def _sync(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from agent.commands.sync import SyncCommandOptions, sync
+    from ckpt_agent.commands.sync import SyncCommandOptions, sync
 
     options = SyncCommandOptions(args.once, args.checkpoint_dir, _sync_flags(args))
     return sync(_context(env, reporter, args.workers, args.chunk_mb), options)
 
 
 def _ls(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from agent.commands.ls import ListOptions, ls
+    from ckpt_agent.commands.ls import ListOptions, ls
 
     options = ListOptions(check_name(args.project, "--project", nullable=True),
                           check_name(args.job_id, "--job-id", nullable=True), args.json)
@@ -118,7 +118,7 @@ def _ls(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) ->
 
 
 def _verify(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from agent.commands.verify import VerifyOptions, verify
+    from ckpt_agent.commands.verify import VerifyOptions, verify
 
     return verify(reporter, VerifyOptions(Path(args.folder or load_spec(env).download_folder), args.json))
 

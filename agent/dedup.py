@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.manifest import FileEntry, Manifest
+from ckpt_agent.manifest import FileEntry, Manifest
 
 MIN_PART = 5 << 20
 MAX_PARTS = 10_000

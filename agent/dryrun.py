@@ -7,15 +7,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.load import bytes_needed, describe_left_out, shown_paths, warn_selection
-from agent.localstate import VerifiedIndex, check_root, checkpoint_dir
-from agent.plan import FileTask, Plan, make_plan
-from agent.report import Reporter, human_bytes
-from agent.resolve import Resolution, Resolved, resolve
-from agent.safefs import Folder
-from agent.selection import EVERY_FILE, Selection
-from agent.settings import Settings
-from agent.stores import open_store
+from ckpt_agent.load import bytes_needed, describe_left_out, shown_paths, warn_selection
+from ckpt_agent.localstate import VerifiedIndex, check_root, checkpoint_dir
+from ckpt_agent.plan import FileTask, Plan, make_plan
+from ckpt_agent.report import Reporter, human_bytes
+from ckpt_agent.resolve import Resolution, Resolved, resolve
+from ckpt_agent.safefs import Folder
+from ckpt_agent.selection import EVERY_FILE, Selection
+from ckpt_agent.settings import Settings
+from ckpt_agent.stores import open_store
 
 
 @dataclass(frozen=True)

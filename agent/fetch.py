@@ -11,13 +11,13 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
-from agent.cancel import Cancel
-from agent.digests import checksum, format_checksum
-from agent.errors import AgentError, IntegrityError, TransientError
-from agent.plan import FileTask
-from agent.ratelimit import NO_LIMITS, Limiter
-from agent.retry import Backoff
-from agent.stores.base import RangeReader, Store
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.digests import checksum, format_checksum
+from ckpt_agent.errors import AgentError, IntegrityError, TransientError
+from ckpt_agent.plan import FileTask
+from ckpt_agent.ratelimit import NO_LIMITS, Limiter
+from ckpt_agent.retry import Backoff
+from ckpt_agent.stores.base import RangeReader, Store
 
 # 0.4 s x 2^n capped at 5 s: a range rides out at least 5.5 s without a byte (docs/reliability.md).
 DOWNLOAD_BACKOFF = Backoff(attempts=6, base=0.4, cap=5.0)

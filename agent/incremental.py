@@ -12,13 +12,13 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from agent import layout
-from agent.dedup import PartIndex, Segment, index_parts, plan_segments, same_file
-from agent.errors import AgentError
-from agent.manifest import Manifest
-from agent.report import human_bytes
-from agent.resolve import committed_checkpoints
-from agent.stores.base import Store
+from ckpt_agent import layout
+from ckpt_agent.dedup import PartIndex, Segment, index_parts, plan_segments, same_file
+from ckpt_agent.errors import AgentError
+from ckpt_agent.manifest import Manifest
+from ckpt_agent.report import human_bytes
+from ckpt_agent.resolve import committed_checkpoints
+from ckpt_agent.stores.base import Store
 
 # S3 copies at most 5 GiB in one CopyObject; a bigger file that matches whole is copied in parts.
 MAX_STORE_COPY = 5 << 30

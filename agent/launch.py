@@ -2,7 +2,7 @@
 
 Except for a command that is a shell (`sh -c ...`, BT_START_COMMANDS, a `#!/bin/sh` script): a
 shell neither execs the trainer in every case nor passes SIGTERM on, so such a command runs as
-our child instead (agent.procgroup), and we stay to deliver signals and wait for the trainer.
+our child instead (ckpt_agent.procgroup), and we stay to deliver signals and wait for the trainer.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NoReturn
 
-from agent.errors import EXIT_COMMAND_NOT_FOUND, AgentError
+from ckpt_agent.errors import EXIT_COMMAND_NOT_FOUND, AgentError
 
 # Runs each start command through its own `sh -c`; the first failure's status is the exit status.
 _SEQUENCE = 'for c do /bin/sh -c "$c" || exit; done'

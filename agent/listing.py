@@ -10,12 +10,12 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from agent import layout
-from agent.errors import NotFoundError
-from agent.manifest import natural_key
-from agent.report import human_bytes
-from agent.resolve import Warn, list_checkpoints, no_warnings, project_jobs, read_job, read_manifest, valid_names
-from agent.stores.base import Store
+from ckpt_agent import layout
+from ckpt_agent.errors import NotFoundError
+from ckpt_agent.manifest import natural_key
+from ckpt_agent.report import human_bytes
+from ckpt_agent.resolve import Warn, list_checkpoints, no_warnings, project_jobs, read_job, read_manifest, valid_names
+from ckpt_agent.stores.base import Store
 
 _READ_WORKERS = 16
 

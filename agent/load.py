@@ -10,12 +10,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import __version__
-from agent.cancel import Cancel
-from agent.digests import checksum, format_checksum
-from agent.errors import LocalError
-from agent.loadrecord import LoadedCheckpoint, LoadRecord, forget_load_record, recorded_manifest_path, save_load_record
-from agent.localstate import (
+from ckpt_agent import __version__
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.digests import checksum, format_checksum
+from ckpt_agent.errors import LocalError
+from ckpt_agent.loadrecord import (
+    LoadedCheckpoint,
+    LoadRecord,
+    forget_load_record,
+    recorded_manifest_path,
+    save_load_record,
+)
+from ckpt_agent.localstate import (
     INCOMPLETE_SUFFIX,
     VerifiedIndex,
     checkpoint_dir,
@@ -25,16 +31,16 @@ from agent.localstate import (
     prune_checkpoint,
     state_dir,
 )
-from agent.plan import Plan, check_selection, make_plan
-from agent.ratelimit import limiter
-from agent.report import Reporter, human_bytes, source_summary
-from agent.resolve import Resolution, Resolved, latest_order, resolve
-from agent.safefs import Folder, write_atomic
-from agent.selection import EVERY_FILE, Selection
-from agent.settings import Settings
-from agent.sources import open_sources
-from agent.stores import open_store
-from agent.transfer import TransferOptions, TransferStats, run_plan
+from ckpt_agent.plan import Plan, check_selection, make_plan
+from ckpt_agent.ratelimit import limiter
+from ckpt_agent.report import Reporter, human_bytes, source_summary
+from ckpt_agent.resolve import Resolution, Resolved, latest_order, resolve
+from ckpt_agent.safefs import Folder, write_atomic
+from ckpt_agent.selection import EVERY_FILE, Selection
+from ckpt_agent.settings import Settings
+from ckpt_agent.sources import open_sources
+from ckpt_agent.stores import open_store
+from ckpt_agent.transfer import TransferOptions, TransferStats, run_plan
 
 
 @dataclass(frozen=True)

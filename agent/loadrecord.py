@@ -1,10 +1,10 @@
-"""What a completed load leaves for its readers: `ckpt-agent verify` and `agent.latest_local_checkpoint`.
+"""What a completed load leaves for its readers: `ckpt-agent verify` and `ckpt_agent.latest_local_checkpoint`.
 
 `.ckpt-agent/loaded-rank-<r>.json` (one per rank, so ranks sharing a folder keep theirs) names the
 checkpoints the load placed and their place in the store's order; `.ckpt-agent/manifests/rank-<r>/`
 holds the manifests it used, exactly as the store served them. The record only ever describes a
 load that completed: it is removed before the first file is touched and written last. Everything
-is read through agent.safefs (no link followed, no FIFO waited on).
+is read through ckpt_agent.safefs (no link followed, no FIFO waited on).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.digests import checksum, format_checksum
-from agent.errors import AgentError, IntegrityError, LocalError
-from agent.localstate import STATE_DIR, loaded_record, manifests_dir, rank_dir, state_dir
-from agent.manifest import FILE_KIND, Manifest, check_relative_path, parse_manifest
-from agent.safefs import Folder
-from agent.selection import EVERY_FILE, Selection
-from agent.settings import loaded_folder_from_env
+from ckpt_agent.digests import checksum, format_checksum
+from ckpt_agent.errors import AgentError, IntegrityError, LocalError
+from ckpt_agent.localstate import STATE_DIR, loaded_record, manifests_dir, rank_dir, state_dir
+from ckpt_agent.manifest import FILE_KIND, Manifest, check_relative_path, parse_manifest
+from ckpt_agent.safefs import Folder
+from ckpt_agent.selection import EVERY_FILE, Selection
+from ckpt_agent.settings import loaded_folder_from_env
 
 _RECORD_RE = re.compile(r"loaded-rank-\d+\.json")
 
@@ -149,7 +149,7 @@ def read_recorded_manifest(folder: Folder, entry: dict, record: str) -> tuple[Ma
     return parse_manifest(raw, str(folder.shown(shown))), None
 
 
-# --- the helper for training code (agent.latest_local_checkpoint) -------------------------------
+# --- the helper for training code (ckpt_agent.latest_local_checkpoint) -------------------------------
 
 
 def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | None = None) -> str | None:

@@ -1,11 +1,11 @@
 """The download folder: where each checkpoint lands (`rank-<r>/<name>`), and its own bookkeeping
-under `<download_folder>/.ckpt-agent/` (lock, verified files, the load record of agent.loadrecord).
+under `<download_folder>/.ckpt-agent/` (lock, verified files, the load record of ckpt_agent.loadrecord).
 
 `verified.json` remembers the stat of every file we placed after verifying it, so a warm start
 trusts an unchanged file without re-reading it (as git's index does); anything whose stat moved
 is checked byte for byte again. The stat includes ctime, which nobody can set back, so a file
 edited in place with its mtime restored is still re-checked. Every access goes through
-agent.safefs, so nothing planted in the folder is followed.
+ckpt_agent.safefs, so nothing planted in the folder is followed.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agent.errors import IntegrityError, LocalError
-from agent.safefs import Folder, open_or_create, remove_tree
+from ckpt_agent.errors import IntegrityError, LocalError
+from ckpt_agent.safefs import Folder, open_or_create, remove_tree
 
 STATE_DIR = ".ckpt-agent"
 INCOMPLETE_SUFFIX = ".ckpt-incomplete"

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-from agent.errors import IntegrityError
-from agent.localstate import INCOMPLETE_SUFFIX
+from ckpt_agent.errors import IntegrityError
+from ckpt_agent.localstate import INCOMPLETE_SUFFIX
 
 # Format 2 adds a sha256 per part next to its crc32c; a manifest without them is still written
 # (and read) as format 1, so the two differ only in that key.

@@ -1,6 +1,6 @@
 """Manifests + what is already on disk -> the work to do; skips are values, not branches.
 
-Pure except for stat calls (through agent.safefs): nothing is written here, so an unsafe manifest
+Pure except for stat calls (through ckpt_agent.safefs): nothing is written here, so an unsafe manifest
 path or a planted symlink, hardlink or special file is refused before the first byte lands.
 """
 
@@ -10,13 +10,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import layout
-from agent.digests import checksum
-from agent.errors import ConfigError, IntegrityError
-from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex, checkpoint_dir
-from agent.manifest import FileEntry, Manifest
-from agent.safefs import Folder, refuse_hardlink
-from agent.selection import EVERY_FILE, Selection
+from ckpt_agent import layout
+from ckpt_agent.digests import checksum
+from ckpt_agent.errors import ConfigError, IntegrityError
+from ckpt_agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex, checkpoint_dir
+from ckpt_agent.manifest import FileEntry, Manifest
+from ckpt_agent.safefs import Folder, refuse_hardlink
+from ckpt_agent.selection import EVERY_FILE, Selection
 
 
 @dataclass(frozen=True)

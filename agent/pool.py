@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
-from agent.cancel import Cancel
+from ckpt_agent.cancel import Cancel
 
 Task = Callable[[], None]
 

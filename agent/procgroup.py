@@ -21,8 +21,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from agent.launch import starting
-from agent.report import Reporter
+from ckpt_agent.launch import starting
+from ckpt_agent.report import Reporter
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 TERMINATING = (signal.SIGTERM, signal.SIGINT)  # a platform stopping the job; starts the grace period

@@ -19,9 +19,9 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.cancel import Cancel
-from agent.errors import ThrottledError
-from agent.retry import Backoff
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.errors import ThrottledError
+from ckpt_agent.retry import Backoff
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]

@@ -88,7 +88,7 @@ class JsonReporter(Reporter):
 
 
 def make_reporter(log_format: str | None, stream: TextIO | None = None) -> Reporter:
-    """The Reporter for a format agent.settings.log_format accepted: `json`, else the human one."""
+    """The Reporter for a format ckpt_agent.settings.log_format accepted: `json`, else the human one."""
     return JsonReporter(stream) if log_format == "json" else Reporter(stream)
 
 

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from agent import layout
-from agent.errors import ConfigError, IntegrityError, NotFoundError
-from agent.manifest import JobRecord, Manifest, natural_key, parse_job_record, parse_manifest
-from agent.spec import LatestRef, NamedRef, Reference
-from agent.stores.base import Store
+from ckpt_agent import layout
+from ckpt_agent.errors import ConfigError, IntegrityError, NotFoundError
+from ckpt_agent.manifest import JobRecord, Manifest, natural_key, parse_job_record, parse_manifest
+from ckpt_agent.spec import LatestRef, NamedRef, Reference
+from ckpt_agent.stores.base import Store
 
 _READ_WORKERS = 16
 Warn = Callable[[str], None]

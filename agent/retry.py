@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from agent.errors import TransientError
+from ckpt_agent.errors import TransientError
 
 T = TypeVar("T")
 

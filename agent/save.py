@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from agent import layout
-from agent.cancel import Cancel
-from agent.dedup import Segment
-from agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError, ThrottledError
-from agent.incremental import NewFile, Reuse, Transferred, plan_reuse
-from agent.manifest import (
+from ckpt_agent import layout
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.dedup import Segment
+from ckpt_agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError, ThrottledError
+from ckpt_agent.incremental import NewFile, Reuse, Transferred, plan_reuse
+from ckpt_agent.manifest import (
     DEFAULT_PART_SIZE,
     FILE_KIND,
     FOLDER_KIND,
@@ -33,14 +33,14 @@ from agent.manifest import (
     PackEntry,
     utc_now,
 )
-from agent.packing import Member, Pack, PackReader, assign_packs
-from agent.pool import run_tasks
-from agent.ratelimit import NO_LIMITS, Limiter
-from agent.resolve import read_job
-from agent.retry import Backoff, retry
-from agent.scan import LocalFile, checksums, difference, open_regular, rescan, scan_checkpoint
-from agent.stores.base import Store, upload_in_parts
-from agent.transfer import Progress
+from ckpt_agent.packing import Member, Pack, PackReader, assign_packs
+from ckpt_agent.pool import run_tasks
+from ckpt_agent.ratelimit import NO_LIMITS, Limiter
+from ckpt_agent.resolve import read_job
+from ckpt_agent.retry import Backoff, retry
+from ckpt_agent.scan import LocalFile, checksums, difference, open_regular, rescan, scan_checkpoint
+from ckpt_agent.stores.base import Store, upload_in_parts
+from ckpt_agent.transfer import Progress
 
 # A throttle that outlived the store's own retries: sent again once the gate has cut the requests
 # at once and its pause has passed (docs/limits.md).

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from agent.cancel import Cancel
-from agent.digests import read_part_digests
-from agent.errors import ConfigError, NotFoundError
-from agent.pool import run_tasks
-from agent.sync.formats import kind_of
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.digests import read_part_digests
+from ckpt_agent.errors import ConfigError, NotFoundError
+from ckpt_agent.pool import run_tasks
+from ckpt_agent.sync.formats import kind_of
 
 # Files are checksummed in regions of this size, so one huge file keeps every core busy.
 CHECKSUM_REGION = 64 << 20

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.errors import ConfigError
+from ckpt_agent.errors import ConfigError
 
 INCLUDE_VAR = "CKPT_AGENT_INCLUDE"
 EXCLUDE_VAR = "CKPT_AGENT_EXCLUDE"

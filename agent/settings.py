@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import ConfigError
-from agent.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
-from agent.sizes import parse_size
-from agent.spec import (
+from ckpt_agent.errors import ConfigError
+from ckpt_agent.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
+from ckpt_agent.sizes import parse_size
+from ckpt_agent.spec import (
     CONFIG_VAR,
     LoadSpec,
     StoreLocation,
@@ -22,7 +22,7 @@ from agent.spec import (
     parse_start_commands,
     parse_store_location,
 )
-from agent.sync.options import (
+from ckpt_agent.sync.options import (
     DEFAULT_GRACE_SECONDS,
     DEFAULT_POLL_SECONDS,
     DEFAULT_QUIET_SECONDS,
@@ -150,7 +150,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
 
 # --- limits (issue 12): the rate cap and selective loads ---------------------------------------
 # Defaults: no rate cap; every file of a checkpoint. The concurrency ceiling is CKPT_AGENT_WORKERS;
-# throttling answers lower it, never below one request at a time (agent.ratelimit).
+# throttling answers lower it, never below one request at a time (ckpt_agent.ratelimit).
 
 MAX_RATE_VAR = "CKPT_AGENT_MAX_RATE"
 
@@ -214,7 +214,7 @@ def cache_settings_from_env(env: Mapping[str, str]) -> CacheSettings | None:
     return CacheSettings(root, max_bytes)
 
 
-# --- what training code reads (agent.latest_local_checkpoint) -----------------------------------
+# --- what training code reads (ckpt_agent.latest_local_checkpoint) -----------------------------------
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def loaded_folder_from_env(env: Mapping[str, str], rank: int | None = None) -> L
 
 
 # -- the sidecar's options (`sync`, and `run` with BT_CHECKPOINTING_ENABLED=1) -----------------------
-# Flags win over CKPT_AGENT_* variables, which win over the defaults in agent.sync.options.
+# Flags win over CKPT_AGENT_* variables, which win over the defaults in ckpt_agent.sync.options.
 
 
 def _seconds(flag: float | None, flag_name: str, env: Mapping[str, str], var: str, default: float,

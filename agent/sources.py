@@ -11,7 +11,7 @@ only if it is a regular file of the manifest's size. A part is copied through th
 and checked against the manifest's crc32c on its way, the check every byte from the store gets:
 what is written is what was checked, whatever the source does meanwhile. A file at the manifest's
 own path needs no more than crc32c (it catches corruption and a stale version); the cache picks
-bytes by their content, so its hits are also re-hashed with sha256 (agent.cache). The source's
+bytes by their content, so its hits are also re-hashed with sha256 (ckpt_agent.cache). The source's
 (dev, inode, size, mtime_ns, ctime_ns) must be the same after each part as when it was opened, so
 a file rewritten under us is dropped even where a part of it happens to match. Copies, never
 hardlinks: the trainer writes its folder again, another rank's agent replaces its files, and
@@ -27,15 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.cache import PartCache
-from agent.digests import checksum, format_checksum, read_checksums
-from agent.errors import AgentError
-from agent.fetch import part_bounds
-from agent.fileio import read_span, write_all
-from agent.localstate import rank_dir
-from agent.plan import FileTask
-from agent.safefs import Folder, open_file
-from agent.settings import Settings
+from ckpt_agent.cache import PartCache
+from ckpt_agent.digests import checksum, format_checksum, read_checksums
+from ckpt_agent.errors import AgentError
+from ckpt_agent.fetch import part_bounds
+from ckpt_agent.fileio import read_span, write_all
+from ckpt_agent.localstate import rank_dir
+from ckpt_agent.plan import FileTask
+from ckpt_agent.safefs import Folder, open_file
+from ckpt_agent.settings import Settings
 
 CHECKPOINT_DIR, RANKS, CACHE = "checkpoint_dir", "ranks", "cache"
 LOCAL_KINDS = (CHECKPOINT_DIR, RANKS, CACHE)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 from urllib.parse import unquote, urlparse
 
-from agent import layout
-from agent.errors import ConfigError
+from ckpt_agent import layout
+from ckpt_agent.errors import ConfigError
 
 DEFAULT_DOWNLOAD_FOLDER = "/tmp/loaded_checkpoints"
 LATEST = "baseten_latest_checkpoint"

@@ -1,7 +1,7 @@
 """`ckpt-agent run` with checkpointing enabled: the trainer runs as a child, the sidecar alongside.
 
 `run` cannot exec here, because the trainer's last checkpoint must still be uploaded after it
-exits. The trainer runs through agent.procgroup (signals forwarded to its process group, which
+exits. The trainer runs through ckpt_agent.procgroup (signals forwarded to its process group, which
 is waited for as a whole); then the sync loop does a final flush and we exit with the trainer's
 status (see TrainerGroup.exit_code). The grace period for the flush counts from the first
 SIGTERM/SIGINT, since that is when the platform's own deadline started.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
-from agent.cancel import Worker
-from agent.procgroup import TrainerGroup
-from agent.report import Reporter
-from agent.sync.loop import Sidecar
+from ckpt_agent.cancel import Worker
+from ckpt_agent.procgroup import TrainerGroup
+from ckpt_agent.report import Reporter
+from ckpt_agent.sync.loop import Sidecar
 
 
 def supervise(argv: Sequence[str], env: Mapping[str, str], sidecar: Sidecar, reporter: Reporter) -> int:

@@ -3,10 +3,10 @@
 Each file is written with `os.pwrite` into `<name>.ckpt-incomplete` next to its destination and
 renamed into place only when all of its parts match the manifest. A temporary file left by an
 earlier, killed run is kept (if it is a regular file with one link): its parts are checked
-locally. A part still missing is then looked for in agent.sources (BT_CHECKPOINT_DIR, other ranks,
+locally. A part still missing is then looked for in ckpt_agent.sources (BT_CHECKPOINT_DIR, other ranks,
 the part cache), and only the rest is fetched, in contiguous runs so misses still combine into
-few ranged GETs. Every file and folder is reached through agent.safefs; the bytes from the store
-stream through agent.fetch.
+few ranged GETs. Every file and folder is reached through ckpt_agent.safefs; the bytes from the store
+stream through ckpt_agent.fetch.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
-from agent.cancel import Cancel
-from agent.digests import read_checksums
-from agent.errors import IntegrityError, LoadTimeoutError
-from agent.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
-from agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
-from agent.plan import FileTask, Plan
-from agent.pool import run_tasks
-from agent.ratelimit import NO_LIMITS, Limiter
-from agent.retry import Backoff
-from agent.safefs import Folder, open_file, open_or_create
-from agent.sources import LOCAL_KINDS, LocalSources
-from agent.stores.base import RangeReader, Store
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.digests import read_checksums
+from ckpt_agent.errors import IntegrityError, LoadTimeoutError
+from ckpt_agent.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
+from ckpt_agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
+from ckpt_agent.plan import FileTask, Plan
+from ckpt_agent.pool import run_tasks
+from ckpt_agent.ratelimit import NO_LIMITS, Limiter
+from ckpt_agent.retry import Backoff
+from ckpt_agent.safefs import Folder, open_file, open_or_create
+from ckpt_agent.sources import LOCAL_KINDS, LocalSources
+from ckpt_agent.stores.base import RangeReader, Store
 
 Progress = Callable[[int], None]
 
@@ -48,7 +48,7 @@ class TransferOptions:
 
 @dataclass
 class TransferStats:
-    """`bytes_fetched` came from the store; `bytes_local` by agent.sources kind; `bytes_reused` were
+    """`bytes_fetched` came from the store; `bytes_local` by ckpt_agent.sources kind; `bytes_reused` were
     already verified in the download folder (intact files, parts of a resumed file)."""
 
     files_fetched: int = 0
@@ -88,7 +88,7 @@ class _Engine:
         self.progress(count)
 
     def _placed(self, kind: str, count: int) -> None:
-        """Bytes placed from a local source (agent.sources)."""
+        """Bytes placed from a local source (ckpt_agent.sources)."""
         with self._stats_lock:
             self.stats.bytes_local[kind] += count
         self.progress(count)

@@ -1,8 +1,8 @@
-"""`ckpt-agent verify`: every file of every checkpoint the load records (agent.loadrecord) name,
+"""`ckpt-agent verify`: every file of every checkpoint the load records (ckpt_agent.loadrecord) name,
 re-read byte for byte against the manifests the load used. It never trusts the stat cache and never
 touches the store; each file is ok, missing, changed or extra, or excluded: left out by the recorded
-load's --include/--exclude, so neither its absence nor its presence is a problem. Reads go through agent.safefs (no link
-followed, no FIFO waited on).
+load's --include/--exclude, so neither its absence nor its presence is a problem. Reads go through
+ckpt_agent.safefs (no link followed, no FIFO waited on).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.digests import read_checksums
-from agent.errors import IntegrityError, NotFoundError
-from agent.loadrecord import read_load_record, read_recorded_manifest, record_names, recorded_selection
-from agent.localstate import INCOMPLETE_SUFFIX, STATE_DIR, loaded_record
-from agent.manifest import FileEntry, Manifest, check_relative_path
-from agent.safefs import Folder, open_file
-from agent.selection import Selection
+from ckpt_agent.digests import read_checksums
+from ckpt_agent.errors import IntegrityError, NotFoundError
+from ckpt_agent.loadrecord import read_load_record, read_recorded_manifest, record_names, recorded_selection
+from ckpt_agent.localstate import INCOMPLETE_SUFFIX, STATE_DIR, loaded_record
+from ckpt_agent.manifest import FileEntry, Manifest, check_relative_path
+from ckpt_agent.safefs import Folder, open_file
+from ckpt_agent.selection import Selection
 
 OK, MISSING, CHANGED, EXTRA, EXCLUDED = "ok", "missing", "changed", "extra", "excluded"
 

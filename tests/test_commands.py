@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
-from agent.commands.context import Context
-from agent.commands.load import LoadOptions
-from agent.commands.ls import ListOptions
-from agent.commands.run import RunOptions
-from agent.commands.save import SaveOptions
-from agent.commands.sync import SyncCommandOptions, SyncFlags
-from agent.commands.verify import VerifyOptions
-from agent.errors import EXIT_CONFIG, EXIT_TIMEOUT
+from ckpt_agent import cli
+from ckpt_agent.commands.context import Context
+from ckpt_agent.commands.load import LoadOptions
+from ckpt_agent.commands.ls import ListOptions
+from ckpt_agent.commands.run import RunOptions
+from ckpt_agent.commands.save import SaveOptions
+from ckpt_agent.commands.sync import SyncCommandOptions, SyncFlags
+from ckpt_agent.commands.verify import VerifyOptions
+from ckpt_agent.errors import EXIT_CONFIG, EXIT_TIMEOUT
 from tests.support.helpers import AGENT
 from tests.support.specs import named, spec
 
@@ -53,7 +53,8 @@ FLAGS = {
 @pytest.mark.parametrize("argv, expected", FLAGS.values(), ids=FLAGS.keys())
 def test_each_commands_flags_become_its_options_and_the_environment_its_context(monkeypatch, argv, expected):
     calls: list[tuple[Context, object]] = []
-    monkeypatch.setattr(f"agent.commands.{argv[0]}.{argv[0]}", lambda ctx, options: calls.append((ctx, options)) or 0)
+    monkeypatch.setattr(f"ckpt_agent.commands.{argv[0]}.{argv[0]}",
+                        lambda ctx, options: calls.append((ctx, options)) or 0)
     env = {"BT_TRAINING_JOB_ID": "job9", "MARKER": "kept"}
     assert cli.main(argv, env) == 0
     [(ctx, options)] = calls
@@ -67,7 +68,7 @@ def test_each_commands_flags_become_its_options_and_the_environment_its_context(
 
 def test_verify_gets_the_folder_given_or_else_the_specs(monkeypatch, tmp_path):
     calls: list[VerifyOptions] = []
-    monkeypatch.setattr("agent.commands.verify.verify", lambda _reporter, options: calls.append(options) or 0)
+    monkeypatch.setattr("ckpt_agent.commands.verify.verify", lambda _reporter, options: calls.append(options) or 0)
     env = {"BT_LOAD_CHECKPOINT_CONFIG": spec(tmp_path / "dl", named("c", "j"))}
     assert cli.main(["verify", "--json"], env) == 0
     assert cli.main(["verify", "/elsewhere"], env) == 0

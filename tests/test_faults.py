@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import layout
-from agent.localstate import INCOMPLETE_SUFFIX
 from bench.seaweed import SeaweedServer
+from ckpt_agent import layout
+from ckpt_agent.localstate import INCOMPLETE_SUFFIX
 from tests.support.faultproxy import FaultProxy
 from tests.support.helpers import (
     AGENT,
@@ -420,7 +420,7 @@ _FAKE_DISK = """
 import shutil, sys
 from collections import namedtuple
 shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(1 << 40, (1 << 40) - 1000, 1000)
-from agent.cli import main
+from ckpt_agent.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -436,11 +436,11 @@ def test_not_enough_free_disk_fails_with_exit_6_before_any_download(four_files, 
 
 
 def test_free_space_check_counts_what_partial_files_already_hold(tmp_path, monkeypatch):
-    from agent import load
-    from agent.errors import EXIT_LOCAL, LocalError
-    from agent.manifest import FileEntry
-    from agent.plan import FileTask, Plan
-    from agent.safefs import Folder
+    from ckpt_agent import load
+    from ckpt_agent.errors import EXIT_LOCAL, LocalError
+    from ckpt_agent.manifest import FileEntry
+    from ckpt_agent.plan import FileTask, Plan
+    from ckpt_agent.safefs import Folder
 
     dest = tmp_path / "rank-0" / NAME / "model.bin"
     dest.parent.mkdir(parents=True)

@@ -1,5 +1,5 @@
-"""Checkpoint formats: how each is recognised and when it is complete (agent.sync.formats and
-agent.sync.readiness), and the sidecar committing each of them, with small fake files, against the local store.
+"""Checkpoint formats: how each is recognised and when it is complete (ckpt_agent.sync.formats and
+ckpt_agent.sync.readiness), and the sidecar committing each of them, with small fake files, against the local store.
 
 Real-library tests (transformers, Lightning, DCP, DeepSpeed) live elsewhere; these pin the rules.
 """
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from agent import layout
-from agent.manifest import FILE_KIND
-from agent.report import Reporter
-from agent.save import CheckpointId
-from agent.stores.local import LocalStore
-from agent.sync.formats import Format, Skip, TopEntry, classify, file_structure, folder_format
-from agent.sync.loop import Sidecar
-from agent.sync.options import Rules, SyncOptions
-from agent.sync.readiness import Facts, NotReady, Trainer, Why, readiness
+from ckpt_agent import layout
+from ckpt_agent.manifest import FILE_KIND
+from ckpt_agent.report import Reporter
+from ckpt_agent.save import CheckpointId
+from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.sync.formats import Format, Skip, TopEntry, classify, file_structure, folder_format
+from ckpt_agent.sync.loop import Sidecar
+from ckpt_agent.sync.options import Rules, SyncOptions
+from ckpt_agent.sync.readiness import Facts, NotReady, Trainer, Why, readiness
 
 REG, DIR, LNK, FIFO = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFLNK | 0o777, stat.S_IFIFO | 0o644
 

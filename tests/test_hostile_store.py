@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, layout
-from agent import settings as settings_module
-from agent.errors import ConfigError, IntegrityError, StoreError
-from agent.resolve import resolve
-from agent.save import CheckpointId, ensure_job
-from agent.settings import settings_from_env
-from agent.spec import LatestRef
-from agent.stores import base, open_store
-from agent.stores.base import Listing, Store
-from agent.stores.local import LocalStore
+from ckpt_agent import cli, layout
+from ckpt_agent import settings as settings_module
+from ckpt_agent.errors import ConfigError, IntegrityError, StoreError
+from ckpt_agent.resolve import resolve
+from ckpt_agent.save import CheckpointId, ensure_job
+from ckpt_agent.settings import settings_from_env
+from ckpt_agent.spec import LatestRef
+from ckpt_agent.stores import base, open_store
+from ckpt_agent.stores.base import Listing, Store
+from ckpt_agent.stores.local import LocalStore
 from tests.support.helpers import (
     JOB,
     NAME,
@@ -432,7 +432,7 @@ def test_unexpected_exception_is_one_line_exit_1_without_its_text(monkeypatch, c
     def explode(*_args, **_kw):
         raise RuntimeError(f"credential helper said {SECRET}")
 
-    monkeypatch.setattr("agent.listing.list_jobs", explode)
+    monkeypatch.setattr("ckpt_agent.listing.list_jobs", explode)
     code = cli.main(["ls"], {"BT_CHECKPOINT_STORE": str(tmp_path / "store")})
     err = capsys.readouterr().err
     assert code == 1
@@ -515,7 +515,7 @@ def test_a_listing_that_never_ends_fails_cleanly(engine, fake_s3, monkeypatch):
 
 def test_a_listing_answer_over_the_limit_is_not_read_into_memory(fake_s3, monkeypatch):
     """The native engine reads LIST bodies itself (botocore parses its own)."""
-    from agent.stores import s3http
+    from ckpt_agent.stores import s3http
 
     server = fake_s3(lambda *_: (200, {}, b"<x>" + b" " * (s3http.ANSWER_LIMIT + 10)))
     store = s3_store("http", server.url, monkeypatch)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import layout
-from agent.listing import CheckpointListing, CheckpointRow, JobRow, render
+from ckpt_agent import layout
+from ckpt_agent.listing import CheckpointListing, CheckpointRow, JobRow, render
 from tests.support.helpers import clean_env, run_agent, save
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import StoreError
-from agent.stores import local
-from agent.stores.local import LocalStore
+from ckpt_agent.errors import StoreError
+from ckpt_agent.stores import local
+from ckpt_agent.stores.local import LocalStore
 
 DATA = os.urandom(300_000)
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from agent import layout
-from agent.cancel import Cancel
-from agent.digests import read_part_digests
-from agent.errors import IntegrityError
-from agent.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest
-from agent.save import CheckpointId, CommitRequest, commit_checkpoint
-from agent.stores.local import LocalStore
+from ckpt_agent import layout
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.digests import read_part_digests
+from ckpt_agent.errors import IntegrityError
+from ckpt_agent.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest
+from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.stores.local import LocalStore
 from tests.support.helpers import AGENT
 from tests.support.specs import named, spec
 

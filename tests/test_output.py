@@ -1,5 +1,5 @@
 """What the agent tells people and programs: JSON logs, progress, loaded.json, the ready file,
-dry runs, `agent.latest_local_checkpoint`, and --help/--version. Local store: fast."""
+dry runs, `ckpt_agent.latest_local_checkpoint`, and --help/--version. Local store: fast."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from agent import layout
-from agent.cli import build_parser
-from agent.localstate import VerifiedIndex
-from agent.report import JsonReporter, Reporter, _LineSink, make_reporter
+from ckpt_agent import layout
+from ckpt_agent.cli import build_parser
+from ckpt_agent.localstate import VerifiedIndex
+from ckpt_agent.report import JsonReporter, Reporter, _LineSink, make_reporter
 from tests.support.helpers import clean_env, run_agent, save
 from tests.support.specs import latest, named, spec
 
@@ -153,7 +153,7 @@ def test_loaded_json_records_resolution_manifest_checksums_bytes_duration_and_ve
     result = run_agent(["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, *refs)})
     assert result.returncode == 0, result.stderr
     record = json.loads((dl / ".ckpt-agent" / "loaded-rank-0.json").read_text())
-    from agent import __version__
+    from ckpt_agent import __version__
 
     assert record["agent_version"] == __version__ and record["seconds"] >= 0
     assert record["bytes_total"] == record["bytes_fetched"] == 2 * (200_000 + 1000) + sum(
@@ -259,7 +259,7 @@ def test_verified_index_of_a_missing_folder_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# --- agent.latest_local_checkpoint --------------------------------------------------------------
+# --- ckpt_agent.latest_local_checkpoint --------------------------------------------------------------
 
 
 def _get_last_checkpoint(folder: Path) -> str | None:
@@ -271,7 +271,7 @@ def _get_last_checkpoint(folder: Path) -> str | None:
 
 def test_latest_local_checkpoint_is_the_store_newest_and_matches_get_last_checkpoint(env, job, tmp_path,
                                                                                      monkeypatch):
-    import agent as package
+    import ckpt_agent as package
 
     dl = tmp_path / "dl"
     refs = (named("checkpoint-100", "job-a"), named("checkpoint-20", "job-a"))
@@ -284,7 +284,7 @@ def test_latest_local_checkpoint_is_the_store_newest_and_matches_get_last_checkp
 
 
 def test_latest_local_checkpoint_follows_commit_order_over_names(env, tmp_path, monkeypatch):
-    import agent as package
+    import ckpt_agent as package
 
     make_and_save(env, tmp_path, "job-x", "checkpoint-100")
     make_and_save(env, tmp_path, "job-x", "checkpoint-20")  # committed last: the store's newest
@@ -296,7 +296,7 @@ def test_latest_local_checkpoint_follows_commit_order_over_names(env, tmp_path, 
 
 
 def test_latest_local_checkpoint_is_none_when_nothing_was_loaded(env, tmp_path, monkeypatch):
-    import agent as package
+    import ckpt_agent as package
 
     monkeypatch.delenv("BT_LOAD_CHECKPOINT_DIR", raising=False)
     assert package.latest_local_checkpoint() is None
@@ -309,7 +309,7 @@ def test_latest_local_checkpoint_is_none_when_nothing_was_loaded(env, tmp_path, 
 
 
 def test_latest_local_checkpoint_takes_the_rank_from_bt_node_rank(env, job, tmp_path, monkeypatch):
-    import agent as package
+    import ckpt_agent as package
 
     dl = tmp_path / "dl"
     result = run_agent(["load"], {**env, "BT_NODE_RANK": "1", "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, latest())})
@@ -330,7 +330,7 @@ def test_import_agent_stays_cheap():
 
 
 def test_every_command_has_help_with_examples_and_a_version(capsys):
-    from agent import __version__
+    from ckpt_agent import __version__
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.choices and "load" in a.choices).choices

@@ -306,7 +306,7 @@ class InstalledVenv:
     bin: Path
     python: Path
     site_packages: Path
-    neutral_cwd: Path  # not the repo, so `python -m agent` cannot pick up the source tree
+    neutral_cwd: Path  # not the repo, so `python -m ckpt_agent` cannot pick up the source tree
     source_dir: Path  # the image's WORKDIR where the sources were built
 
 
@@ -350,23 +350,27 @@ def _clean_env(installed: InstalledVenv) -> dict[str, str]:
     return env
 
 
-def test_dockerfile_pip_install_step_gives_working_ckpt_agent_and_python_m_agent(
+def test_dockerfile_pip_install_step_gives_working_ckpt_agent_and_python_m_ckpt_agent(
     installed: InstalledVenv,
 ) -> None:
     env = _clean_env(installed)
     where = _run(
-        [str(installed.python), "-c", "import agent; print(agent.__file__)"],
+        [str(installed.python), "-c", "import ckpt_agent; print(ckpt_agent.__file__)"],
         cwd=installed.neutral_cwd,
         env=env,
     )
     assert where.returncode == 0, _explain(where)
     assert Path(where.stdout.strip()).is_relative_to(installed.site_packages), (
-        f"agent was imported from {where.stdout.strip()}, not from the installed copy"
+        f"ckpt_agent was imported from {where.stdout.strip()}, not from the installed copy"
     )
+    # pyproject lists the subpackages by hand (agent/ installs as ckpt_agent): none may be missed
+    installed_package = Path(where.stdout.strip()).parent
+    for sub in sorted(p.parent.name for p in (REPO / "agent").glob("*/__init__.py")):
+        assert (installed_package / sub / "__init__.py").exists(), f"agent/{sub} is not in pyproject's packages"
 
     script = installed.bin / "ckpt-agent"
     assert script.exists(), "the install did not create the ckpt-agent console script"
-    for cmd in ([str(script), "--help"], [str(installed.python), "-m", "agent", "--help"]):
+    for cmd in ([str(script), "--help"], [str(installed.python), "-m", "ckpt_agent", "--help"]):
         proc = _run(cmd, cwd=installed.neutral_cwd, env=env)
         assert proc.returncode == 0, _explain(proc)
         assert "run" in proc.stdout, _explain(proc)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import IntegrityError
-from agent.localstate import prune_checkpoint
-from agent.safefs import Folder
+from ckpt_agent.errors import IntegrityError
+from ckpt_agent.localstate import prune_checkpoint
+from ckpt_agent.safefs import Folder
 
 CKPT = "rank-0/checkpoint-1"
 

@@ -4,7 +4,7 @@ Each script in tests/trainers/ trains a tiny model on the CPU and saves the way 
 A first job runs under `ckpt-agent run` until a given checkpoint is committed, then holds still
 (so where it stops is fixed) and gets SIGTERM through the agent; the library's own SIGTERM save
 must be flushed to the store. A second job loads latest of the first through
-BT_LOAD_CHECKPOINT_CONFIG, resumes with the library's own call on agent.latest_local_checkpoint()
+BT_LOAD_CHECKPOINT_CONFIG, resumes with the library's own call on ckpt_agent.latest_local_checkpoint()
 and trains to the end; its final weights must be bit-identical to an uninterrupted run.
 """
 

@@ -34,7 +34,7 @@ def test_disabled_loading_does_not_set_load_dir_or_import_boto3():
     result = subprocess.run([AGENT, "run", "--", sys.executable, "-c", code],
                             env=clean_env(BT_LOAD_CHECKPOINT_CONFIG=spec), capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "None"
-    probe = ("import sys; from agent.cli import main; "
+    probe = ("import sys; from ckpt_agent.cli import main; "
              "sys.argv=['ckpt-agent','load']; main(); print('boto3' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], env=clean_env(), capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr

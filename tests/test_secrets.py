@@ -27,8 +27,8 @@ from xml.sax.saxutils import escape
 import boto3
 import pytest
 
-from agent import layout
 from bench.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer  # the shared server's one identity
+from ckpt_agent import layout
 from tests.support.faultproxy import LOOPBACK
 from tests.support.helpers import (
     AGENT,

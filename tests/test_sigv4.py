@@ -6,7 +6,7 @@ Signature Calculations"). Every expected string below is copied from that page, 
 
 from datetime import UTC, datetime
 
-from agent.stores.sigv4 import EMPTY_SHA256, Credentials, canonical_query, sign, uri_encode
+from ckpt_agent.stores.sigv4 import EMPTY_SHA256, Credentials, canonical_query, sign, uri_encode
 
 EXAMPLE_CREDENTIALS = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
 EXAMPLE_HOST = "examplebucket.s3.amazonaws.com"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.settings import DEFAULT_CHUNK_MB, DEFAULT_STORE, default_workers, settings_from_env
-from agent.spec import (
+from ckpt_agent.errors import ConfigError
+from ckpt_agent.settings import DEFAULT_CHUNK_MB, DEFAULT_STORE, default_workers, settings_from_env
+from ckpt_agent.spec import (
     DEFAULT_DOWNLOAD_FOLDER,
     LatestRef,
     LoadSpec,

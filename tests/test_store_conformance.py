@@ -14,11 +14,11 @@ import uuid
 
 import pytest
 
-from agent.errors import IntegrityError, NotFoundError, StoreError
-from agent.stores.base import Listing, Store
-from agent.stores.local import LocalStore
-from agent.stores.s3boto import Boto3Store
-from agent.stores.s3native import NativeS3Store
+from ckpt_agent.errors import IntegrityError, NotFoundError, StoreError
+from ckpt_agent.stores.base import Listing, Store
+from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.stores.s3boto import Boto3Store
+from ckpt_agent.stores.s3native import NativeS3Store
 from tests.support.helpers import payload
 
 MIB = 1 << 20

@@ -1,17 +1,17 @@
-"""agent.sync.ledger: what this job has committed, read from the store once, never fatal to the sidecar."""
+"""ckpt_agent.sync.ledger: what this job has committed, read from the store once, never fatal to the sidecar."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-from agent import layout
-from agent.manifest import FileEntry, Manifest
-from agent.report import Reporter
-from agent.save import CheckpointId
-from agent.stores.local import LocalStore
-from agent.sync.loop import Sidecar
-from agent.sync.options import SyncOptions
+from ckpt_agent import layout
+from ckpt_agent.manifest import FileEntry, Manifest
+from ckpt_agent.report import Reporter
+from ckpt_agent.save import CheckpointId
+from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.sync.loop import Sidecar
+from ckpt_agent.sync.options import SyncOptions
 
 
 def hf_checkpoint(root: Path, name: str) -> None:

@@ -1,12 +1,12 @@
-"""agent.sync.readiness: the one decision of when a checkpoint may be committed, as a pure function."""
+"""ckpt_agent.sync.readiness: the one decision of when a checkpoint may be committed, as a pure function."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.sync.formats import Format
-from agent.sync.options import Rules
-from agent.sync.readiness import Facts, NotReady, Trainer, Why, is_quiet, readiness
+from ckpt_agent.sync.formats import Format
+from ckpt_agent.sync.options import Rules
+from ckpt_agent.sync.readiness import Facts, NotReady, Trainer, Why, is_quiet, readiness
 
 QUIET = 5.0
 

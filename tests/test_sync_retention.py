@@ -1,15 +1,15 @@
-"""--keep-last: which committed checkpoints go (agent.sync.retention), and that only this rank's go."""
+"""--keep-last: which committed checkpoints go (ckpt_agent.sync.retention), and that only this rank's go."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-from agent import layout
-from agent.manifest import FileEntry, Manifest
-from agent.report import Reporter
-from agent.stores.local import LocalStore
-from agent.sync.retention import beyond_keep, retain
+from ckpt_agent import layout
+from ckpt_agent.manifest import FileEntry, Manifest
+from ckpt_agent.report import Reporter
+from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.sync.retention import beyond_keep, retain
 
 
 def test_beyond_keep_deletes_all_but_the_newest_counting_the_one_just_committed():

@@ -21,10 +21,10 @@ GROWTH_LIMIT = 128 * MIB  # several 64 MiB parts in memory at once would exceed 
 CHILD = r"""
 import json, sys
 from pathlib import Path
-from agent.cancel import Cancel
-from agent.save import CheckpointId, CommitRequest, commit_checkpoint
-from agent.stores.s3boto import Boto3Store
-from agent.stores.s3native import NativeS3Store
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.stores.s3boto import Boto3Store
+from ckpt_agent.stores.s3native import NativeS3Store
 import os
 
 def status(field):

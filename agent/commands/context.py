@@ -8,9 +8,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 
-from agent.cancel import Cancel
-from agent.report import Reporter
-from agent.settings import Settings
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.report import Reporter
+from ckpt_agent.settings import Settings
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.commands.context import Context, cancelled_by_signals
-from agent.dryrun import plan_load, render_plan
-from agent.load import clear_ready_file, load_checkpoints, write_ready_file
-from agent.selection import EVERY_FILE, Selection
+from ckpt_agent.commands.context import Context, cancelled_by_signals
+from ckpt_agent.dryrun import plan_load, render_plan
+from ckpt_agent.load import clear_ready_file, load_checkpoints, write_ready_file
+from ckpt_agent.selection import EVERY_FILE, Selection
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent import listing
-from agent.commands.context import Context
-from agent.stores import open_store
+from ckpt_agent import listing
+from ckpt_agent.commands.context import Context
+from ckpt_agent.stores import open_store
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.commands.context import Context
-from agent.commands.sync import SyncFlags, open_sidecar
-from agent.errors import ConfigError
-from agent.launch import exec_training, runs_through_shell, training_argv
-from agent.selection import EVERY_FILE, Selection
+from ckpt_agent.commands.context import Context
+from ckpt_agent.commands.sync import SyncFlags, open_sidecar
+from ckpt_agent.errors import ConfigError
+from ckpt_agent.launch import exec_training, runs_through_shell, training_argv
+from ckpt_agent.selection import EVERY_FILE, Selection
 
 if TYPE_CHECKING:
-    from agent.sync.loop import Sidecar
+    from ckpt_agent.sync.loop import Sidecar
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def run(ctx: Context, options: RunOptions) -> int:
     sidecar = open_sidecar(ctx, options.sync) if settings.checkpointing_enabled else None
     child_env = dict(ctx.env)
     if settings.spec.enabled:
-        from agent.commands.load import load_now
+        from ckpt_agent.commands.load import load_now
 
         load_now(ctx, options.selection)
         child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
@@ -53,7 +53,7 @@ def run(ctx: Context, options: RunOptions) -> int:
 
 def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
     if ctx.settings.spec.enabled:
-        from agent.commands.load import print_plan
+        from ckpt_agent.commands.load import print_plan
 
         print_plan(ctx, selection)
     else:
@@ -63,7 +63,7 @@ def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
 
 
 def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Context) -> int:
-    from agent.supervise import supervise
+    from ckpt_agent.supervise import supervise
 
     env.setdefault("BT_CHECKPOINT_DIR", str(sidecar.options.checkpoint_dir))
     try:
@@ -74,8 +74,8 @@ def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Cont
 
 def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context) -> int:
     """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
-    from agent.procgroup import TrainerGroup
-    from agent.settings import sync_options
+    from ckpt_agent.procgroup import TrainerGroup
+    from ckpt_agent.settings import sync_options
 
     grace = sync_options(ctx.env, ctx.settings.checkpoint_dir).grace_seconds
     with TrainerGroup(argv, env, grace, ctx.reporter) as group:

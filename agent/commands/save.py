@@ -6,14 +6,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.commands.context import Context, cancelled_by_signals
-from agent.errors import ConfigError
-from agent.incremental import Transferred, describe, previous_commit
-from agent.ratelimit import limiter
-from agent.save import CheckpointId, CommitRequest, commit_checkpoint
-from agent.scan import scan_checkpoint
-from agent.spec import check_name
-from agent.stores import open_store
+from ckpt_agent.commands.context import Context, cancelled_by_signals
+from ckpt_agent.errors import ConfigError
+from ckpt_agent.incremental import Transferred, describe, previous_commit
+from ckpt_agent.ratelimit import limiter
+from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.scan import scan_checkpoint
+from ckpt_agent.spec import check_name
+from ckpt_agent.stores import open_store
 
 
 @dataclass(frozen=True)

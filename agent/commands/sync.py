@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from agent.commands.context import Context
-from agent.errors import ConfigError
+from ckpt_agent.commands.context import Context
+from ckpt_agent.errors import ConfigError
 
 if TYPE_CHECKING:
-    from agent.sync.loop import Sidecar
+    from ckpt_agent.sync.loop import Sidecar
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class SyncCommandOptions:
 
 
 def sync(ctx: Context, options: SyncCommandOptions) -> int:
-    from agent.sync.standalone import run_standalone
+    from ckpt_agent.sync.standalone import run_standalone
 
     sidecar = open_sidecar(ctx, options.flags, options.checkpoint_dir)
     try:
@@ -51,10 +51,10 @@ def sync(ctx: Context, options: SyncCommandOptions) -> int:
 
 def open_sidecar(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = None) -> Sidecar:
     """The sync loop for `sync` and for `run` in supervise mode; checks the identity first."""
-    from agent.save import CheckpointId
-    from agent.settings import sync_options
-    from agent.stores import open_store
-    from agent.sync.loop import Sidecar
+    from ckpt_agent.save import CheckpointId
+    from ckpt_agent.settings import sync_options
+    from ckpt_agent.stores import open_store
+    from ckpt_agent.sync.loop import Sidecar
 
     settings = ctx.settings
     job_id = settings.job_id

@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import IntegrityError
-from agent.report import Reporter
-from agent.verify import render_verify, summary, verify_folder
+from ckpt_agent.errors import IntegrityError
+from ckpt_agent.report import Reporter
+from ckpt_agent.verify import render_verify, summary, verify_folder
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import stat
 
-from agent import settings as defaults
-from agent.errors import StoreError
-from agent.settings import Settings
-from agent.stores.base import Listing, RangeReader, Store
+from ckpt_agent import settings as defaults
+from ckpt_agent.errors import StoreError
+from ckpt_agent.settings import Settings
+from ckpt_agent.stores.base import Listing, RangeReader, Store
 
 __all__ = ["Listing", "RangeReader", "Store", "open_store"]
 
@@ -17,14 +17,14 @@ def open_store(settings: Settings) -> Store:
     """The native S3 engine unless CKPT_AGENT_S3_ENGINE=boto3 asks for botocore's."""
     location = settings.store
     if location.scheme == "s3" and settings.s3_engine == "boto3":
-        from agent.stores.s3boto import Boto3Store
+        from ckpt_agent.stores.s3boto import Boto3Store
 
         return Boto3Store(location.bucket, location.root, settings.workers, settings.read_timeout)
     if location.scheme == "s3":
-        from agent.stores.s3native import NativeS3Store
+        from ckpt_agent.stores.s3native import NativeS3Store
 
         return NativeS3Store(location.bucket, location.root, settings.aws_env, settings.read_timeout)
-    from agent.stores.local import LocalStore
+    from ckpt_agent.stores.local import LocalStore
 
     if location.root == defaults.DEFAULT_STORE:
         check_owned_folder(location.root)

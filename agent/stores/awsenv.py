@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from agent.errors import ConfigError, StoreError
-from agent.settings import PROXY_VARS
-from agent.stores.s3common import credentials_error
-from agent.stores.sigv4 import Credentials
+from ckpt_agent.errors import ConfigError, StoreError
+from ckpt_agent.settings import PROXY_VARS
+from ckpt_agent.stores.s3common import credentials_error
+from ckpt_agent.stores.sigv4 import Credentials
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import BinaryIO, Protocol
 
-from agent.errors import IntegrityError, StoreError
+from ckpt_agent.errors import IntegrityError, StoreError
 
 MAX_LISTING_ENTRIES = 1_000_000
 

@@ -9,9 +9,9 @@ from itertools import accumulate
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.errors import IntegrityError, NotFoundError, StoreError
-from agent.safefs import TEMP_SUFFIX, AtomicFile, write_atomic
-from agent.stores.base import Listing, RangeReader, Store, Upload, too_large, upload_in_parts
+from ckpt_agent.errors import IntegrityError, NotFoundError, StoreError
+from ckpt_agent.safefs import TEMP_SUFFIX, AtomicFile, write_atomic
+from ckpt_agent.stores.base import Listing, RangeReader, Store, Upload, too_large, upload_in_parts
 
 # copy_file_range's answers for "not between these two files": across filesystems (EXDEV), or a
 # kernel or filesystem (FUSE, some network mounts) that lacks it. An ordinary copy works there.

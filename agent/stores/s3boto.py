@@ -24,10 +24,10 @@ from botocore.exceptions import (
     ProfileNotFound,
 )
 
-from agent.errors import AgentError, TransientError
-from agent.retry import retry
-from agent.stores.base import Listing, RangeReader, Upload, check_listing_size, too_large, upload_in_parts
-from agent.stores.s3common import (
+from ckpt_agent.errors import AgentError, TransientError
+from ckpt_agent.retry import retry
+from ckpt_agent.stores.base import Listing, RangeReader, Upload, check_listing_size, too_large, upload_in_parts
+from ckpt_agent.stores.s3common import (
     MULTIPART_THRESHOLD,
     REQUEST_BACKOFF,
     UPLOAD_PART_SIZE,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
-from agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, ThrottledError, TransientError
-from agent.retry import Backoff
-from agent.spec import StoreLocation
-from agent.stores.base import Store
+from ckpt_agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, ThrottledError, TransientError
+from ckpt_agent.retry import Backoff
+from ckpt_agent.spec import StoreLocation
+from ckpt_agent.stores.base import Store
 
 # Nominal 0.25 s x 2^n capped at 4 s over 6 attempts: a small request rides out about 3.9 s.
 REQUEST_BACKOFF = Backoff(attempts=6, base=0.25, cap=4.0)

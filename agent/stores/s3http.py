@@ -16,12 +16,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from agent.errors import TransientError
-from agent.retry import retry
-from agent.stores.awsenv import ca_bundle, credentials_provider, proxy_for, resolve_endpoint
-from agent.stores.base import too_large
-from agent.stores.s3common import REQUEST_BACKOFF, content_range_size, store_error
-from agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, canonical_query, sign, uri_encode
+from ckpt_agent.errors import TransientError
+from ckpt_agent.retry import retry
+from ckpt_agent.stores.awsenv import ca_bundle, credentials_provider, proxy_for, resolve_endpoint
+from ckpt_agent.stores.base import too_large
+from ckpt_agent.stores.s3common import REQUEST_BACKOFF, content_range_size, store_error
+from ckpt_agent.stores.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, canonical_query, sign, uri_encode
 
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 _ENDPOINT = "ckpt_endpoint"

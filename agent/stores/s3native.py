@@ -11,17 +11,17 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from agent.errors import AgentError, NotFoundError, TransientError
-from agent.stores.base import Listing, RangeReader, Upload, check_listing_size, upload_in_parts
-from agent.stores.s3common import (
+from ckpt_agent.errors import AgentError, NotFoundError, TransientError
+from ckpt_agent.stores.base import Listing, RangeReader, Upload, check_listing_size, upload_in_parts
+from ckpt_agent.stores.s3common import (
     MULTIPART_THRESHOLD,
     UPLOAD_PART_SIZE,
     EmptyReader,
     FileSlice,
     S3StoreBase,
 )
-from agent.stores.s3http import S3Http
-from agent.stores.sigv4 import uri_encode
+from ckpt_agent.stores.s3http import S3Http
+from ckpt_agent.stores.sigv4 import uri_encode
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 

@@ -1,7 +1,7 @@
 """Which top-level entries of BT_CHECKPOINT_DIR are checkpoints, of which format, and whether a
 single file's own structure says it is complete.
 
-Pure functions over what agent.sync.observe saw; agent.sync.readiness decides when each is committed.
+Pure functions over what ckpt_agent.sync.observe saw; ckpt_agent.sync.readiness decides when each is committed.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.manifest import natural_key
-from agent.sync.options import Rules
+from ckpt_agent.manifest import natural_key
+from ckpt_agent.sync.options import Rules
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors", ".bin")
 HF_STATE = "trainer_state.json"

@@ -12,15 +12,15 @@ import contextlib
 import os
 from pathlib import Path
 
-from agent import layout
-from agent.errors import AgentError
-from agent.manifest import FILE_KIND, Manifest, natural_key
-from agent.report import Reporter
-from agent.resolve import committed_checkpoints, read_manifest
-from agent.save import CheckpointId
-from agent.scan import LocalFile
-from agent.stores.base import Store
-from agent.sync.formats import shape
+from ckpt_agent import layout
+from ckpt_agent.errors import AgentError
+from ckpt_agent.manifest import FILE_KIND, Manifest, natural_key
+from ckpt_agent.report import Reporter
+from ckpt_agent.resolve import committed_checkpoints, read_manifest
+from ckpt_agent.save import CheckpointId
+from ckpt_agent.scan import LocalFile
+from ckpt_agent.stores.base import Store
+from ckpt_agent.sync.formats import shape
 
 REWRITTEN = "rewritten after it was committed; a name is committed once (save each checkpoint under a new name)"
 

@@ -1,12 +1,12 @@
 """The sync loop: polls BT_CHECKPOINT_DIR, commits each checkpoint once it is ready, flushes at the end.
 
 Each top-level folder, and each top-level `*.ckpt`/`*.pt`/`*.pth`/`*.safetensors`/`*.bin` file,
-is one checkpoint, named after it (agent.sync.formats). agent.sync.readiness says when it may be
+is one checkpoint, named after it (ckpt_agent.sync.formats). ckpt_agent.sync.readiness says when it may be
 committed; every other top-level entry is reported once, with why it is left out, and counted in
 the summary. A file that changes during the upload makes commit_checkpoint refuse to write the
 manifest; the checkpoint waits to be quiet again and starts over.
 
-The loop never reads os.environ: SyncOptions come from agent.settings.
+The loop never reads os.environ: SyncOptions come from ckpt_agent.settings.
 """
 
 from __future__ import annotations
@@ -17,24 +17,24 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from agent.cancel import Cancel
-from agent.errors import AgentError, ConfigError, Interrupted, StoreError
-from agent.incremental import Transferred, describe
-from agent.manifest import natural_key
-from agent.ratelimit import limiter
-from agent.report import Reporter, human_bytes
-from agent.resolve import read_job
-from agent.retry import Backoff
-from agent.save import CheckpointChanged, CheckpointId, CommitRequest, commit_checkpoint
-from agent.scan import UnsafeEntry
-from agent.stores.base import Store
-from agent.sync import observe
-from agent.sync.formats import Candidate, classify
-from agent.sync.ledger import REWRITTEN, Ledger
-from agent.sync.options import SyncOptions
-from agent.sync.readiness import NotReady, Trainer, Why, is_quiet, readiness
-from agent.sync.retention import retain
-from agent.sync.watch import Seen, Watch
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.errors import AgentError, ConfigError, Interrupted, StoreError
+from ckpt_agent.incremental import Transferred, describe
+from ckpt_agent.manifest import natural_key
+from ckpt_agent.ratelimit import limiter
+from ckpt_agent.report import Reporter, human_bytes
+from ckpt_agent.resolve import read_job
+from ckpt_agent.retry import Backoff
+from ckpt_agent.save import CheckpointChanged, CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.scan import UnsafeEntry
+from ckpt_agent.stores.base import Store
+from ckpt_agent.sync import observe
+from ckpt_agent.sync.formats import Candidate, classify
+from ckpt_agent.sync.ledger import REWRITTEN, Ledger
+from ckpt_agent.sync.options import SyncOptions
+from ckpt_agent.sync.readiness import NotReady, Trainer, Why, is_quiet, readiness
+from ckpt_agent.sync.retention import retain
+from ckpt_agent.sync.watch import Seen, Watch
 
 # In a final flush a checkpoint whose upload (or the store's listing) keeps failing is given up after this many tries.
 FLUSH_ATTEMPTS = 3

@@ -1,7 +1,7 @@
-"""What the sidecar looks at on disk and in /proc, gathered as plain facts for agent.sync.readiness.
+"""What the sidecar looks at on disk and in /proc, gathered as plain facts for ckpt_agent.sync.readiness.
 
 Nothing here ever opens a file through a symlink or blocks on a FIFO: top-level entries are
-lstat-ed, and files are read only through agent.scan.open_regular.
+lstat-ed, and files are read only through ckpt_agent.scan.open_regular.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError
-from agent.scan import LocalFile, open_regular, scan_checkpoint
-from agent.sync.formats import DEEPSPEED_LATEST, TAIL_BYTES, TopEntry, file_structure
+from ckpt_agent.errors import ConfigError
+from ckpt_agent.scan import LocalFile, open_regular, scan_checkpoint
+from ckpt_agent.sync.formats import DEEPSPEED_LATEST, TAIL_BYTES, TopEntry, file_structure
 
 MARKER_LIMIT = 16 << 20  # a complete file bigger than this is not read (it is there; that is enough)
 
@@ -54,7 +54,7 @@ def _read(path: Path, limit: int) -> bytes | None:
 
 
 def markers(folder: Path, names: tuple[str, ...]) -> dict[str, bytes | None]:
-    """Each complete file's bytes (JSON ones are parsed by agent.sync.readiness), None where it is absent."""
+    """Each complete file's bytes (JSON ones are parsed by ckpt_agent.sync.readiness), None where it is absent."""
     return {name: _read(folder / name, MARKER_LIMIT) for name in names}
 
 
@@ -66,7 +66,7 @@ def deepspeed_latest(root: Path) -> str | None:
 
 
 def structure(f: LocalFile) -> str | None:
-    """agent.sync.formats.file_structure of a single-file checkpoint, read without following links."""
+    """ckpt_agent.sync.formats.file_structure of a single-file checkpoint, read without following links."""
     try:
         fd = open_regular(f)
     except OSError:
@@ -85,7 +85,7 @@ def structure(f: LocalFile) -> str | None:
 def snapshot(path: Path) -> tuple[tuple[LocalFile, ...], int] | None:
     """A checkpoint's files and the newest ctime of any file or folder in it; None if it vanished.
 
-    agent.scan.UnsafeEntry (a link out, a FIFO, ...) is raised for the caller to report."""
+    ckpt_agent.scan.UnsafeEntry (a link out, a FIFO, ...) is raised for the caller to report."""
     try:
         files = tuple(scan_checkpoint(path))
         st = os.lstat(path)

@@ -1,6 +1,6 @@
 """What the sidecar is told: the folder it watches, its timings, retention and completion rules.
 
-Parsed from flags and CKPT_AGENT_* variables by agent.settings (sync_options); the loop only
+Parsed from flags and CKPT_AGENT_* variables by ckpt_agent.settings (sync_options); the loop only
 reads these values.
 """
 

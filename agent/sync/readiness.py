@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.manifest import natural_key
-from agent.sync.formats import DCP_METADATA, HF_STATE, Format, shape
-from agent.sync.options import Rules
+from ckpt_agent.manifest import natural_key
+from ckpt_agent.sync.formats import DCP_METADATA, HF_STATE, Format, shape
+from ckpt_agent.sync.options import Rules
 
 
 class Trainer(Enum):

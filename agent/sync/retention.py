@@ -1,16 +1,16 @@
 """--keep-last: which of this rank's committed checkpoints go, and deleting them safely.
 
-What to keep is decided in latest order (agent.resolve.committed_checkpoints), the order a load
+What to keep is decided in latest order (ckpt_agent.resolve.committed_checkpoints), the order a load
 picks "latest" by, so the checkpoints deleted are never the ones a resume would choose.
 """
 
 from __future__ import annotations
 
-from agent import layout
-from agent.errors import AgentError
-from agent.report import Reporter
-from agent.resolve import committed_checkpoints
-from agent.stores.base import Store
+from ckpt_agent import layout
+from ckpt_agent.errors import AgentError
+from ckpt_agent.report import Reporter
+from ckpt_agent.resolve import committed_checkpoints
+from ckpt_agent.stores.base import Store
 
 
 def beyond_keep(newest_first: list[str], just_committed: str, keep_last: int) -> list[str]:

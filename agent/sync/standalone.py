@@ -9,11 +9,11 @@ from __future__ import annotations
 import signal
 import time
 
-from agent.cancel import Worker
-from agent.errors import StoreError
-from agent.report import Reporter
-from agent.sync.loop import Sidecar
-from agent.sync.readiness import Why
+from ckpt_agent.cancel import Worker
+from ckpt_agent.errors import StoreError
+from ckpt_agent.report import Reporter
+from ckpt_agent.sync.loop import Sidecar
+from ckpt_agent.sync.readiness import Why
 
 HARD_STOP_SECONDS = 5.0  # past the grace period: the upload in flight did not stop, exit anyway
 

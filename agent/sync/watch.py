@@ -1,5 +1,5 @@
 """What the sidecar sees of each checkpoint across polls: its files, since when they are unchanged,
-who holds them open, and the facts agent.sync.readiness decides on."""
+who holds them open, and the facts ckpt_agent.sync.readiness decides on."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.report import Reporter
-from agent.scan import LocalFile
-from agent.sync import observe
-from agent.sync.formats import DCP_METADATA, HF_STATE, Candidate, Format, folder_format
-from agent.sync.options import SyncOptions
-from agent.sync.readiness import Facts, NotReady, Why
+from ckpt_agent.report import Reporter
+from ckpt_agent.scan import LocalFile
+from ckpt_agent.sync import observe
+from ckpt_agent.sync.formats import DCP_METADATA, HF_STATE, Candidate, Format, folder_format
+from ckpt_agent.sync.options import SyncOptions
+from ckpt_agent.sync.readiness import Facts, NotReady, Why
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Watch:
     def look(self, name: str, path: Path) -> Seen | None:
         """The checkpoint as it is now (its quiet clock restarts on any change); None once it is gone.
 
-        agent.scan.UnsafeEntry: it holds a link out or a special file (the caller reports it)."""
+        ckpt_agent.scan.UnsafeEntry: it holds a link out or a special file (the caller reports it)."""
         snap = observe.snapshot(path)
         if snap is None:  # deleted (e.g. the trainer's own rotation)
             self.seen.pop(name, None)

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import layout
-from agent.cancel import Cancel
-from agent.manifest import Manifest
-from agent.save import CheckpointId, CommitRequest, commit_checkpoint
-from agent.stores.base import Store
-from agent.stores.s3boto import Boto3Store
 from bench.seaweed import SeaweedServer
+from ckpt_agent import layout
+from ckpt_agent.cancel import Cancel
+from ckpt_agent.manifest import Manifest
+from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.s3boto import Boto3Store
 from tests.support.faultproxy import FaultProxy
 from tests.support.specs import named, spec
 

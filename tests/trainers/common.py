@@ -41,7 +41,8 @@ def parse_args(description: str, *extra: tuple[str, str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="train until this step")
     parser.add_argument("--every", type=int, default=5, help="save every this many steps")
     parser.add_argument("--hold-at", type=int, default=-1, help="after this step, wait for SIGTERM")
-    parser.add_argument("--resume", help="a checkpoint to resume from; 'agent' for agent.latest_local_checkpoint()")
+    parser.add_argument("--resume",
+                        help="a checkpoint to resume from; 'agent' for ckpt_agent.latest_local_checkpoint()")
     parser.add_argument("--out", required=True, help="JSON file for the step and the final weights' digest")
     parser.add_argument("--exit-status", type=int, default=0, help="exit status after training")
     parser.add_argument("--crash-in-save", type=int, default=-1, help="the step whose save dies half-way")
@@ -56,11 +57,11 @@ def resume_from(args: argparse.Namespace) -> str | None:
     """The checkpoint to hand to the framework's resume call; with `agent`, the one ckpt-agent loaded."""
     if args.resume != "agent":
         return args.resume
-    import agent
+    import ckpt_agent
 
-    path = agent.latest_local_checkpoint()
+    path = ckpt_agent.latest_local_checkpoint()
     if path is None:
-        sys.exit("agent.latest_local_checkpoint() is None: nothing was loaded")
+        sys.exit("ckpt_agent.latest_local_checkpoint() is None: nothing was loaded")
     say(f"RESUMING {Path(path).name}")
     return path
 

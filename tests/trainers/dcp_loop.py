@@ -1,6 +1,6 @@
 """A hand-written loop that saves with `torch.distributed.checkpoint` (one `step-N/` folder per
 checkpoint, `.metadata` written last) and resumes with `dcp.load` from the folder
-agent.latest_local_checkpoint() returns. Single process, no process group (DCP allows that).
+ckpt_agent.latest_local_checkpoint() returns. Single process, no process group (DCP allows that).
 
 `--crash-in-save N` makes the save of step N die the way a killed trainer does: the shard files
 are written, the process exits with status 1 before `.metadata` (DCP's commit) is written.

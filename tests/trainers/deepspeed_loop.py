@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO stage 1 on the CPU (gloo, one process): `save_checkpoint` writes a
 `global_stepN/` tag folder and then the top-level `latest` file that names it; resume with
-`load_checkpoint` on what agent.latest_local_checkpoint() returns."""
+`load_checkpoint` on what ckpt_agent.latest_local_checkpoint() returns."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A hand-written loop that saves one file per checkpoint with `torch.save` (`ckpt-N.pt`) and
-resumes with `torch.load` of the path agent.latest_local_checkpoint() returns.
+resumes with `torch.load` of the path ckpt_agent.latest_local_checkpoint() returns.
 
 `--crash-in-save N` leaves the first half of step N's torch.save bytes in `ckpt-N.pt` and dies:
 torch.save writes in place, so that is what a trainer killed mid-save leaves.
