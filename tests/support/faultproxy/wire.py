@@ -158,16 +158,20 @@ def body_framing(head: Head) -> str | int:
     return "eof"
 
 
+def _exactly(reader: Reader, count: int, short: str) -> Iterator[bytes]:
+    """`count` bytes in pieces; ProtocolError(`short`) if the stream ends first."""
+    while count > 0:
+        data = reader.read_some(min(count, PIECE))
+        if not data:
+            raise ProtocolError(short)
+        count -= len(data)
+        yield data
+
+
 def iter_body(reader: Reader, framing: str | int, raw: bool) -> Iterator[bytes]:
     """Yield body bytes: raw framing bytes (raw=True) or decoded payload pieces (raw=False)."""
     if isinstance(framing, int):
-        remaining = framing
-        while remaining > 0:
-            data = reader.read_some(min(remaining, PIECE))
-            if not data:
-                raise ProtocolError("EOF inside a Content-Length body")
-            remaining -= len(data)
-            yield data
+        yield from _exactly(reader, framing, "EOF inside a Content-Length body")
     elif framing == "eof":
         while True:
             data = reader.read_some(PIECE)
@@ -195,13 +199,7 @@ def iter_body(reader: Reader, framing: str | int, raw: bool) -> Iterator[bytes]:
                     if line in (b"\r\n", b"\n"):
                         return
                 raise ProtocolError("too many chunk trailers")
-            remaining = size
-            while remaining > 0:
-                data = reader.read_some(min(remaining, PIECE))
-                if not data:
-                    raise ProtocolError("EOF inside a chunk")
-                remaining -= len(data)
-                yield data
+            yield from _exactly(reader, size, "EOF inside a chunk")
             crlf = reader.readline()
             if crlf not in (b"\r\n", b"\n"):
                 raise ProtocolError("missing CRLF after a chunk")
