@@ -54,7 +54,7 @@ Usage::
 
 Accounting: ``stats`` (overall), ``rule.seen / fired / body_bytes`` (per rule), and the
 ``exchanges`` log with ``body_bytes(method, path)`` / ``requests(method, path)`` helpers.
-``body_bytes`` counts payload bytes of upstream responses that were written to the client
+``body_bytes`` counts payload bytes of upstream responses written to the client
 socket (synthetic ``status`` bodies are not counted); ``sent_bytes(method, path)`` the request
 body bytes forwarded upstream (uploads).
 """

@@ -270,9 +270,14 @@ class FaultProxy(Ledger):
                 if stop_here:
                     piece = piece[: cut - sent]
                 if piece:
-                    conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-                    sent += len(piece)
+                    # counted first: the client may act on these bytes before send() returns here
                     self._count_bytes(record, matched, len(piece))
+                    try:
+                        conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    except BaseException:
+                        self._count_bytes(record, matched, -len(piece))
+                        raise
+                    sent += len(piece)
                 if stop_here:
                     return self._cut(conn, rule, record)
         except ProtocolError:
