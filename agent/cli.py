@@ -158,6 +158,9 @@ def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-mb", type=int, help="MiB per ranged GET (env CKPT_AGENT_CHUNK_MB)")
 
 
+Subparsers = argparse._SubParsersAction  # argparse's own name for what add_subparsers returns
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt-agent",
@@ -166,7 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ckpt-agent {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _run_parser(sub)
+    _load_parser(sub)
+    _save_parser(sub)
+    _sync_parser(sub)
+    _ls_parser(sub)
+    _verify_parser(sub)
 
+    for command in sub.choices.values():  # `--version` works after every command too
+        if "--version" not in command._option_string_actions:
+            command.add_argument("--version", action="version", version=f"ckpt-agent {__version__}")
+    return parser
+
+
+def _run_parser(sub: Subparsers) -> None:
     run = sub.add_parser("run", help="load checkpoints, then exec the training command (or supervise it and "
                                      "upload its checkpoints, with BT_CHECKPOINTING_ENABLED=1)",
                          epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command after `--`")
     run.set_defaults(func=_run)
 
+
+def _load_parser(sub: Subparsers) -> None:
     load = sub.add_parser("load", help="load checkpoints, then exit",
                           epilog=EPILOG_LOAD, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_transfer_flags(load)
@@ -188,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write PATH once every file is verified and in place (removed at start)")
     load.set_defaults(func=_load)
 
+
+def _save_parser(sub: Subparsers) -> None:
     save = sub.add_parser("save", help="upload a checkpoint folder and commit it",
                           epilog=EPILOG_SAVE, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_transfer_flags(save)
@@ -199,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_NUM_NODES, default 1)")
     save.set_defaults(func=_save)
 
+
+def _sync_parser(sub: Subparsers) -> None:
     sync = sub.add_parser("sync", help="upload checkpoints from BT_CHECKPOINT_DIR as training writes them",
                           epilog=EPILOG_SYNC, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_transfer_flags(sync)
@@ -208,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sync_flags(sync)
     sync.set_defaults(func=_sync)
 
+
+def _ls_parser(sub: Subparsers) -> None:
     ls = sub.add_parser("ls", help="list jobs, or one job's checkpoints, in the store",
                         epilog=EPILOG_LS, formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("--project", help="only this project's jobs")
@@ -215,17 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="JSON for machines instead of a table")
     ls.set_defaults(func=_ls)
 
+
+def _verify_parser(sub: Subparsers) -> None:
     verify = sub.add_parser("verify", help="re-check a download folder against the manifests it came from",
                             epilog=EPILOG_VERIFY, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("folder", nargs="?", metavar="DIR",
                         help="the download folder (default: the spec's download_folder, /tmp/loaded_checkpoints)")
     verify.add_argument("--json", action="store_true", help="JSON for machines instead of one line per file")
     verify.set_defaults(func=_verify)
-
-    for command in sub.choices.values():  # `--version` works after every command too
-        if "--version" not in command._option_string_actions:
-            command.add_argument("--version", action="version", version=f"ckpt-agent {__version__}")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

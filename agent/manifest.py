@@ -208,27 +208,13 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         raise IntegrityError(f"{where}: part_size must be positive")
     raw_files = _require(obj, "files", list, where)
     packs = _parse_packs(obj.get("packs", []), where)
-    files: list[FileEntry] = []
+    files = [_parse_file(raw, f"{where}: files[{i}]", part_size, packs, fmt == FORMAT)
+             for i, raw in enumerate(raw_files)]
     seen: set[str] = set()
-    for i, raw in enumerate(raw_files):
-        fw = f"{where}: files[{i}]"
-        if not isinstance(raw, dict):
-            raise IntegrityError(f"{fw} is not an object")
-        path = check_relative_path(raw.get("path"), fw)
-        size = _require(raw, "size", int, fw)
-        if size < 0:
-            raise IntegrityError(f"{fw}: negative size for {path!r}")
-        parts = _require(raw, "parts", list, fw)
-        if len(parts) != part_count(size, part_size) or not all(isinstance(p, str) for p in parts):
-            raise IntegrityError(f"{fw}: {len(parts)} checksums do not match size {size} of {path!r}")
-        if path in seen:
-            raise IntegrityError(f"{fw}: duplicate path {path!r}")
-        seen.add(path)
-        pack, offset = raw.get("pack"), raw.get("offset", 0)
-        if pack is not None and not _fits_pack(pack, offset, size, len(parts), packs):
-            raise IntegrityError(f"{fw}: pack {pack!r} offset {offset!r} does not fit a pack of the manifest")
-        strong = _strong_hashes(raw, len(parts), fw) if fmt == FORMAT else ()
-        files.append(FileEntry(path, size, tuple(parts), pack, offset if pack is not None else 0, strong))
+    for i, f in enumerate(files):
+        if f.path in seen:
+            raise IntegrityError(f"{where}: files[{i}]: duplicate path {f.path!r}")
+        seen.add(f.path)
     _check_collisions([f.path for f in files], where)
     kind = obj.get("kind", FOLDER_KIND)
     if kind not in (FOLDER_KIND, FILE_KIND):
@@ -251,6 +237,23 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         extra={k: v for k, v in obj.items() if k not in known},
         source=text.encode() if isinstance(text, str) else bytes(text),
     )
+
+
+def _parse_file(raw: object, fw: str, part_size: int, packs: dict[int, int], strong: bool) -> FileEntry:
+    if not isinstance(raw, dict):
+        raise IntegrityError(f"{fw} is not an object")
+    path = check_relative_path(raw.get("path"), fw)
+    size = _require(raw, "size", int, fw)
+    if size < 0:
+        raise IntegrityError(f"{fw}: negative size for {path!r}")
+    parts = _require(raw, "parts", list, fw)
+    if len(parts) != part_count(size, part_size) or not all(isinstance(p, str) for p in parts):
+        raise IntegrityError(f"{fw}: {len(parts)} checksums do not match size {size} of {path!r}")
+    pack, offset = raw.get("pack"), raw.get("offset", 0)
+    if pack is not None and not _fits_pack(pack, offset, size, len(parts), packs):
+        raise IntegrityError(f"{fw}: pack {pack!r} offset {offset!r} does not fit a pack of the manifest")
+    hashes = _strong_hashes(raw, len(parts), fw) if strong else ()
+    return FileEntry(path, size, tuple(parts), pack, offset if pack is not None else 0, hashes)
 
 
 def _strong_hashes(raw: dict, count: int, where: str) -> tuple[str, ...]:
