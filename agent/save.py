@@ -21,7 +21,14 @@ from pathlib import Path
 from ckpt_agent import layout
 from ckpt_agent.cancel import Cancel
 from ckpt_agent.dedup import Segment
-from ckpt_agent.errors import EXIT_LOCAL, AgentError, ConfigError, NotFoundError, StoreError, ThrottledError
+from ckpt_agent.errors import (
+    EXIT_LOCAL,
+    AgentError,
+    ConfigError,
+    NotFoundError,
+    StoreError,
+    ThrottledError,
+)
 from ckpt_agent.incremental import NewFile, Reuse, Transferred, plan_reuse
 from ckpt_agent.manifest import (
     DEFAULT_PART_SIZE,
@@ -88,16 +95,23 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limi
     left = [len(segments)]
     lock = threading.Lock()
 
+    def send(index: int, seg: Segment) -> None:
+        with os.fdopen(open_regular(f), "rb") as source:
+            body = limiter.paced(source)
+            _request(limiter, cancel, lambda: upload.put_part(index, body, seg.start, seg.length))
+
     def part(index: int) -> None:
         seg = segments[index]
         src_key = seg.source
         try:
             if src_key is None:
-                with os.fdopen(open_regular(f), "rb") as source:
-                    body = limiter.paced(source)
-                    _request(limiter, cancel, lambda: upload.put_part(index, body, seg.start, seg.length))
+                send(index, seg)
             else:
-                _request(limiter, cancel, lambda: upload.copy_part(index, src_key, seg.source_start, seg.length))
+                try:
+                    _request(limiter, cancel, lambda: upload.copy_part(index, src_key, seg.source_start, seg.length))
+                except (StoreError, NotFoundError):  # the store would not copy (SeaweedFS: InternalError): send
+                    src_key = None
+                    send(index, seg)
             with lock:
                 left[0] -= 1
                 last = left[0] == 0

@@ -17,6 +17,7 @@ import pytest
 from ckpt_agent import layout
 from ckpt_agent.cancel import Cancel
 from ckpt_agent.dedup import MIN_PART, Segment, index_parts, plan_segments
+from ckpt_agent.errors import TransientError
 from ckpt_agent.incremental import Transferred
 from ckpt_agent.manifest import DEFAULT_PART_SIZE, FileEntry, Manifest
 from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
@@ -219,6 +220,31 @@ def test_previous_objects_that_vanished_are_uploaded_instead_of_copied(target, t
     assert (moved.copied, moved.files_copied) == (0, [])
     assert target.read_object(layout.file_key(JOB, "checkpoint-2", 0, "model.bin")) == second
     assert target.read_object(layout.file_key(JOB, "checkpoint-2", 0, "same.bin")) == same
+
+
+def test_a_part_the_store_will_not_copy_is_sent_from_disk_instead(target, tmp_path, monkeypatch):
+    """SeaweedFS now and then answers UploadPartCopy with InternalError, past every retry: the same
+    bytes are on local disk, so they go up instead of failing the commit."""
+    first = _write(tmp_path / "checkpoint-1" / "model.bin", os.urandom(3 * PART))
+    previous, _ = _commit(target.store, tmp_path / "checkpoint-1")
+    second = _write(tmp_path / "checkpoint-2" / "model.bin", _changed(first, [0]))
+    start_upload, refused = target.store.start_upload, []
+
+    def refusing_copies(*args, **kwargs):
+        upload = start_upload(*args, **kwargs)
+
+        def copy_part(index: int, *_rest) -> None:
+            refused.append(index)
+            raise TransientError("copy part failed with InternalError")
+
+        upload.copy_part = copy_part
+        return upload
+
+    monkeypatch.setattr(target.store, "start_upload", refusing_copies)
+    _, moved = _commit(target.store, tmp_path / "checkpoint-2", previous)
+
+    assert refused and (moved.sent, moved.copied) == (len(second), 0)
+    assert target.read_object(layout.file_key(JOB, "checkpoint-2", 0, "model.bin")) == second
 
 
 def test_a_format_1_previous_manifest_copies_only_whole_files_matched_by_crc32c(target, tmp_path):
