@@ -31,19 +31,22 @@ def weed_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    """A port p such that p and p+10000 (weed's gRPC port) are both free on loopback."""
+def _free_port(taken: set[int]) -> int:
+    """A port p such that p and p+10000 (weed's gRPC port) are both free on loopback and neither is
+    one of the other services' ports or gRPC ports (`taken`, which this adds to): weed refuses to
+    start when one service's port is another's gRPC port."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port + 10000 > 65535:
+        if port + 10000 > 65535 or {port, port + 10000} & taken:
             continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
+        taken |= {port, port + 10000}
         return port
     raise RuntimeError("no free port pair on 127.0.0.1")
 
@@ -101,7 +104,8 @@ def start_seaweed(workdir: Path, bucket: str = BUCKET, timeout: float = 60) -> S
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     data.mkdir(exist_ok=True)
-    ports = {name: _free_port() for name in ("s3", "master", "volume", "filer", "admin")}
+    taken: set[int] = set()
+    ports = {name: _free_port(taken) for name in ("s3", "master", "volume", "filer", "admin")}
     args = [
         weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
