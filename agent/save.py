@@ -100,18 +100,22 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limi
             body = limiter.paced(source)
             _request(limiter, cancel, lambda: upload.put_part(index, body, seg.start, seg.length))
 
+    def copied(index: int, seg: Segment) -> bool:
+        """Whether the store copied the part; if it would not (SeaweedFS: InternalError), it was sent."""
+        if seg.source is not None:
+            src_key = seg.source
+            try:
+                _request(limiter, cancel, lambda: upload.copy_part(index, src_key, seg.source_start, seg.length))
+                return True
+            except (StoreError, NotFoundError):
+                pass
+        send(index, seg)
+        return False
+
     def part(index: int) -> None:
         seg = segments[index]
-        src_key = seg.source
         try:
-            if src_key is None:
-                send(index, seg)
-            else:
-                try:
-                    _request(limiter, cancel, lambda: upload.copy_part(index, src_key, seg.source_start, seg.length))
-                except (StoreError, NotFoundError):  # the store would not copy (SeaweedFS: InternalError): send
-                    src_key = None
-                    send(index, seg)
+            in_store = copied(index, seg)
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
@@ -120,8 +124,7 @@ def _upload_tasks(store: Store, key: str, f: LocalFile, progress: Progress, limi
         except BaseException:
             upload.abort()
             raise
-        copied = seg.length if src_key is not None else 0
-        moved.add(sent=seg.length - copied, copied=copied)
+        moved.add(sent=0 if in_store else seg.length, copied=seg.length if in_store else 0)
         progress(seg.length)
 
     for index in range(left[0]):
