@@ -102,7 +102,7 @@ def box(tmp_path: Path) -> Box:
 
 def latest_local(box: Box, rank: int) -> subprocess.CompletedProcess:
     """ckpt_agent.latest_local_checkpoint in a child, so a hang is a timeout, not a stuck suite."""
-    code = f"import agent; print(ckpt_agent.latest_local_checkpoint({rank}))"
+    code = f"import ckpt_agent; print(ckpt_agent.latest_local_checkpoint({rank}))"
     env = {**box.env(), "BT_LOAD_CHECKPOINT_DIR": str(box.dl)}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
 

@@ -320,10 +320,11 @@ def test_latest_local_checkpoint_takes_the_rank_from_bt_node_rank(env, job, tmp_
     assert package.latest_local_checkpoint(rank=0) is None
 
 
-def test_import_agent_stays_cheap():
-    code = "import sys, agent; print(sorted(m for m in sys.modules if m.startswith(('agent', 'boto', 'tqdm'))))"
+def test_import_ckpt_agent_stays_cheap():
+    code = ("import sys, ckpt_agent; "
+            "print(sorted(m for m in sys.modules if m.startswith(('ckpt_agent', 'agent', 'boto', 'tqdm'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
-    assert result.stdout.strip() == "['agent']", result.stderr
+    assert result.stdout.strip() == "['ckpt_agent']", result.stderr
 
 
 # --- --help and --version -----------------------------------------------------------------------
