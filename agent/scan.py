@@ -19,7 +19,6 @@ from ckpt_agent.cancel import Cancel
 from ckpt_agent.digests import read_part_digests
 from ckpt_agent.errors import ConfigError, NotFoundError
 from ckpt_agent.pool import run_tasks
-from ckpt_agent.sync.formats import kind_of
 
 # Files are checksummed in regions of this size, so one huge file keeps every core busy.
 CHECKSUM_REGION = 64 << 20
@@ -34,6 +33,15 @@ class LocalFile:
     ino: int = 0
     ctime_ns: int = 0
     dev: int = 0
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular entry is, for messages that name it."""
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return what
+    return "a special file"
 
 
 class UnsafeEntry(ConfigError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ckpt_agent.manifest import natural_key
+from ckpt_agent.scan import kind_of
 from ckpt_agent.sync.options import Rules
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors", ".bin")
@@ -80,14 +81,6 @@ class Skipped:
 
     def __str__(self) -> str:
         return self.skip.value.format(detail=self.detail)
-
-
-def kind_of(mode: int) -> str:
-    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device"), (stat.S_ISLNK, "a symlink")):
-        if test(mode):
-            return what
-    return "a special file"
 
 
 def classify(entries: list[TopEntry], root: str) -> tuple[list[Candidate], list[Skipped]]:
