@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 
 import crc32c
@@ -49,6 +50,24 @@ def read_checksums(fd: int, start: int, end: int, part_size: int, buf: memoryvie
     """The crc32c checksums of read_part_digests, for checks that need no strong hash."""
     digests = read_part_digests(fd, start, end, part_size, buf, strong=False)
     return None if digests is None else [crc for crc, _ in digests]
+
+
+def mapped_checksum(fd: int, start: int, end: int) -> str | None:
+    """crc32c of [start, end) of a file we just wrote, read through a mapping rather than copied out.
+
+    On 2 cores, a kernel copy then this check placed 2 GiB in 0.9-1.3 s; the same check by pread
+    took 1.4-1.5 s, and a copy through a buffer 1.8-1.9 s (`cp` 1.1 s). None if the file ends
+    before `end`. Only for our own files: a mapping of a file truncated while it is read faults
+    the process, and only a process that can already write our file can do that.
+    """
+    if os.fstat(fd).st_size < end:
+        return None
+    if start == end:
+        return format_checksum(0)
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base) as mapped, \
+            memoryview(mapped)[start - base:] as view:
+        return format_checksum(checksum(view))
 
 
 def file_checksums(path: str | os.PathLike, part_size: int, buffer_size: int = 1 << 20) -> tuple[str, ...]:

@@ -37,13 +37,13 @@ def write_all(fd: int, data: memoryview, offset: int | None = None) -> None:
             offset += n
 
 
-def copy_range(src: int, dst: int, offset: int, length: int) -> bool:
-    """The first `length` bytes of `src` to `offset` of `dst`, in the kernel where the file systems
-    allow it (a reflink on some); False if `src` is shorter."""
+def copy_range(src: int, dst: int, offset: int, length: int, src_offset: int = 0) -> bool:
+    """`length` bytes of `src` from `src_offset` to `offset` of `dst`, in the kernel where the file
+    systems allow it (a reflink on some); False if `src` is shorter."""
     done = 0
     try:
         while done < length:
-            n = os.copy_file_range(src, dst, length - done, done, offset + done)
+            n = os.copy_file_range(src, dst, length - done, src_offset + done, offset + done)
             if n == 0:
                 return False
             done += n
@@ -51,7 +51,7 @@ def copy_range(src: int, dst: int, offset: int, length: int) -> bool:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-    for chunk in read_span(src, done, length - done):
+    for chunk in read_span(src, src_offset + done, length - done):
         write_all(dst, chunk, offset + done)
         done += len(chunk)
     return done == length

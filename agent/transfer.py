@@ -97,7 +97,7 @@ class _Engine:
         """The parts no local source could supply, for the store."""
         if self.sources is None:
             return parts
-        return self.sources.fill(fd, task, parts, self.fetcher.buffer(), self._placed)
+        return self.sources.fill(fd, task, parts, self._placed)
 
     def units(self) -> Iterator[Callable[[], None]]:
         """Packed small files go as spans of their pack; large files as chunk-sized ranges."""

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +106,11 @@ class Loaded:
         return self.result.stats.bytes_from()
 
 
-def load(rig: Rig, dl: Path, reporter: type[Reporter] = Reporter, **env: str) -> Loaded:
+def load(rig: Rig, dl: Path, reporter: type[Reporter] = Reporter, workers: int = 4, **env: str) -> Loaded:
     before = rig.served() if rig.proxy else 0
     out = io.StringIO()
     settings = settings_from_env({**rig.env, "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, named(NAME, JOB)), **env},
-                                 workers=4)
+                                 workers=workers)
     result = load_checkpoints(settings, reporter(out), Cancel())
     served = rig.served() - before if rig.proxy else result.stats.bytes_fetched
     return Loaded(result, served, out.getvalue())
@@ -215,8 +217,8 @@ def test_a_local_source_changed_after_its_part_was_verified_is_not_reused(rig, m
     ino = source.stat().st_ino
     copy, rewritten = sources._copy_checked, []
 
-    def copy_then_rewrite(src: int, dst: int, task, part: int, buf: memoryview) -> bool:
-        ok = copy(src, dst, task, part, buf)
+    def copy_then_rewrite(src: int, dst: int, task, part: int) -> bool:
+        ok = copy(src, dst, task, part)
         if os.fstat(src).st_ino == ino and not rewritten:
             start, end = sources.part_bounds(task, part)
             with open(source, "r+b") as f:
@@ -231,6 +233,38 @@ def test_a_local_source_changed_after_its_part_was_verified_is_not_reused(rig, m
     assert loaded.served == len(files[BIG]) == loaded.bytes_from["store"]
     assert loaded.bytes_from["checkpoint_dir"] == sum(map(len, files.values())) - len(files[BIG])
     assert exact(rig.tmp / "dl", files)
+
+
+def test_local_copies_run_at_most_one_per_core_however_many_workers(rig, monkeypatch):
+    """Copies on one disk are bound by the CPU: more at once only queue on a file's lock."""
+    folder = rig.tmp / "trainer" / NAME
+    files = {f"shard-{i}.bin": os.urandom(2 * PART) for i in range(8)}  # 8 files: 8 units at once
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    commit(rig, folder, NAME)
+    monkeypatch.setattr(sources.os, "cpu_count", lambda: 2)
+    copy, lock, active, most = sources._copy_checked, threading.Lock(), [0], [0]
+    both = threading.Event()
+
+    def counted(src: int, dst: int, task, part: int) -> bool:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            if active[0] == 2:
+                both.set()
+        both.wait(5)  # two copies meet and linger, so only the gate keeps a third out
+        time.sleep(0.05)
+        try:
+            return copy(src, dst, task, part)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(sources, "_copy_checked", counted)
+    loaded = load(rig, rig.tmp / "dl", workers=8, BT_CHECKPOINT_DIR=str(folder.parent))
+    assert most[0] == 2
+    assert loaded.served == 0 and exact(rig.tmp / "dl", files)
 
 
 def test_a_symlink_or_fifo_planted_as_a_local_source_is_not_followed(rig):

@@ -14,7 +14,7 @@ import pytest
 
 from ckpt_agent import layout
 from ckpt_agent.cancel import Cancel
-from ckpt_agent.digests import read_part_digests
+from ckpt_agent.digests import mapped_checksum, read_part_digests
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest
 from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
@@ -59,6 +59,28 @@ def test_an_empty_file_is_one_part_with_the_hash_of_nothing():
 
 def test_a_file_shorter_than_the_range_gives_none():
     assert _digests_of(b"abc", 0, 10, PART, 4096) is None
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, 3 * PART + 123), (PART, 2 * PART), (4097, 3 * PART),
+                                            (123, 124), (3 * PART + 123, 3 * PART + 123)])
+def test_mapped_checksum_is_the_crc32c_of_the_range_at_any_offset(tmp_path, start, end):
+    """Part sizes come from a manifest, so a range need not start on a page."""
+    data = os.urandom(3 * PART + 123)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert mapped_checksum(fd, start, end) == f"{crc32c.crc32c(data[start:end]):08x}"
+    finally:
+        os.close(fd)
+
+
+def test_mapped_checksum_of_a_file_shorter_than_the_range_is_none(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert mapped_checksum(fd, 0, 10) is None
+    finally:
+        os.close(fd)
 
 
 def _checkpoint(folder: Path) -> dict[str, bytes]:
