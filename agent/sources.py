@@ -117,7 +117,7 @@ class LocalSources:
                 os.close(source.fd)
         return missing
 
-    def keep(self, fd: int, task: FileTask, first: int, last: int, buf: memoryview) -> None:
+    def keep(self, fd: int, task: FileTask, first: int, last: int) -> None:
         """Parts [first, last) of `fd`, just verified from the store, into the cache for the next load."""
         if not self._can_put or not task.entry.strong:
             return
@@ -126,7 +126,7 @@ class LocalSources:
             start, end = part_bounds(task, part)
             try:
                 with self._gate:
-                    self._cache.put_span(task.entry.strong[part], fd, start, end - start, buf)
+                    self._cache.put_span(task.entry.strong[part], fd, start, end - start)
             except (OSError, AgentError) as exc:
                 self._cache_failed("cannot add parts to it", exc, reading=False)
                 return

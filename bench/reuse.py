@@ -4,6 +4,8 @@ restart            the checkpoint is still in BT_CHECKPOINT_DIR: `ckpt-agent loa
 warm-cache         a second load with CKPT_AGENT_CACHE_DIR filled by a first (untimed) one
 incremental-upload `ckpt-agent save` of checkpoint N+1 (N saved first) vs `s5cmd cp` of N+1
 exclude-optimizer  `ckpt-agent load` with CKPT_AGENT_EXCLUDE=optimizer.pt vs `s5cmd cp --exclude`
+cache-fill         the price of the cache being on by default: a cold load with BT_PROJECT_CACHE_DIR
+                   set (every part also goes into an empty cache) vs the same load without it
 
 Every S3 contender here talks to the store through the relay; the row's store bytes are what
 crossed it in the direction that matters (received for loads, sent for uploads). Loads also get
@@ -25,7 +27,7 @@ from bench.harness import PREFIX, PROJECT, Harness
 from bench.machine import find_tool
 from bench.timing import check_exit, run_timed
 
-REUSE_WORKLOADS = ("restart", "warm-cache", "incremental-upload", "exclude-optimizer")
+REUSE_WORKLOADS = ("restart", "warm-cache", "incremental-upload", "exclude-optimizer", "cache-fill")
 EXCLUDED = "optimizer.pt"
 NEXT = "incremental-next"  # checkpoint N+1's folder and expected contents, derived from N
 
@@ -40,6 +42,8 @@ def lineup(h: Harness, workload: str, dest: Path) -> tuple[list[c.Contender], in
         return _incremental(h), h.datasets["incremental"].total_bytes
     if workload == "exclude-optimizer":
         return _exclude(h, dest), sum(size for size, _ in included(h).values())
+    if workload == "cache-fill":
+        return _cache_fill(h, dest), h.datasets["big"].total_bytes
     raise BenchError(f"unknown workload {workload}")
 
 
@@ -102,6 +106,24 @@ def _warm_cache(h: Harness, dest: Path) -> list[c.Contender]:
     remove(dest / "fill")
     folder = dest / "ckpt-agent"
     return [c.cold(_counted_load(h, "big", folder, extra, "warm-cache ckpt-agent load"), folder)]
+
+
+def _cache_fill(h: Harness, dest: Path) -> list[c.Contender]:
+    """Both rows fetch every byte from the store; the first also hashes and writes each part into
+    an emptied project cache (CKPT_AGENT_CACHE_DIR's default)."""
+    project_cache = h.work / "cache" / "cache-fill"
+    extra = {"BT_PROJECT_CACHE_DIR": str(project_cache)}
+    cached = c.cold(c.ckpt_load(h, "big", dest / "cached"), dest / "cached")
+
+    def prepare(_r: int) -> None:
+        remove(dest / "cached")
+        remove(project_cache)
+        project_cache.mkdir(parents=True)
+
+    cached = dataclasses.replace(cached, env={**cached.env, **extra}, shown_env={**extra, **cached.shown_env},
+                                 prepare=prepare)
+    plain = dataclasses.replace(c.ckpt_load(h, "big", dest / "plain"), name="ckpt-agent, no cache")
+    return [cached, c.cold(plain, dest / "plain")]
 
 
 def _incremental(h: Harness) -> list[c.Contender]:

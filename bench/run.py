@@ -30,7 +30,7 @@ from bench.harness import Harness  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
 from bench.relay import Relay  # noqa: E402
 from bench.report import render  # noqa: E402
-from bench.rounds import run_workload  # noqa: E402
+from bench.rounds import Pacing, run_workload  # noqa: E402
 from bench.seaweed import start_seaweed  # noqa: E402
 from bench.workloads import (  # noqa: E402
     ALL_WORKLOADS,
@@ -60,11 +60,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="parent folder for the temporary data (default: the system temp "
                         "folder; it must be on the disk you want to measure)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed rounds of every contender before the timed ones (default 1; "
+                        "0 with --quick; see bench/README.md)")
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="seconds to wait after the sync before each run, so every contender "
+                        "meets memory in the same settled state (default 0; see bench/README.md)")
     args = parser.parse_args(argv)
     if args.runs is None:
         args.runs = 1 if args.quick else 5
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
     return args
 
 
@@ -85,7 +93,7 @@ def benchmark(args: argparse.Namespace, work: Path, result: dict) -> None:
         result["fill"] = h.fill
         result["rows"] = []
         for workload in args.workloads:
-            result["rows"] += run_workload(h, workload, args.runs)
+            result["rows"] += run_workload(h, workload, args.runs, Pacing(args.warmup, args.settle))
         result["goals"] = judge(result["rows"])
     result["machine"]["loadavg_at_end"] = os.getloadavg()
 
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=parent)).resolve()
     result: dict = {"machine": machine_info(work), "config": {
         "quick": args.quick, "runs": args.runs, "workloads": args.workloads,
-        "verify": args.verify, "workdir": str(work)}}
+        "verify": args.verify, "warmup": args.warmup, "settle_s": args.settle, "workdir": str(work)}}
     status = 0
     try:
         benchmark(args, work, result)

@@ -19,9 +19,9 @@ WARM = ("warm-big", "warm-small")
 # Which generated data set each workload uses, and whether it must be in the store first.
 DATASET_OF = {"big": "big", "sharded": "sharded", "small": "small", "warm-big": "big",
               "warm-small": "small", "upload": "sharded", "restart": "big", "warm-cache": "big",
-              "incremental-upload": "incremental", "exclude-optimizer": "trainer"}
+              "incremental-upload": "incremental", "exclude-optimizer": "trainer", "cache-fill": "big"}
 NEEDS_FILL = {"big", "sharded", "small", "warm-big", "warm-small", "restart", "warm-cache",
-              "incremental-upload", "exclude-optimizer"}  # incremental-upload: checkpoint N
+              "incremental-upload", "exclude-optimizer", "cache-fill"}  # incremental-upload: checkpoint N
 WARM_COPIES = len(c.ENGINES) + 1  # each ckpt-agent engine and s5cmd keep a warm copy
 
 
@@ -58,8 +58,7 @@ def needed_disk(datasets: dict[str, Dataset], workloads: list[str]) -> int:
     total += 2 * largest  # one cold destination or one upload, plus slack
     total += WARM_COPIES * sum(datasets[DATASET_OF[w]].total_bytes
                                for w in workloads if w in WARM)
-    if "warm-cache" in workloads:
-        total += datasets["big"].total_bytes  # the part cache
+    total += sum(datasets["big"].total_bytes for w in ("warm-cache", "cache-fill") if w in workloads)  # caches
     if "incremental-upload" in workloads:
         total += datasets["incremental"].total_bytes  # checkpoint N+1 next to N
     return total

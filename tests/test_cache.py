@@ -80,6 +80,22 @@ def test_a_span_of_an_open_file_is_stored_as_that_spans_bytes(cache, tmp_path):
     assert read_back(cache, sha(data[100 * KIB:]), 200 * KIB, tmp_path) == data[100 * KIB:]
 
 
+def test_a_span_stored_under_a_key_it_does_not_hash_to_is_discarded_at_its_first_get(cache, tmp_path):
+    """put_span trusts the load's manifest for the key; a store that lied costs one refetch."""
+    src = tmp_path / "src.bin"
+    data = part(2, 300 * KIB)
+    src.write_bytes(data)
+    claimed = sha(b"what the manifest said")
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        assert cache.put_span(claimed, fd, 0, len(data))
+    finally:
+        os.close(fd)
+    assert read_back(cache, claimed, len(data), tmp_path) is None
+    assert cache.stats.discarded == 1
+    assert entries(tmp_path / "cache") == {}
+
+
 def test_bytes_that_do_not_hash_to_the_key_are_not_stored_and_leave_no_temporary_file(cache, tmp_path):
     assert not cache.put(sha(b"other bytes"), b"these bytes")
     assert entries(tmp_path / "cache") == {}
