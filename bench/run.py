@@ -1,6 +1,7 @@
 """Benchmark: ckpt-agent (both S3 engines) against s5cmd and a hand-written boto3 script.
 
-    python bench/run.py [--quick] [--runs N] [--workloads big,sharded,...] [--out results.json]
+    python bench/run.py [--quick] [--runs N] [--warmup N] [--settle S] [--workloads big,sharded,...]
+                        [--out results.json]
 
 Starts SeaweedFS (127.0.0.1 only) in a temporary folder, fills it with `ckpt-agent save`, then
 times whole processes (wall time and the contender's own peak RSS), alternating the contenders
