@@ -40,6 +40,7 @@ EXPECTED = {
     "warm-cache": {"ckpt-agent"},
     "incremental-upload": {"ckpt-agent save", "s5cmd cp"},
     "exclude-optimizer": {"ckpt-agent", "s5cmd cp --exclude"},
+    "cache-fill": {"ckpt-agent", "ckpt-agent, no cache"},
 }
 ENGINE_VAR = "CKPT_AGENT_S3_ENGINE="
 PART = 8 << 20
@@ -49,8 +50,8 @@ QUICK_BYTES = {"big": PART, "sharded": 4 * (2 << 20), "small": 50 * (4 << 10),
 QUICK_FILES = {"big": 1, "sharded": 4, "small": 50, "incremental": 1, "included": 3}
 DATASET = {"big": "big", "sharded": "sharded", "small": "small", "warm-big": "big",
            "warm-small": "small", "upload": "sharded", "restart": "big", "warm-cache": "big",
-           "incremental-upload": "incremental", "exclude-optimizer": "included"}
-REUSE = ("restart", "warm-cache", "incremental-upload", "exclude-optimizer")
+           "incremental-upload": "incremental", "exclude-optimizer": "included", "cache-fill": "big"}
+REUSE = ("restart", "warm-cache", "incremental-upload", "exclude-optimizer")  # counted through the relay
 
 
 @pytest.mark.seaweed
