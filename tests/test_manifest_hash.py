@@ -3,6 +3,7 @@ equal to hashlib's over exactly that part's bytes; format-1 manifests (no strong
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from ckpt_agent import layout
+from ckpt_agent import digests, layout
 from ckpt_agent.cancel import Cancel
 from ckpt_agent.digests import mapped_checksum, read_part_digests
 from ckpt_agent.errors import IntegrityError
@@ -70,6 +71,20 @@ def test_mapped_checksum_is_the_crc32c_of_the_range_at_any_offset(tmp_path, star
     fd = os.open(tmp_path / "f", os.O_RDONLY)
     try:
         assert mapped_checksum(fd, start, end) == f"{crc32c.crc32c(data[start:end]):08x}"
+    finally:
+        os.close(fd)
+
+
+def test_mapped_checksum_reads_a_file_system_that_cannot_map_files(tmp_path, monkeypatch):
+    def refuse(*_a, **_k):
+        raise OSError(errno.ENODEV, "no mmap here")
+
+    data = os.urandom(2 * PART + 5)
+    (tmp_path / "f").write_bytes(data)
+    monkeypatch.setattr(digests.mmap, "mmap", refuse)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert mapped_checksum(fd, PART, 2 * PART + 5) == f"{crc32c.crc32c(data[PART:]):08x}"
     finally:
         os.close(fd)
 
