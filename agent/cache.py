@@ -7,8 +7,8 @@ is deleted and reported as a miss: a damaged disk costs a refetch, never a corru
 That check on the way out is the guarantee, so the way in is cheap: a part a load has just
 verified against its manifest is copied in by the kernel under the manifest's sha256, neither
 hashed again nor fsynced (an entry torn by a crash, or put by a store that lied, fails its first
-re-hash). With both, filling the cache tripled a cold 2 GiB load (9.0-11.5 s against 3.5-4.2 s
-without it, `bench/run.py --workloads cache-fill`).
+re-hash). With the hash and the fsync, filling the cache tripled a cold 2 GiB load (9.0-11.5 s
+against 3.5-4.2 s without it, `bench/run.py --workloads cache-fill`).
 
 Entries are written to a unique temporary file and renamed into place, so agents sharing the
 cache never see half an entry; eviction runs under an flock, and a reader racing it either
@@ -27,13 +27,13 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_agent.errors import LocalError
-from ckpt_agent.fileio import BUFFER, copy_range, read_span, write_all
+from ckpt_agent.fileio import copy_range, read_span
 
 ENTRIES = "sha256"  # the folder of entries; a later algorithm gets its own
 LOCK = ".lock"  # flock'ed for eviction; its first 8 bytes count the bytes cached
@@ -98,23 +98,32 @@ class PartCache:
             os.close(src)
         return self._count(hit=True)
 
-    def put(self, digest: str, data: bytes | bytearray | memoryview) -> bool:
-        """Store `data` as the part with this sha256; False if it does not hash to it or exceeds the cap."""
-        view = memoryview(data).cast("B")
-
-        def write_hashed(out: int) -> bool:
-            sha = hashlib.sha256()
-            for i in range(0, len(view), BUFFER):
-                sha.update(view[i:i + BUFFER])
-                write_all(out, view[i:i + BUFFER])
-            return sha.hexdigest() == digest
-
-        return self._put(digest, len(view), write_hashed)
-
     def put_span(self, digest: str, fd: int, offset: int, length: int) -> bool:
         """[offset, offset + length) of an open file, already verified against the manifest that
-        names it `digest`: copied in the kernel and trusted to the re-hash of every hit."""
-        return self._put(digest, length, lambda out: copy_range(fd, out, 0, length, src_offset=offset))
+        names it `digest`: copied in the kernel and trusted to the re-hash of every hit. False if
+        it is not stored (larger than the cap, or the file ends first)."""
+        name = _entry_name(digest)
+        if length > self.max_bytes:
+            return False
+        if self._touch(name, length):
+            return True
+        tmp = f"{TMP_PREFIX}{digest[:16]}-{os.getpid()}-{secrets.token_hex(8)}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=self._dir)
+        placed = False
+        try:
+            if copy_range(fd, out, 0, length, src_offset=offset):
+                os.rename(tmp, name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+                placed = True
+        finally:
+            os.close(out)
+            if not placed:
+                _unlink(self._dir, tmp)
+        if placed:
+            with self._mutex:
+                self.stats.stored += 1
+            self._account(length)
+        return placed
 
     def evict(self) -> int:
         """Remove least-recently-used entries until the cache fits its cap; the bytes freed."""
@@ -133,31 +142,6 @@ class PartCache:
                 _unlink(self._dir, name)
             os.pwrite(lock, (total - freed).to_bytes(8, "little"), 0)
         return freed
-
-    def _put(self, digest: str, length: int, fill: Callable[[int], bool]) -> bool:
-        """`fill` writes the entry's bytes to the fd it is given; False if they must not be kept."""
-        name = _entry_name(digest)
-        if length > self.max_bytes:
-            return False
-        if self._touch(name, length):
-            return True
-        tmp = f"{TMP_PREFIX}{digest[:16]}-{os.getpid()}-{secrets.token_hex(8)}"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                      dir_fd=self._dir)
-        placed = False
-        try:
-            if fill(out) and os.fstat(out).st_size == length:
-                os.rename(tmp, name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
-                placed = True
-        finally:
-            os.close(out)
-            if not placed:
-                _unlink(self._dir, tmp)
-        if placed:
-            with self._mutex:
-                self.stats.stored += 1
-            self._account(length)
-        return placed
 
     def _touch(self, name: str, length: int) -> bool:
         """An entry of the right size is already there (another agent put it): mark it used."""

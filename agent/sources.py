@@ -12,17 +12,16 @@ where the file system has them), then checked where it landed against the manife
 check every byte from the store gets: what is placed is what was checked, whatever the source does
 meanwhile. A file at the manifest's own path needs no more than crc32c (it catches corruption and
 a stale version); the cache picks bytes by their content, so its hits are also re-hashed with
-sha256 (ckpt_agent.cache). The source's
-(dev, inode, size, mtime_ns, ctime_ns) must be the same after each part as when it was opened, so
-a file rewritten under us is dropped even where a part of it happens to match. Copies, never
-hardlinks: the trainer writes its folder again, another rank's agent replaces its files, and
-safefs refuses a hardlinked file in the download folder anyway.
+sha256 (ckpt_agent.cache). The source's (dev, inode, size, mtime_ns, ctime_ns) must be the same
+after each part as when it was opened, so a file rewritten under us is dropped even where a part
+of it happens to match. Copies, never hardlinks: the trainer writes its folder again, another
+rank's agent replaces its files, and safefs refuses a hardlinked file in the download folder anyway.
 
-Local copies are bound by the CPU, not the network, so at most as many as there are cores run at
-once, however many workers the load has: 16 threads writing one file
-spend their time spinning on its inode lock. On 2 cores, 16 threads copying one 2 GiB file
-through buffers took 1.1-2.8 s where 2 took 0.6 s; a kernel copy is cheaper still when memory is
-cold (ckpt_agent.digests.mapped_checksum has the numbers).
+Local copies are bound by the CPU, not the network, so at most one per core runs at once, however
+many workers the load has: sixteen threads writing one file spent a fifth of their time spinning
+on its inode lock. On 2 cores, 16 threads copying one 2 GiB file through buffers took 1.1-2.8 s
+where 2 took 0.6 s; a kernel copy is cheaper still when memory is cold (the numbers are at
+ckpt_agent.digests.mapped_checksum).
 """
 
 from __future__ import annotations

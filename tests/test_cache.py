@@ -37,6 +37,16 @@ def cache(tmp_path):
         yield c
 
 
+def put(c: PartCache, digest: str, data: bytes) -> bool:
+    """What a load does with a part it has just verified: put_span of it, here from memory."""
+    fd = os.memfd_create("part")
+    try:
+        os.write(fd, data)
+        return c.put_span(digest, fd, 0, len(data))
+    finally:
+        os.close(fd)
+
+
 def read_back(c: PartCache, digest: str, length: int, tmp_path: Path, offset: int = 0) -> bytes | None:
     """get_into a file prefilled with a sentinel; the bytes placed, or None on a miss (sentinel intact)."""
     dest = tmp_path / "dest.bin"
@@ -58,7 +68,7 @@ def read_back(c: PartCache, digest: str, length: int, tmp_path: Path, offset: in
 
 def test_a_stored_part_comes_back_byte_exact_at_the_asked_offset(cache, tmp_path):
     data = part(1, 3 * 1024 * KIB + 5)  # several copy chunks, not a round size
-    assert cache.put(sha(data), data)
+    assert put(cache, sha(data), data)
     assert read_back(cache, sha(data), len(data), tmp_path, offset=4096) == data
     assert (cache.stats.hits, cache.stats.misses) == (1, 0)
 
@@ -96,15 +106,20 @@ def test_a_span_stored_under_a_key_it_does_not_hash_to_is_discarded_at_its_first
     assert entries(tmp_path / "cache") == {}
 
 
-def test_bytes_that_do_not_hash_to_the_key_are_not_stored_and_leave_no_temporary_file(cache, tmp_path):
-    assert not cache.put(sha(b"other bytes"), b"these bytes")
-    assert entries(tmp_path / "cache") == {}
+def test_a_span_the_file_cannot_fill_is_not_stored_and_leaves_no_temporary_file(cache, tmp_path):
+    fd = os.memfd_create("short")
+    try:
+        os.write(fd, b"three")
+        assert not cache.put_span(sha(b"three and more"), fd, 0, 14)
+    finally:
+        os.close(fd)
+    assert entries(tmp_path / "cache") == {}  # no entry, no temporary file
 
 
 def test_a_key_that_is_not_a_lower_case_sha256_is_refused(cache):
     for bad in ("ab" * 31, "AB" * 32, "../" + "a" * 61, "g" * 64):
         with pytest.raises(ValueError):
-            cache.put(bad, b"x")
+            put(cache, bad, b"x")
 
 
 # --- corruption ---------------------------------------------------------------------------------
@@ -114,7 +129,7 @@ def test_a_key_that_is_not_a_lower_case_sha256_is_refused(cache):
 def test_a_corrupt_entry_is_detected_removed_and_reported_as_a_miss(cache, tmp_path, damage):
     data = part(3)
     digest = sha(data)
-    assert cache.put(digest, data)
+    assert put(cache, digest, data)
     path = tmp_path / "cache" / ENTRIES / digest
     bad = {"flip a byte": data[:999] + bytes([data[999] ^ 1]) + data[1000:], "truncate": data[:-1],
            "grow": data + b"\0", "empty": b""}[damage]
@@ -122,7 +137,7 @@ def test_a_corrupt_entry_is_detected_removed_and_reported_as_a_miss(cache, tmp_p
     assert read_back(cache, digest, len(data), tmp_path) is None
     assert not path.exists()
     assert (cache.stats.discarded, cache.stats.hits) == (1, 0)
-    assert cache.put(digest, data)  # refetched bytes take its place
+    assert put(cache, digest, data)  # refetched bytes take its place
     assert read_back(cache, digest, len(data), tmp_path) == data
 
 
@@ -152,7 +167,7 @@ def test_a_put_replaces_a_planted_link_without_writing_through_it(cache, tmp_pat
     victim.write_bytes(b"keep me")
     planted = tmp_path / "cache" / ENTRIES / sha(data)
     planted.symlink_to(victim)
-    assert cache.put(sha(data), data)
+    assert put(cache, sha(data), data)
     assert victim.read_bytes() == b"keep me"
     assert not planted.is_symlink() and planted.read_bytes() == data
 
@@ -184,10 +199,10 @@ def test_eviction_removes_the_least_recently_used_first_and_a_hit_counts_as_use(
     a, b, c, d = (part(i, 100 * KIB) for i in range(4))
     with PartCache(root, 300 * KIB) as cache:
         for age, data in zip((30, 20, 10), (a, b, c), strict=True):
-            assert cache.put(sha(data), data)
+            assert put(cache, sha(data), data)
             _age(root, sha(data), age)  # a oldest, then b, then c: no clock resolution in the way
         assert read_back(cache, sha(a), len(a), tmp_path) == a  # now a is the most recently used
-        assert cache.put(sha(d), d)
+        assert put(cache, sha(d), d)
         assert set(entries(root)) == {sha(a), sha(c), sha(d)}
         assert cache.stats.evicted == 1
 
@@ -199,21 +214,21 @@ def test_the_cache_stays_under_its_cap_after_every_put(tmp_path):
     with PartCache(root, cap) as cache:
         for i in range(40):
             data = part(100 + i, rng.randrange(1, 200 * KIB))
-            assert cache.put(sha(data), data)
+            assert put(cache, sha(data), data)
             assert sum(entries(root).values()) <= cap
         assert cache.stats.evicted > 0
 
 
 def test_a_part_larger_than_the_cap_is_not_stored(tmp_path):
     with PartCache(tmp_path / "cache", 10 * KIB) as cache:
-        assert not cache.put(sha(part(8, 11 * KIB)), part(8, 11 * KIB))
+        assert not put(cache, sha(part(8, 11 * KIB)), part(8, 11 * KIB))
     assert entries(tmp_path / "cache") == {}
 
 
 def test_a_reader_after_another_agent_evicted_everything_sees_a_clean_miss(tmp_path):
     data = part(9)
     with PartCache(tmp_path / "cache", 1 << 20) as mine, PartCache(tmp_path / "cache", 1) as other:
-        assert mine.put(sha(data), data)
+        assert put(mine, sha(data), data)
         assert other.evict() == len(data)
         assert read_back(mine, sha(data), len(data), tmp_path) is None
         assert mine.stats.discarded == 0
@@ -249,7 +264,7 @@ def _agent(root: str, cap: int, who: int, start: multiprocessing.synchronize.Bar
                     data = part(seed, PART_SIZE)
                     if not cache.get_into(sha(data), fd, i * PART_SIZE, PART_SIZE):
                         os.pwrite(fd, data, i * PART_SIZE)
-                        cache.put(sha(data), data)
+                        put(cache, sha(data), data)
         finally:
             os.close(fd)
 
