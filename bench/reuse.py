@@ -109,8 +109,8 @@ def _warm_cache(h: Harness, dest: Path) -> list[c.Contender]:
 
 
 def _cache_fill(h: Harness, dest: Path) -> list[c.Contender]:
-    """Both rows fetch every byte from the store; the first also hashes and writes each part into
-    an emptied project cache (CKPT_AGENT_CACHE_DIR's default)."""
+    """Both rows fetch every byte from the store; the first also writes each part into an emptied
+    project cache (CKPT_AGENT_CACHE_DIR's default)."""
     project_cache = h.work / "cache" / "cache-fill"
     extra = {"BT_PROJECT_CACHE_DIR": str(project_cache)}
     cached = c.cold(c.ckpt_load(h, "big", dest / "cached"), dest / "cached")
