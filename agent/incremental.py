@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from ckpt_agent import layout
 from ckpt_agent.dedup import PartIndex, Segment, index_parts, plan_segments, same_file
 from ckpt_agent.errors import AgentError
-from ckpt_agent.manifest import Manifest
+from ckpt_agent.manifest import FileEntry, Manifest
 from ckpt_agent.report import human_bytes
 from ckpt_agent.resolve import committed_checkpoints
 from ckpt_agent.stores.base import Store
@@ -45,14 +45,6 @@ class Transferred:
 
 
 @dataclass(frozen=True)
-class NewFile:
-    path: str
-    size: int
-    parts: tuple[str, ...]
-    strong: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Reuse:
     """Per path: the store key of a previous object to copy whole, or the segments of an
     incremental upload (sources as store keys). Paths in neither are uploaded as usual."""
@@ -77,7 +69,7 @@ def _object_size(store: Store, key: str) -> int | None:
         return getattr(reader, "object_size", None)
 
 
-def plan_reuse(store: Store, previous: Manifest, files: Sequence[NewFile], part_size: int) -> Reuse:
+def plan_reuse(store: Store, previous: Manifest, files: Sequence[FileEntry], part_size: int) -> Reuse:
     """Whole-file copies (up to MAX_STORE_COPY) and incremental uploads, from sources that are
     still in the store at their committed size."""
     def key(path: str) -> str:
@@ -99,7 +91,7 @@ def plan_reuse(store: Store, previous: Manifest, files: Sequence[NewFile], part_
                          for path, plan in plans.items()})
 
 
-def _plans(files: Sequence[NewFile], part_size: int, index: PartIndex) -> dict[str, list[Segment]]:
+def _plans(files: Sequence[FileEntry], part_size: int, index: PartIndex) -> dict[str, list[Segment]]:
     found = {f.path: plan_segments(f.path, f.size, part_size, f.strong, index, UPLOAD_SEGMENT) for f in files}
     return {path: plan for path, plan in found.items() if plan is not None}
 

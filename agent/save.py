@@ -29,7 +29,7 @@ from ckpt_agent.errors import (
     StoreError,
     ThrottledError,
 )
-from ckpt_agent.incremental import NewFile, Reuse, Transferred, plan_reuse
+from ckpt_agent.incremental import Reuse, Transferred, plan_reuse
 from ckpt_agent.manifest import (
     DEFAULT_PART_SIZE,
     FILE_KIND,
@@ -195,11 +195,12 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
     single = stat.S_ISREG(os.lstat(folder).st_mode)
     ensure_job(store, ident)
     sums, strong = checksums(files, request.part_size, request.workers, cancel)
+    packs = assign_packs([(f.rel, f.path, f.size) for f in files])
+    pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
+    entries = tuple(_file_entry(f, sums[f.rel], strong[f.rel], pack_of.get(f.rel)) for f in files)
     reuse = Reuse({}, {})
     if request.previous is not None and _copies_server_side(store):
-        reuse = plan_reuse(store, request.previous,
-                           [NewFile(f.rel, f.size, sums[f.rel], strong[f.rel]) for f in files], request.part_size)
-    packs = assign_packs([(f.rel, f.path, f.size) for f in files])
+        reuse = plan_reuse(store, request.previous, entries, request.part_size)
     sender = _Sender(store, ident, progress, cancel, Transferred() if moved is None else moved, limiter)
     try:
         run_tasks(sender.tasks(files, packs, reuse), request.workers, cancel)
@@ -207,11 +208,10 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
         _unchanged_since(files, request, "while uploading")
         raise
     _unchanged_since(files, request, "while uploading")
-    pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
     manifest = Manifest(
         project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,
         rank=ident.rank, committed_at=utc_now(), part_size=request.part_size,
-        files=tuple(_file_entry(f, sums[f.rel], strong[f.rel], pack_of.get(f.rel)) for f in files),
+        files=entries,
         packs=tuple(PackEntry(p.id, p.size) for p in packs),
         kind=FILE_KIND if single else FOLDER_KIND,
     )
