@@ -1,4 +1,4 @@
-"""The one atomic write (ckpt_agent.safefs.AtomicFile), used by the download folder and the local store:
+"""The one atomic write (ckpt_agent.disk.safefs.AtomicFile), used by the download folder and the local store:
 readers see the old file or the whole new one, a link at the name is replaced and never written
 through, and no temporary file is left behind whatever fails."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_agent.disk.safefs import AtomicFile, write_atomic
 from ckpt_agent.errors import StoreError
-from ckpt_agent.safefs import AtomicFile, write_atomic
 from ckpt_agent.stores.local import LocalStore
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
+from ckpt_agent.stores import layout
 from tests.support.faultproxy import FaultProxy
 from tests.support.helpers import (
     JOB,

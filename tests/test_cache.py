@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent.cache import ENTRIES, LOCK, STALE_TMP_NS, TMP_PREFIX, PartCache
+from ckpt_agent.config.settings import CACHE_DIR_NAME, DEFAULT_CACHE_MAX_BYTES, CacheSettings, cache_settings_from_env
+from ckpt_agent.disk.cache import ENTRIES, LOCK, STALE_TMP_NS, TMP_PREFIX, PartCache
 from ckpt_agent.errors import ConfigError, LocalError
-from ckpt_agent.settings import CACHE_DIR_NAME, DEFAULT_CACHE_MAX_BYTES, CacheSettings, cache_settings_from_env
 
 KIB = 1024
 

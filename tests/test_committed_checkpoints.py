@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckpt_agent import layout
-from ckpt_agent.load import store_order
-from ckpt_agent.manifest import FileEntry, Manifest
-from ckpt_agent.resolve import Resolved, committed_checkpoints
-from ckpt_agent.spec import NamedRef
+from ckpt_agent.config.spec import NamedRef
+from ckpt_agent.load.pipeline import store_order
+from ckpt_agent.load.resolve import Resolved, committed_checkpoints
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.stores.manifest import FileEntry, Manifest
 
 
 def manifest(store: LocalStore, name: str, committed_at: str, rank: int = 0) -> Manifest:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_agent.disk.localstate import folder_lock, prepare_root
 from ckpt_agent.errors import IntegrityError, Interrupted
-from ckpt_agent.localstate import folder_lock, prepare_root
 
 DEADLINE = 30
 

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
-from ckpt_agent.manifest import FILE_KIND
+from ckpt_agent.config.sidecar import Rules, SyncOptions
 from ckpt_agent.report import Reporter
-from ckpt_agent.save import CheckpointId
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.stores.manifest import FILE_KIND
 from ckpt_agent.sync.formats import Format, Skip, TopEntry, classify, file_structure, folder_format
 from ckpt_agent.sync.loop import Sidecar
-from ckpt_agent.sync.options import Rules, SyncOptions
 from ckpt_agent.sync.readiness import Facts, NotReady, Trainer, Why, readiness
+from ckpt_agent.upload.commit import CheckpointId
 
 REG, DIR, LNK, FIFO = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFLNK | 0o777, stat.S_IFIFO | 0o644
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
-from ckpt_agent.cancel import Cancel
-from ckpt_agent.digests import checksum, format_checksum
+from ckpt_agent.disk.digests import checksum, format_checksum
+from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX
 from ckpt_agent.errors import IntegrityError
-from ckpt_agent.localstate import INCOMPLETE_SUFFIX
-from ckpt_agent.manifest import FileEntry, JobRecord, parse_manifest
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.stores import layout
+from ckpt_agent.stores.manifest import FileEntry, JobRecord, parse_manifest
 from tests.support.helpers import AGENT, clean_env
 from tests.support.specs import named, spec
 
@@ -206,9 +206,9 @@ class HookedStore:
 
 
 def load_with_hook(box: Box, monkeypatch: pytest.MonkeyPatch, hook) -> None:
-    from ckpt_agent import load
+    from ckpt_agent.config.settings import settings_from_env
+    from ckpt_agent.load import pipeline as load
     from ckpt_agent.report import Reporter
-    from ckpt_agent.settings import settings_from_env
 
     real = load.open_store
     monkeypatch.setattr(load, "open_store", lambda s: HookedStore(real(s), hook))
@@ -264,7 +264,7 @@ def test_folder_moved_away_while_downloading_fails_the_load_before_it_is_recorde
 # ---- item 5: the ready file --------------------------------------------------------------------
 
 def test_ready_file_temporary_name_cannot_be_planted_and_a_link_at_it_is_replaced(box):
-    from ckpt_agent.load import write_ready_file
+    from ckpt_agent.load.pipeline import write_ready_file
 
     ready = box.tmp / "shared" / "ready"
     ready.parent.mkdir()

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import cli, layout
-from ckpt_agent import settings as settings_module
+from ckpt_agent import cli
+from ckpt_agent.config import names
+from ckpt_agent.config import settings as settings_module
+from ckpt_agent.config.settings import settings_from_env
+from ckpt_agent.config.spec import LatestRef
 from ckpt_agent.errors import ConfigError, IntegrityError, StoreError
-from ckpt_agent.resolve import resolve
-from ckpt_agent.save import CheckpointId, ensure_job
-from ckpt_agent.settings import settings_from_env
-from ckpt_agent.spec import LatestRef
-from ckpt_agent.stores import base, open_store
+from ckpt_agent.load.resolve import resolve
+from ckpt_agent.stores import base, layout, open_store
 from ckpt_agent.stores.base import Listing, Store
 from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.upload.commit import CheckpointId, ensure_job
 from tests.support.helpers import (
     JOB,
     NAME,
@@ -177,7 +178,7 @@ def test_planted_checkpoint_name_is_ignored_with_an_escaped_warning_and_never_wi
     store.planted[layout.manifest_key("j1", bad, 0)] = planted_manifest(legit, bad)
     result = resolve(store, (LatestRef(job_id="j1"),), 0, None)
     assert [r.manifest.checkpoint_name for r in result.checkpoints] == ["checkpoint-1"]
-    assert [w for w in result.warnings if layout.quote_name(bad) in w], result.warnings
+    assert [w for w in result.warnings if names.quote_name(bad) in w], result.warnings
     assert all("\n" not in w and w.isascii() for w in result.warnings)
 
 
@@ -189,7 +190,7 @@ def test_planted_job_in_a_project_index_is_ignored_and_never_wins_latest(bad, tm
         {"job_id": bad, "created_at": "2999-01-01T00:00:00Z"}).encode()
     result = resolve(store, (LatestRef(project_name="proj"),), 0, None)
     assert [r.manifest.job_id for r in result.checkpoints] == ["j1"]
-    assert [w for w in result.warnings if layout.quote_name(bad) in w], result.warnings
+    assert [w for w in result.warnings if names.quote_name(bad) in w], result.warnings
 
 
 @pytest.mark.seaweed
@@ -208,7 +209,7 @@ def test_planted_names_in_s3_neither_load_nor_spoof_a_log_line(engine, s3_env, s
     assert_exact(dl, files)
     assert sorted(p.name for p in (dl / "rank-0").iterdir()) == [NAME]
     assert not any(line.startswith("ckpt-agent: error: spoofed") for line in result.stderr.splitlines())
-    assert layout.quote_name(BAD_NAMES["newline"]) in result.stderr
+    assert names.quote_name(BAD_NAMES["newline"]) in result.stderr
     listing = run_agent(["ls", "--job-id", JOB, "--json"], env)
     assert listing.returncode == 0, listing.stderr
     assert [c["name"] for c in json.loads(listing.stdout)["checkpoints"]] == [NAME]
@@ -225,7 +226,7 @@ USER_NAMES = {
 def test_user_given_name_that_could_not_be_a_store_name_is_refused_with_exit_2(field, bad, tmp_path):
     ref = {"typ": "baseten_named_checkpoint", "checkpoint_name": "c1", "job_id": "j1", field: bad}
     result = run_agent(["load"], local_env(tmp_path / "store", tmp_path / "dl", ref))
-    assert_one_line_failure(result, 2, f"checkpoints[0].{field}: {layout.quote_name(bad)}")
+    assert_one_line_failure(result, 2, f"checkpoints[0].{field}: {names.quote_name(bad)}")
     assert not (tmp_path / "dl").exists()
 
 
@@ -247,7 +248,7 @@ def test_sync_never_commits_a_checkpoint_folder_whose_name_is_not_a_store_name(t
     env = local_env(tmp_path / "store", tmp_path / "dl", BT_TRAINING_JOB_ID="j1",
                     BT_CHECKPOINT_DIR=str(tmp_path / "ckpts"), CKPT_AGENT_QUIET_SECONDS="0")
     result = run_agent(["sync", "--once"], env, timeout=60)
-    assert_one_line_failure(result, 2, layout.quote_name(str(watched)), "rename it")
+    assert_one_line_failure(result, 2, names.quote_name(str(watched)), "rename it")
     assert not list((tmp_path / "store").rglob("*.manifest.json"))
 
 
@@ -432,7 +433,7 @@ def test_unexpected_exception_is_one_line_exit_1_without_its_text(monkeypatch, c
     def explode(*_args, **_kw):
         raise RuntimeError(f"credential helper said {SECRET}")
 
-    monkeypatch.setattr("ckpt_agent.listing.list_jobs", explode)
+    monkeypatch.setattr("ckpt_agent.load.listing.list_jobs", explode)
     code = cli.main(["ls"], {"BT_CHECKPOINT_STORE": str(tmp_path / "store")})
     err = capsys.readouterr().err
     assert code == 1

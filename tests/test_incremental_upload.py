@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
-from ckpt_agent.cancel import Cancel
-from ckpt_agent.dedup import MIN_PART, Segment, index_parts, plan_segments
 from ckpt_agent.errors import TransientError
-from ckpt_agent.incremental import Transferred
-from ckpt_agent.manifest import DEFAULT_PART_SIZE, FileEntry, Manifest
-from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.stores.manifest import DEFAULT_PART_SIZE, FileEntry, Manifest
 from ckpt_agent.stores.s3native import NativeS3Store
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.upload.dedup import MIN_PART, Segment, index_parts, plan_segments
+from ckpt_agent.upload.incremental import Transferred
 from tests.support.faultproxy import LOOPBACK, FaultProxy
 from tests.support.helpers import AGENT, clean_env
 from tests.support.specs import latest, spec
@@ -190,7 +190,7 @@ def test_checkpoint_n_plus_1_with_5_percent_of_its_parts_changed_sends_under_10_
 
 def test_a_part_whose_crc32c_matches_but_sha256_differs_is_uploaded_not_copied(target, tmp_path, monkeypatch):
     """Every crc32c forced to collide: only sha256 can tell the changed part (and the file) apart."""
-    import ckpt_agent.scan as scan
+    import ckpt_agent.upload.scan as scan
 
     real = scan.read_part_digests
     monkeypatch.setattr(scan, "read_part_digests",
@@ -279,9 +279,9 @@ def test_a_renamed_file_is_assembled_from_the_parts_of_the_old_one(tmp_path):
 def test_the_sidecar_copies_unchanged_parts_and_its_commit_event_counts_bytes_sent_and_copied(tmp_path):
     import io
 
+    from ckpt_agent.config.sidecar import SyncOptions
     from ckpt_agent.report import JsonReporter
     from ckpt_agent.sync.loop import Sidecar
-    from ckpt_agent.sync.options import SyncOptions
 
     store, ckpts = LocalStore(str(tmp_path / "store")), tmp_path / "ckpts"
     first = _write(ckpts / "checkpoint-10" / "model.safetensors", os.urandom(4 * PART))

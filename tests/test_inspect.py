@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
-from ckpt_agent.listing import CheckpointListing, CheckpointRow, JobRow, render
+from ckpt_agent.load.listing import CheckpointListing, CheckpointRow, JobRow, render
+from ckpt_agent.stores import layout
 from tests.support.helpers import clean_env, run_agent, save
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
+from ckpt_agent.stores import layout
 from tests.support.helpers import StoreUnderTest, clean_env, run_agent, same_tree, save
 from tests.support.specs import latest, named, spec
 

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout, sources
-from ckpt_agent.cache import ENTRIES, PartCache
-from ckpt_agent.cancel import Cancel
-from ckpt_agent.load import LoadResult, load_checkpoints
+from ckpt_agent.config.settings import settings_from_env
+from ckpt_agent.disk.cache import ENTRIES, PartCache
+from ckpt_agent.load import sources
+from ckpt_agent.load.pipeline import LoadResult, load_checkpoints
 from ckpt_agent.report import JsonReporter, Reporter
-from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
-from ckpt_agent.settings import settings_from_env
-from ckpt_agent.stores import open_store
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.stores import layout, open_store
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from tests.support.faultproxy import LOOPBACK, FaultProxy
 from tests.support.helpers import AGENT
 from tests.support.specs import named, spec

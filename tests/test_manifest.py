@@ -8,9 +8,9 @@ import random
 import crc32c
 import pytest
 
-from ckpt_agent.digests import file_checksums, format_checksum
+from ckpt_agent.disk.digests import file_checksums, format_checksum
 from ckpt_agent.errors import IntegrityError
-from ckpt_agent.manifest import (
+from ckpt_agent.stores.manifest import (
     ALGORITHM,
     FORMAT_V1,
     FileEntry,
@@ -348,7 +348,7 @@ def test_format_checksum_is_eight_lowercase_hex_digits():
 
 
 def test_a_single_file_manifest_round_trips_and_a_bad_kind_is_refused():
-    from ckpt_agent.manifest import FILE_KIND, FileEntry, Manifest
+    from ckpt_agent.stores.manifest import FILE_KIND, FileEntry, Manifest
 
     m = Manifest("p", "j", "ckpt-5.pt", 0, "2026-01-01T00:00:00.000000Z", 8, (FileEntry("ckpt-5.pt", 3, ("00",)),),
                  kind=FILE_KIND)

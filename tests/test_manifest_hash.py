@@ -13,13 +13,14 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from ckpt_agent import digests, layout
-from ckpt_agent.cancel import Cancel
-from ckpt_agent.digests import mapped_checksum, read_part_digests
+from ckpt_agent.disk import digests
+from ckpt_agent.disk.digests import mapped_checksum, read_part_digests
 from ckpt_agent.errors import IntegrityError
-from ckpt_agent.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest
-from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.stores.manifest import FORMAT, FORMAT_V1, FileEntry, Manifest, parse_manifest
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from tests.support.helpers import AGENT
 from tests.support.specs import named, spec
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from ckpt_agent import layout
 from ckpt_agent.cli import build_parser
-from ckpt_agent.localstate import VerifiedIndex
+from ckpt_agent.disk.localstate import VerifiedIndex
 from ckpt_agent.report import JsonReporter, Reporter, _LineSink, make_reporter
+from ckpt_agent.stores import layout
 from tests.support.helpers import clean_env, run_agent, save
 from tests.support.specs import latest, named, spec
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent.packing import PackReader, assign_packs
+from ckpt_agent.upload.packing import PackReader, assign_packs
 
 
 def make_files(tmp_path: Path, sizes: list[int]) -> list[tuple[str, Path, int]]:

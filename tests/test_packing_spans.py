@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent.manifest import FileEntry
-from ckpt_agent.packing import PackReader, assign_packs
-from ckpt_agent.plan import FileTask
-from ckpt_agent.transfer import _spans
+from ckpt_agent.load.plan import FileTask
+from ckpt_agent.load.transfer import _spans
+from ckpt_agent.stores.manifest import FileEntry
+from ckpt_agent.upload.packing import PackReader, assign_packs
 
 
 def files(tmp_path: Path, sizes: list[int]) -> list[tuple[str, Path, int]]:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
+from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
+from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import IntegrityError
-from ckpt_agent.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
-from ckpt_agent.manifest import FileEntry, Manifest, PackEntry
-from ckpt_agent.plan import make_plan
-from ckpt_agent.safefs import Folder
+from ckpt_agent.load.plan import make_plan
+from ckpt_agent.stores import layout
+from ckpt_agent.stores.manifest import FileEntry, Manifest, PackEntry
 
 PART = 1 << 20
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from ckpt_agent.cancel import Cancel
 from ckpt_agent.errors import Interrupted
-from ckpt_agent.pool import run_tasks
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.runtime.pool import run_tasks
 
 
 def test_every_task_runs_with_exactly_the_given_number_at_once():

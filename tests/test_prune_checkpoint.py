@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_agent.disk.localstate import prune_checkpoint
+from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import IntegrityError
-from ckpt_agent.localstate import prune_checkpoint
-from ckpt_agent.safefs import Folder
 
 CKPT = "rank-0/checkpoint-1"
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 import ckpt_agent.commands.save as save_command
-import ckpt_agent.load
+import ckpt_agent.load.pipeline
 import ckpt_agent.sync.loop
 from bench.seaweed import SeaweedServer
-from ckpt_agent import layout
 from ckpt_agent.cli import main
 from ckpt_agent.errors import ThrottledError
-from ckpt_agent.ratelimit import BURST_SECONDS, Aimd, ConcurrencyGate, Limiter, TokenBucket, limiter
-from ckpt_agent.retry import Backoff
+from ckpt_agent.runtime.ratelimit import BURST_SECONDS, Aimd, ConcurrencyGate, Limiter, TokenBucket, limiter
+from ckpt_agent.runtime.retry import Backoff
+from ckpt_agent.stores import layout
 from tests.support.faultproxy import FaultProxy
 from tests.support.helpers import (
     JOB,
@@ -92,7 +92,7 @@ def fake_clock_buckets(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
         assert built.bucket is not None  # CKPT_AGENT_MAX_RATE arrived
         return dataclasses.replace(built, bucket=TokenBucket(max_rate, clock.sleep, clock=clock))
 
-    for module in (ckpt_agent.load, save_command, ckpt_agent.sync.loop):
+    for module in (ckpt_agent.load.pipeline, save_command, ckpt_agent.sync.loop):
         monkeypatch.setattr(module, "limiter", on_fake_time)
     return clock
 
@@ -169,7 +169,7 @@ def gates(monkeypatch: pytest.MonkeyPatch) -> list[Limiter]:
         built.append(limiter(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(ckpt_agent.load, "limiter", recording)
+    monkeypatch.setattr(ckpt_agent.load.pipeline, "limiter", recording)
     monkeypatch.setattr(save_command, "limiter", recording)
     return built
 

@@ -10,10 +10,10 @@ import threading
 import pytest
 
 from bench.seaweed import SeaweedServer
-from ckpt_agent.cancel import Cancel
 from ckpt_agent.errors import Interrupted, StoreError, ThrottledError, TransientError
-from ckpt_agent.ratelimit import Aimd, ConcurrencyGate, TokenBucket, paced
-from ckpt_agent.retry import Backoff, retry
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.runtime.ratelimit import Aimd, ConcurrencyGate, TokenBucket, paced
+from ckpt_agent.runtime.retry import Backoff, retry
 from ckpt_agent.stores.s3common import store_error
 from ckpt_agent.stores.s3native import NativeS3Store
 from tests.support.faultproxy import LOOPBACK, FaultProxy

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
+from ckpt_agent.config.spec import LatestRef, NamedRef
 from ckpt_agent.errors import ConfigError, IntegrityError, NotFoundError
-from ckpt_agent.manifest import FileEntry, JobRecord, Manifest
-from ckpt_agent.resolve import list_checkpoints, project_jobs, read_job, resolve
-from ckpt_agent.save import CheckpointId, ensure_job
-from ckpt_agent.spec import LatestRef, NamedRef
+from ckpt_agent.load.resolve import list_checkpoints, project_jobs, read_job, resolve
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.stores.manifest import FileEntry, JobRecord, Manifest
+from ckpt_agent.upload.commit import CheckpointId, ensure_job
 from tests.support.helpers import commit_files
 
 PART = 8

@@ -1,7 +1,7 @@
 import pytest
 
 from ckpt_agent.errors import IntegrityError, TransientError
-from ckpt_agent.retry import Backoff, retry
+from ckpt_agent.runtime.retry import Backoff, retry
 
 
 def failing(times: int, calls: list[int]):

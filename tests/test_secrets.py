@@ -28,7 +28,7 @@ import boto3
 import pytest
 
 from bench.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer  # the shared server's one identity
-from ckpt_agent import layout
+from ckpt_agent.stores import layout
 from tests.support.faultproxy import LOOPBACK
 from tests.support.helpers import (
     AGENT,

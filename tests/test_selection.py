@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ckpt_agent.config.selection import Selection
+from ckpt_agent.config.settings import limits_from_env
 from ckpt_agent.errors import ConfigError
-from ckpt_agent.selection import Selection
-from ckpt_agent.settings import limits_from_env
 
 PATHS = [
     "optimizer.pt",

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
+from ckpt_agent.config.selection import Selection
+from ckpt_agent.config.settings import selection_from_env
+from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import EXIT_CONFIG, ConfigError, IntegrityError
-from ckpt_agent.loadrecord import read_load_record, recorded_selection
-from ckpt_agent.manifest import FileEntry, Manifest
-from ckpt_agent.plan import check_selection
-from ckpt_agent.safefs import Folder
-from ckpt_agent.selection import Selection
-from ckpt_agent.settings import selection_from_env
+from ckpt_agent.load.plan import check_selection
+from ckpt_agent.load.record import read_load_record, recorded_selection
+from ckpt_agent.stores import layout
+from ckpt_agent.stores.manifest import FileEntry, Manifest
 from tests.support.faultproxy import LOOPBACK, FaultProxy
 from tests.support.helpers import AGENT
 from tests.support.specs import latest, spec

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
+from ckpt_agent.config.settings import settings_from_env, sync_options
+from ckpt_agent.config.sidecar import SyncOptions
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.report import Reporter
-from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
-from ckpt_agent.settings import settings_from_env, sync_options
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
 from ckpt_agent.sync.loop import Sidecar
 from ckpt_agent.sync.observe import open_for_writing
-from ckpt_agent.sync.options import SyncOptions
 from ckpt_agent.sync.readiness import NotReady, Why
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from tests.support.helpers import (
     AGENT,
     StoreUnderTest,
@@ -300,8 +300,8 @@ def test_a_file_changed_during_upload_is_not_committed_in_that_state(tmp_path):
 
 
 def test_commit_checkpoint_refuses_to_write_the_manifest_when_a_file_changes_during_upload(tmp_path):
-    from ckpt_agent.cancel import Cancel
-    from ckpt_agent.save import CheckpointChanged
+    from ckpt_agent.runtime.cancel import Cancel
+    from ckpt_agent.upload.commit import CheckpointChanged
 
     store = RecordingStore(tmp_path / "store")
     make_checkpoint(tmp_path / "checkpoint-10", 10)
@@ -456,7 +456,7 @@ def test_checkpointing_settings_and_sync_flags_are_validated():
 def test_a_single_file_checkpoint_loads_as_that_file_and_latest_local_checkpoint_returns_it(store, tmp_path):
     import zipfile
 
-    from ckpt_agent.loadrecord import latest_local_checkpoint
+    from ckpt_agent.load.record import latest_local_checkpoint
 
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
@@ -473,7 +473,7 @@ def test_a_single_file_checkpoint_loads_as_that_file_and_latest_local_checkpoint
 
 
 def test_a_folder_checkpoint_still_resumes_from_the_folder(local_store, tmp_path):
-    from ckpt_agent.loadrecord import latest_local_checkpoint
+    from ckpt_agent.load.record import latest_local_checkpoint
 
     ckpts = tmp_path / "ckpts"
     make_checkpoint(ckpts / "checkpoint-10", 10)

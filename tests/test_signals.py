@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent.launch import runs_through_shell
+from ckpt_agent.trainer.launch import runs_through_shell
 from tests.support.helpers import AGENT, TRAINER, clean_env, committed, start, sync_env, wait_for
 
 SLOW_SAVE = ("--checkpoints", "2", "--every", "60", "--chunks", "20", "--chunk-sleep", "0.075")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ckpt_agent.config.settings import max_rate_from_env
+from ckpt_agent.config.sizes import parse_size
 from ckpt_agent.errors import ConfigError
-from ckpt_agent.settings import max_rate_from_env
-from ckpt_agent.sizes import parse_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [

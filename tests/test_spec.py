@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent.errors import ConfigError
-from ckpt_agent.settings import DEFAULT_CHUNK_MB, DEFAULT_STORE, default_workers, settings_from_env
-from ckpt_agent.spec import (
+from ckpt_agent.config.settings import DEFAULT_CHUNK_MB, DEFAULT_STORE, default_workers, settings_from_env
+from ckpt_agent.config.spec import (
     DEFAULT_DOWNLOAD_FOLDER,
     LatestRef,
     LoadSpec,
@@ -20,6 +19,7 @@ from ckpt_agent.spec import (
     parse_start_commands,
     parse_store_location,
 )
+from ckpt_agent.errors import ConfigError
 
 EXAMPLES_NAME = "truss-load-checkpoint-config-examples.json"
 LOCAL_COPY = Path(__file__).parent / "data" / "truss_load_checkpoint_config_examples.json"

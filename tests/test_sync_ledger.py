@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ckpt_agent import layout
-from ckpt_agent.manifest import FileEntry, Manifest
+from ckpt_agent.config.sidecar import SyncOptions
 from ckpt_agent.report import Reporter
-from ckpt_agent.save import CheckpointId
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.stores.manifest import FileEntry, Manifest
 from ckpt_agent.sync.loop import Sidecar
-from ckpt_agent.sync.options import SyncOptions
+from ckpt_agent.upload.commit import CheckpointId
 
 
 def hf_checkpoint(root: Path, name: str) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ckpt_agent.config.sidecar import Rules
 from ckpt_agent.sync.formats import Format
-from ckpt_agent.sync.options import Rules
 from ckpt_agent.sync.readiness import Facts, NotReady, Trainer, Why, is_quiet, readiness
 
 QUIET = 5.0

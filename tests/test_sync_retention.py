@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ckpt_agent import layout
-from ckpt_agent.manifest import FileEntry, Manifest
 from ckpt_agent.report import Reporter
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
+from ckpt_agent.stores.manifest import FileEntry, Manifest
 from ckpt_agent.sync.retention import beyond_keep, retain
 
 

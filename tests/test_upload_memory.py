@@ -21,8 +21,8 @@ GROWTH_LIMIT = 128 * MIB  # several 64 MiB parts in memory at once would exceed 
 CHILD = r"""
 import json, sys
 from pathlib import Path
-from ckpt_agent.cancel import Cancel
-from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from ckpt_agent.stores.s3boto import Boto3Store
 from ckpt_agent.stores.s3native import NativeS3Store
 import os

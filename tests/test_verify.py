@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent import layout
+from ckpt_agent.stores import layout
 from tests.support.helpers import clean_env, run_agent, save
 from tests.support.specs import named, spec
 

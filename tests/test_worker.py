@@ -1,4 +1,4 @@
-"""ckpt_agent.cancel.Worker: the one daemon thread whose result (or exception) the caller waits for."""
+"""ckpt_agent.runtime.cancel.Worker: the one daemon thread whose result (or exception) the caller waits for."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from ckpt_agent.cancel import Cancel, Worker
 from ckpt_agent.errors import Interrupted
+from ckpt_agent.runtime.cancel import Cancel, Worker
 
 
 def test_the_result_is_what_the_function_returned_even_none():

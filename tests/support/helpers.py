@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.seaweed import SeaweedServer
-from ckpt_agent import layout
-from ckpt_agent.cancel import Cancel
-from ckpt_agent.manifest import Manifest
-from ckpt_agent.save import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.manifest import Manifest
 from ckpt_agent.stores.s3boto import Boto3Store
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from tests.support.faultproxy import FaultProxy
 from tests.support.specs import named, spec
 

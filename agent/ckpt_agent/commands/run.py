@@ -1,0 +1,82 @@
+"""`ckpt-agent run`: load, then hand the process to the trainer, or supervise it and upload its checkpoints."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ckpt_agent.commands.context import Context
+from ckpt_agent.commands.sync import SyncFlags, open_sidecar
+from ckpt_agent.config.selection import EVERY_FILE, Selection
+from ckpt_agent.errors import ConfigError
+from ckpt_agent.trainer.launch import exec_training, runs_through_shell, training_argv
+
+if TYPE_CHECKING:
+    from ckpt_agent.sync.loop import Sidecar
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    command: tuple[str, ...] = ()  # empty: BT_START_COMMANDS
+    dry_run: bool = False
+    sync: SyncFlags = SyncFlags()  # only with BT_CHECKPOINTING_ENABLED=1
+    selection: Selection = EVERY_FILE  # which files of each checkpoint the load fetches
+
+
+def run(ctx: Context, options: RunOptions) -> int:
+    settings = ctx.settings
+    argv = training_argv(options.command, settings.start_commands)
+    if argv is None:
+        raise ConfigError("no training command: give one after `--` or set BT_START_COMMANDS")
+    given = options.sync.given()
+    if given and not settings.checkpointing_enabled:
+        raise ConfigError(f"{given[0]}: a checkpoint upload option, but checkpointing is off; "
+                          "set BT_CHECKPOINTING_ENABLED=1 (or run `ckpt-agent sync` beside the trainer)")
+    if options.dry_run:
+        return _dry_run(ctx, argv, options.selection)
+    # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
+    sidecar = open_sidecar(ctx, options.sync) if settings.checkpointing_enabled else None
+    child_env = dict(ctx.env)
+    if settings.spec.enabled:
+        from ckpt_agent.commands.load import load_now
+
+        load_now(ctx, options.selection)
+        child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
+    if sidecar is not None:
+        return _supervise(argv, child_env, sidecar, ctx)
+    if runs_through_shell(argv, child_env):
+        return _run_as_child(argv, child_env, ctx)
+    exec_training(argv, child_env)
+
+
+def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
+    if ctx.settings.spec.enabled:
+        from ckpt_agent.commands.load import print_plan
+
+        print_plan(ctx, selection)
+    else:
+        print("checkpoint loading is disabled: nothing to load")
+    print(f"would exec: {shlex.join(argv)}", flush=True)
+    return 0
+
+
+def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Context) -> int:
+    from ckpt_agent.trainer.supervise import supervise
+
+    env.setdefault("BT_CHECKPOINT_DIR", str(sidecar.options.checkpoint_dir))
+    try:
+        return supervise(argv, env, sidecar, ctx.reporter)
+    finally:
+        sidecar.store.close()
+
+
+def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context) -> int:
+    """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
+    from ckpt_agent.config.settings import sync_options
+    from ckpt_agent.trainer.procgroup import TrainerGroup
+
+    grace = sync_options(ctx.env, ctx.settings.checkpoint_dir).grace_seconds
+    with TrainerGroup(argv, env, grace, ctx.reporter) as group:
+        return group.exit_code(group.wait())

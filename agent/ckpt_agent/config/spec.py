@@ -1,0 +1,185 @@
+"""Turns the environment's JSON and URLs into frozen dataclasses, refusing anything unexpected.
+
+The shapes are exactly what `truss_train.LoadCheckpointConfig.model_dump_json()` writes; an
+unknown key is an error rather than silently ignored, because a typo there would otherwise
+mean training from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+from urllib.parse import unquote, urlparse
+
+from ckpt_agent.config import names
+from ckpt_agent.errors import ConfigError
+
+DEFAULT_DOWNLOAD_FOLDER = "/tmp/loaded_checkpoints"
+LATEST = "baseten_latest_checkpoint"
+NAMED = "baseten_named_checkpoint"
+CONFIG_VAR = "BT_LOAD_CHECKPOINT_CONFIG"
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+@dataclass(frozen=True)
+class LatestRef:
+    project_name: str | None = None
+    job_id: str | None = None
+
+    def describe(self) -> str:
+        parts = [f"project_name={self.project_name}" if self.project_name else "",
+                 f"job_id={self.job_id}" if self.job_id else ""]
+        return "latest(" + ", ".join(p for p in parts if p) + ")"
+
+
+@dataclass(frozen=True)
+class NamedRef:
+    checkpoint_name: str
+    job_id: str
+
+    def describe(self) -> str:
+        return f"named(checkpoint_name={self.checkpoint_name}, job_id={self.job_id})"
+
+
+Reference = LatestRef | NamedRef
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    enabled: bool = False
+    checkpoints: tuple[Reference, ...] = (LatestRef(),)
+    download_folder: str = DEFAULT_DOWNLOAD_FOLDER
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where checkpoints live: `scheme` is "s3" or "file"; `root` is the prefix or folder."""
+
+    scheme: str
+    bucket: str
+    root: str
+
+    def __str__(self) -> str:
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.root}".rstrip("/")
+        return self.root
+
+
+@overload
+def check_name(value: object, field: str, *, nullable: Literal[False] = False) -> str: ...
+@overload
+def check_name(value: object, field: str, *, nullable: bool) -> str | None: ...
+def check_name(value: object, field: str, *, nullable: bool = False) -> str | None:
+    """A store name becomes a path component, so it must be a plain non-empty segment."""
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{field}: expected a string, got {json.dumps(value)}")
+    if not value.strip():
+        raise ConfigError(f"{field}: must not be empty")
+    problem = names.name_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{field}: {names.quote_name(value)} {problem}; use a plain name such as checkpoint-20")
+    return value
+
+
+def _check_keys(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _parse_reference(obj: object, where: str) -> Reference:
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected an object, got {json.dumps(obj)}")
+    typ = obj.get("typ")
+    if typ == LATEST:
+        _check_keys(obj, {"typ", "project_name", "job_id"}, where)
+        return LatestRef(
+            project_name=check_name(obj.get("project_name"), f"{where}.project_name", nullable=True),
+            job_id=check_name(obj.get("job_id"), f"{where}.job_id", nullable=True),
+        )
+    if typ == NAMED:
+        _check_keys(obj, {"typ", "checkpoint_name", "job_id"}, where)
+        for key in ("checkpoint_name", "job_id"):
+            if key not in obj:
+                raise ConfigError(f"{where}.{key}: required for {NAMED}")
+        return NamedRef(
+            checkpoint_name=check_name(obj["checkpoint_name"], f"{where}.checkpoint_name"),
+            job_id=check_name(obj["job_id"], f"{where}.job_id"),
+        )
+    raise ConfigError(f"{where}.typ: unknown {json.dumps(typ)} (expected {LATEST!r} or {NAMED!r})")
+
+
+def parse_load_spec(text: str | None) -> LoadSpec:
+    """Parse BT_LOAD_CHECKPOINT_CONFIG; unset or empty means loading is disabled."""
+    if text is None or not text.strip():
+        return LoadSpec()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{CONFIG_VAR}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{CONFIG_VAR}: expected a JSON object, got {type(obj).__name__}")
+    _check_keys(obj, {"enabled", "checkpoints", "download_folder"}, CONFIG_VAR)
+    enabled = obj.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{CONFIG_VAR}.enabled: expected true or false, got {json.dumps(enabled)}")
+    raw_refs = obj.get("checkpoints", [{"typ": LATEST}])
+    if raw_refs is None:
+        raw_refs = [{"typ": LATEST}]
+    if not isinstance(raw_refs, list):
+        raise ConfigError(f"{CONFIG_VAR}.checkpoints: expected a list, got {json.dumps(raw_refs)}")
+    refs = tuple(
+        _parse_reference(r, f"{CONFIG_VAR}.checkpoints[{i}]") for i, r in enumerate(raw_refs)
+    )
+    folder = obj.get("download_folder", DEFAULT_DOWNLOAD_FOLDER)
+    if folder is None:
+        folder = DEFAULT_DOWNLOAD_FOLDER
+    if not isinstance(folder, str) or not folder.strip() or "\0" in folder:
+        raise ConfigError(f"{CONFIG_VAR}.download_folder: expected a folder path, got {json.dumps(folder)}")
+    return LoadSpec(enabled=enabled, checkpoints=refs, download_folder=folder)
+
+
+def parse_start_commands(text: str | None) -> tuple[str, ...]:
+    """BT_START_COMMANDS: a JSON list of shell strings, as truss Runtime.start_commands."""
+    if text is None or not text.strip():
+        return ()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"BT_START_COMMANDS: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(obj, list) or not all(isinstance(c, str) for c in obj):
+        raise ConfigError("BT_START_COMMANDS: expected a JSON list of command strings")
+    return tuple(obj)
+
+
+def parse_store_location(text: str) -> StoreLocation:
+    """`s3://bucket[/prefix]`, `file:///abs/path`, or a plain path for the local store."""
+    if "://" not in text:
+        if not text.strip():
+            raise ConfigError("BT_CHECKPOINT_STORE: must not be empty")
+        return StoreLocation("file", "", os.path.abspath(text))
+    if "@" in text.split("://", 1)[1].split("/", 1)[0]:
+        # Never echoed: what precedes the '@' is a user and often a secret key.
+        raise ConfigError("BT_CHECKPOINT_STORE: must not hold a user or password (user:secret@); "
+                          "use s3://bucket/prefix and give credentials through the AWS environment")
+    url = urlparse(text)
+    if url.scheme == "s3":
+        if not url.netloc:
+            raise ConfigError(f"BT_CHECKPOINT_STORE: {text!r} has no bucket (use s3://bucket/prefix)")
+        if not _BUCKET.fullmatch(url.netloc):
+            raise ConfigError(f"BT_CHECKPOINT_STORE: {url.netloc!r} is not a bucket name "
+                              "(letters, digits, '.', '-' and '_'; use s3://bucket/prefix)")
+        return StoreLocation("s3", url.netloc, url.path.strip("/"))
+    if url.scheme == "file":
+        if url.netloc not in ("", "localhost") or not url.path.startswith("/"):
+            raise ConfigError(f"BT_CHECKPOINT_STORE: {text!r} must be file:///absolute/path")
+        return StoreLocation("file", "", unquote(url.path))
+    raise ConfigError(
+        f"BT_CHECKPOINT_STORE: unknown scheme {url.scheme!r} in {text!r} (use s3:// or file://)"
+    )

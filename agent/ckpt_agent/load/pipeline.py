@@ -1,0 +1,233 @@
+"""The load command: spec -> resolved manifests -> plan -> verified files on disk."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_agent.config.selection import EVERY_FILE, Selection
+from ckpt_agent.config.settings import Settings
+from ckpt_agent.disk.digests import checksum, format_checksum
+from ckpt_agent.disk.localstate import (
+    INCOMPLETE_SUFFIX,
+    VerifiedIndex,
+    checkpoint_dir,
+    folder_lock,
+    loaded_record,
+    prepare_root,
+    prune_checkpoint,
+    state_dir,
+)
+from ckpt_agent.disk.safefs import Folder, write_atomic
+from ckpt_agent.errors import LocalError
+from ckpt_agent.load.plan import Plan, check_selection, make_plan
+from ckpt_agent.load.record import (
+    LoadedCheckpoint,
+    LoadRecord,
+    forget_load_record,
+    recorded_manifest_path,
+    save_load_record,
+)
+from ckpt_agent.load.resolve import Resolution, Resolved, latest_order, resolve
+from ckpt_agent.load.sources import open_sources
+from ckpt_agent.load.transfer import TransferOptions, TransferStats, run_plan
+from ckpt_agent.report import Reporter, human_bytes, source_summary
+from ckpt_agent.runtime.cancel import Cancel
+from ckpt_agent.runtime.ratelimit import limiter
+from ckpt_agent.stores import open_store
+from ckpt_agent.version import __version__
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    resolution: Resolution
+    plan: Plan
+    stats: TransferStats
+
+
+def bytes_needed(plan: Plan, folder: Folder | None) -> int:
+    """Bytes still to be allocated: partial files from an earlier run already hold theirs."""
+    if folder is None:
+        return plan.fetch_bytes
+    needed = 0
+    for task in plan.fetch:
+        have = 0
+        for rel in (task.rel + INCOMPLETE_SUFFIX, task.rel):
+            st = folder.lstat(rel)
+            have = max(have, st.st_blocks * 512 if st is not None else 0)
+        needed += max(0, task.entry.size - have)
+    return needed
+
+
+def check_free_space(plan: Plan, folder: Folder) -> None:
+    needed = bytes_needed(plan, folder)
+    free = shutil.disk_usage(plan.root).free
+    if needed > free:
+        raise LocalError(
+            f"download_folder {plan.root}: needs {human_bytes(needed)} but only {human_bytes(free)} "
+            "is free; free space or choose another download_folder"
+        )
+
+
+def store_order(resolved: tuple[Resolved, ...]) -> dict[tuple[str, str], int]:
+    """Position of each checkpoint in the store's latest order (committed_at, then natural name); 0 = newest."""
+    newest_first = sorted(resolved, key=lambda r: latest_order(r.manifest.committed_at, r.manifest.checkpoint_name),
+                          reverse=True)
+    return {r.key: i for i, r in enumerate(newest_first)}
+
+
+def shown_paths(paths: list[str]) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def _prune(folder: Folder, result: LoadResult, rank: int, reporter: Reporter) -> None:
+    """Each checkpoint folder ends up holding exactly the files of its manifest the selection wants, and we
+    say what went. A copy of an excluded file goes too, so the trainer never resumes state (an optimizer)
+    the user left out; the files kept are reused by the next load, whatever it selects."""
+    selection = result.plan.selection
+    for r in result.resolution.checkpoints:
+        rel = checkpoint_dir(rank, r.manifest.checkpoint_name)
+        listed = {f.path for f in r.manifest.files}
+        removed = prune_checkpoint(folder, rel, {p for p in listed if selection.wants(p)})
+        excluded = [p for p in removed if p.removesuffix(INCOMPLETE_SUFFIX) in listed
+                    or any(f.startswith(p + "/") for f in listed)]
+        unlisted = [p for p in removed if p not in excluded]
+        if excluded:
+            reporter.info(f"removed {len(excluded)} entries from {folder.shown(rel)} that {selection.source()} "
+                          f"leaves out, so the trainer does not see them: {shown_paths(excluded)}",
+                          event="removed_excluded", path=rel, removed=excluded)
+        if unlisted:
+            reporter.warn(f"removed {len(unlisted)} entries from {folder.shown(rel)} that its manifest does "
+                          f"not list: {shown_paths(unlisted)}", event="removed_unlisted", path=rel, removed=unlisted)
+
+
+def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> None:
+    """What this load placed, in the store's order, with the manifests it used."""
+    order = store_order(result.resolution.checkpoints)
+    checkpoints, manifests = [], {}
+    for r in result.resolution.checkpoints:
+        m = r.manifest
+        manifest_rel = recorded_manifest_path(rank, m.checkpoint_name)
+        manifests[manifest_rel] = m.raw
+        checkpoints.append(LoadedCheckpoint(
+            reference=r.reference.describe(), job_id=m.job_id, project_name=m.project_name,
+            checkpoint_name=m.checkpoint_name, rank=m.rank, committed_at=m.committed_at, files=len(m.files),
+            bytes=m.total_bytes, reason=r.reason, path=checkpoint_dir(rank, m.checkpoint_name),
+            manifest=manifest_rel, manifest_crc32c=format_checksum(checksum(m.raw)), order=order[r.key]))
+    stats, plan = result.stats, result.plan
+    save_load_record(folder, LoadRecord(
+        agent_version=__version__, loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        seconds=round(time.monotonic() - started, 3), download_folder=str(folder.root.absolute()),
+        node_rank=rank, files_total=plan.total_files, bytes_total=plan.total_bytes,
+        files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
+        bytes_from=stats.bytes_from(), warnings=tuple(result.resolution.warnings), checkpoints=tuple(checkpoints),
+        files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes,
+        selection=plan.selection.record()), manifests)
+
+
+def describe_left_out(plan: Plan) -> str:
+    """The words for what the selection left out, or nothing when it left out nothing."""
+    if not plan.excluded:
+        return ""
+    return (f"{len(plan.excluded)} files ({human_bytes(plan.excluded_bytes)}) left out by "
+            f"{plan.selection.source()}")
+
+
+def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
+                     selection: Selection = EVERY_FILE) -> LoadResult:
+    """`selection`: which files of each checkpoint to place (from --include/--exclude or the variables)."""
+    started = time.monotonic()
+    root = Path(settings.spec.download_folder)
+    store = open_store(settings)
+    try:
+        refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
+        resolution = cancel.call(
+            lambda: resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
+                            settings.required),
+            f"still missing everything: the store did not answer in time to resolve {refs}")
+        for warning in resolution.warnings:
+            reporter.warn(warning, event="no_checkpoint")
+        for r in resolution.checkpoints:
+            m = r.manifest
+            reporter.info(f"{r.reference.describe()} -> job {m.job_id} checkpoint {m.checkpoint_name} "
+                          f"(rank {m.rank}): {len(m.files)} files, {human_bytes(m.total_bytes)}",
+                          event="resolved", reference=r.reference.describe(), job_id=m.job_id,
+                          checkpoint_name=m.checkpoint_name, rank=m.rank, files=len(m.files),
+                          bytes=m.total_bytes, reason=r.reason)
+        warn_selection(resolution, selection, settings.required, reporter)
+        with prepare_root(root) as folder, folder_lock(folder, reporter.info, cancel.check):
+            index = VerifiedIndex(folder)
+            plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints),
+                             settings.node_rank, index, selection)
+            check_free_space(plan, folder)
+            forget_load_record(folder, settings.node_rank)
+            sink = reporter.progress(plan.fetch_bytes, "download")
+            try:
+                options = TransferOptions(workers=settings.workers, chunk_size=settings.chunk_size)
+                limits = limiter(settings.max_rate, settings.workers, cancel, reporter.info)
+                with open_sources(settings, folder, functools.partial(reporter.warn, event="part_cache")) as sources:
+                    stats = run_plan(store, plan, folder, options, sink, cancel, index, limits, sources)
+            finally:
+                sink.close()
+            result = LoadResult(resolution, plan, stats)
+            _prune(folder, result, settings.node_rank, reporter)
+            _record(folder, result, started, settings.node_rank)
+    finally:
+        store.close()
+    seconds = time.monotonic() - started
+    rate = stats.bytes_fetched / seconds / 1e6 if seconds > 0 else 0.0
+    left_out = describe_left_out(plan)
+    reporter.info(
+        f"loaded {plan.total_files} files, {human_bytes(plan.total_bytes)} into {root}: "
+        f"fetched {stats.files_fetched} files ({human_bytes(stats.bytes_fetched)}), "
+        f"{stats.files_reused} already intact, {left_out + ', ' if left_out else ''}{seconds:.2f} s, "
+        f"{rate:.0f} MB/s; {source_summary(stats.bytes_from())}",
+        event="loaded", download_folder=str(root), files=plan.total_files, bytes=plan.total_bytes,
+        files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
+        files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes, selection=plan.selection.record(),
+        bytes_from=stats.bytes_from(), seconds=round(seconds, 3),
+    )
+    return result
+
+
+def warn_selection(resolution: Resolution, selection: Selection, required: bool, reporter: Reporter) -> None:
+    """Before the download folder is touched: a required load the selection empties stops here."""
+    for warning in check_selection(tuple(r.manifest for r in resolution.checkpoints), selection, required):
+        reporter.warn(warning, event="selection_unmatched", selection=selection.record())
+
+
+# --- ready file ----------------------------------------------------------------------------------
+
+
+def clear_ready_file(path: Path) -> None:
+    """A ready file left by an earlier run must not tell a neighbour this load is done."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise LocalError(f"--ready-file {path}: cannot remove the old one ({exc.strerror})") from None
+
+
+def write_ready_file(path: Path, root: Path | None, rank: int) -> None:
+    """Written last and atomically (rename from an unpredictable name, created O_EXCL, so a planted link
+    is replaced, never followed): it exists only once every file is verified and in place."""
+    record = str(state_dir(root).absolute() / loaded_record(rank)) if root is not None else None
+    body = json.dumps({"ready": True, "agent_version": __version__,
+                       "download_folder": str(root.absolute()) if root is not None else None,
+                       "loaded_record": record,
+                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1).encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            write_atomic(dfd, path.name, body)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise LocalError(f"--ready-file {path}: cannot write it ({exc.strerror})") from None

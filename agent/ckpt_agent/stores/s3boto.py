@@ -1,0 +1,220 @@
+"""The boto3 S3 engine (CKPT_AGENT_S3_ENGINE=boto3): the only module that imports boto3.
+
+Uploads go part by part through `upload_part`, each body streamed from disk (FileSlice), never
+through s3transfer, whose `upload_fileobj` reads the parts of a file object into memory: a 2 GiB
+save peaked at 2.1 GiB resident. botocore's own messages can echo request details, so every
+botocore error is turned into one of ours with a message built here from the error code, the
+operation and the key only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
+
+from ckpt_agent.errors import AgentError, TransientError
+from ckpt_agent.runtime.retry import retry
+from ckpt_agent.stores.base import Listing, RangeReader, Upload, check_listing_size, too_large, upload_in_parts
+from ckpt_agent.stores.s3common import (
+    MULTIPART_THRESHOLD,
+    REQUEST_BACKOFF,
+    UPLOAD_PART_SIZE,
+    EmptyReader,
+    FileSlice,
+    S3StoreBase,
+    content_range_size,
+    credentials_error,
+    store_error,
+)
+
+_CREDENTIAL_ERRORS = (CredentialRetrievalError, NoCredentialsError, PartialCredentialsError, ProfileNotFound)
+
+
+class _BodyCut(TransientError):
+    """A body cut short after the headers: botocore retried the request, never this."""
+
+
+class _Body:
+    """readinto straight from the HTTP response, so bytes are not copied through Python."""
+
+    def __init__(self, body, content_range: str | None = None) -> None:
+        self._body = body
+        self._raw = body._raw_stream
+        self.object_size = content_range_size(content_range)
+
+    def readinto(self, buffer: memoryview) -> int:
+        try:
+            return self._raw.readinto(buffer)
+        except Exception as exc:  # noqa: BLE001 - urllib3 and socket errors alike are retryable
+            raise TransientError(f"connection failed mid-body ({type(exc).__name__})") from None
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class Boto3Store(S3StoreBase):
+    """S3 through botocore, for what the native engine does not speak (SSO, other proxies)."""
+
+    def __init__(self, bucket: str, root: str, max_connections: int = 32, read_timeout: float = 20) -> None:
+        super().__init__(bucket, root)
+        config = Config(
+            max_pool_connections=max_connections,
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=10,
+            read_timeout=read_timeout,
+            tcp_keepalive=True,
+        )
+        try:
+            self._client = boto3.session.Session().client("s3", config=config)
+        except BotoCoreError as exc:
+            raise credentials_error(exc) from None
+
+    def _error(self, exc: Exception, action: str, key: str) -> Exception:
+        where = self._where(key)
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return store_error(code, status, where, action, self.bucket)
+        if isinstance(exc, _CREDENTIAL_ERRORS):
+            return credentials_error(exc)
+        name = type(exc).__name__
+        return TransientError(f"{where}: {action} failed ({name}); check AWS_ENDPOINT_URL and the network")
+
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """Only a body cut short is retried here: botocore has already retried the request."""
+
+        def attempt() -> bytes:
+            response = self._call("get_object", "GET", key, Key=self._key(key))
+            if limit is not None and response.get("ContentLength", 0) > limit:
+                response["Body"].close()
+                raise too_large(key, limit)
+            try:
+                return response["Body"].read()  # read() checks the length: a body cut short raises
+            except (BotoCoreError, OSError) as exc:
+                raise _BodyCut(f"{self._where(key)}: GET body failed ({type(exc).__name__})") from None
+
+        return retry(attempt, REQUEST_BACKOFF, retry_on=_BodyCut)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._call("put_object", "PUT", key, Key=self._key(key), Body=data)
+
+    def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
+        upload_in_parts(self.start_upload(key, size), source, size)
+
+    def start_upload(self, key: str, size: int, lengths: Sequence[int] | None = None) -> Upload:
+        if lengths is None and size < MULTIPART_THRESHOLD:
+            return _SingleUpload(self, key, size)
+        return _MultipartUpload(self, key)
+
+    def _call(self, operation: str, action: str, key: str, **params: Any) -> Any:
+        """One botocore call on this bucket; its errors become ours, named for `key`."""
+        try:
+            return getattr(self._client, operation)(Bucket=self.bucket, **params)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, action, key) from None
+
+    def list_dir(self, prefix: str) -> Listing:
+        full = self._list_prefix(prefix)
+        files: list[str] = []
+        dirs: list[str] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            )
+            for count, page in enumerate(pages, 1):
+                files.extend(o["Key"][len(full):] for o in page.get("Contents", ()))
+                dirs.extend(p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", ()))
+                check_listing_size(full, len(files) + len(dirs) + count)  # pages: empty ones must end too
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "LIST", prefix) from None
+        return Listing(tuple(sorted(f for f in files if f)), tuple(sorted(dirs)))
+
+    def open_range(self, key: str, start: int, length: int) -> RangeReader:
+        try:
+            if length <= 0:
+                # S3 answers an invalid range such as "bytes=3-2" with the whole object, so
+                # only check that the key exists (a missing one is still NotFoundError).
+                self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return EmptyReader()
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "GET", key) from None
+        return _Body(response["Body"], response.get("ContentRange"))
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", "DELETE", key, Key=self._key(key))
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        self._call("copy_object", "COPY", src_key, Key=self._key(dst_key),
+                   CopySource={"Bucket": self.bucket, "Key": self._key(src_key)})
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _SingleUpload(Upload):
+    def __init__(self, store: Boto3Store, key: str, size: int) -> None:
+        self._store, self._key, self.part_size = store, key, max(1, size)
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        self._store._call("put_object", "PUT", self._key, Key=self._store._key(self._key),
+                          Body=FileSlice(source, start, length), ContentLength=length)
+
+    def complete(self) -> None:
+        """The single PUT already made the object visible."""
+
+    def abort(self) -> None:
+        """A failed PUT leaves nothing behind."""
+
+
+class _MultipartUpload(Upload):
+    """S3 multipart upload; parts may be sent from many threads at once, each streamed from disk."""
+
+    part_size = UPLOAD_PART_SIZE
+
+    def __init__(self, store: Boto3Store, key: str) -> None:
+        self._store, self._key, self._full = store, key, store._key(key)
+        created = store._call("create_multipart_upload", "upload", key, Key=self._full)
+        self._upload_id: str = created["UploadId"]
+        self._etags: dict[int, str] = {}
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        answer = self._store._call("upload_part", "upload part", self._key, Key=self._full,
+                                   UploadId=self._upload_id, PartNumber=index + 1,
+                                   Body=FileSlice(source, start, length), ContentLength=length)
+        self._etags[index + 1] = answer["ETag"]
+
+    def copy_part(self, index: int, src_key: str, start: int, length: int) -> None:
+        """UploadPartCopy; botocore turns S3's 200-with-an-error answer into a ClientError."""
+        answer = self._store._call("upload_part_copy", "copy part", src_key, Key=self._full,
+                                   UploadId=self._upload_id, PartNumber=index + 1,
+                                   CopySource={"Bucket": self._store.bucket, "Key": self._store._key(src_key)},
+                                   CopySourceRange=f"bytes={start}-{start + length - 1}")
+        etag = answer.get("CopyPartResult", {}).get("ETag")
+        if not etag:
+            raise TransientError(f"{self._store._where(self._key)}: copying part {index + 1} failed")
+        self._etags[index + 1] = etag
+
+    def complete(self) -> None:
+        parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._etags.items())]
+        self._store._call("complete_multipart_upload", "complete upload", self._key, Key=self._full,
+                          UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+
+    def abort(self) -> None:
+        with contextlib.suppress(AgentError):
+            self._store._call("abort_multipart_upload", "abort upload", self._key, Key=self._full,
+                              UploadId=self._upload_id)

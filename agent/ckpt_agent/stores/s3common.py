@@ -1,0 +1,134 @@
+"""What both S3 engines share: the bucket/prefix key space, S3's answers read into our error
+family, the retry budget of a small request, and part bodies streamed from disk.
+
+The engines differ only in how a request travels (botocore in s3boto.py, signed `http.client`
+requests in s3native.py); everything a user can see of S3 is decided here, once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+from ckpt_agent.config.spec import StoreLocation
+from ckpt_agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, ThrottledError, TransientError
+from ckpt_agent.runtime.retry import Backoff
+from ckpt_agent.stores.base import Store
+
+# Nominal 0.25 s x 2^n capped at 4 s over 6 attempts: a small request rides out about 3.9 s.
+REQUEST_BACKOFF = Backoff(attempts=6, base=0.25, cap=4.0)
+MULTIPART_THRESHOLD = 64 << 20
+UPLOAD_PART_SIZE = 64 << 20
+
+_NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+           "ExpiredToken", "TokenRefreshRequired", "Forbidden"}
+_RETRYABLE = {"RequestTimeout", "InternalError"}
+# botocore's throttling codes that S3-compatible stores use; S3 answers 503 (with no body on HEAD)
+# for both SlowDown and ServiceUnavailable, and its advice for both is "reduce your request rate".
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "ServiceUnavailable", "RequestLimitExceeded",
+              "TooManyRequestsException", "RequestThrottled", "BandwidthLimitExceeded"}
+_THROTTLED_STATUS = {429, 503}
+
+
+class S3StoreBase(Store):
+    """Keys relative to `s3://bucket/root`; both engines derive from this."""
+
+    def __init__(self, bucket: str, root: str) -> None:
+        self.bucket, self.root = bucket, root.strip("/")
+
+    def describe(self) -> str:
+        return str(StoreLocation("s3", self.bucket, self.root))
+
+    def _key(self, key: str) -> str:
+        return f"{self.root}/{key}" if self.root else key
+
+    def _list_prefix(self, prefix: str) -> str:
+        """The full prefix a LIST of `prefix` asks for; the store root itself when `prefix` is empty."""
+        return self._key(prefix) if prefix else (self.root + "/" if self.root else "")
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def store_error(code: str, status: int, where: str, action: str, bucket: str) -> AgentError:
+    """One mapping from an S3 error code to our error family, shared by both S3 engines."""
+    if code in _NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
+        return NotFoundError(f"{where}: not found")
+    if code == "NoSuchBucket":
+        return StoreError(f"s3://{bucket}: bucket does not exist; check BT_CHECKPOINT_STORE")
+    if code == "InvalidRange" or status == 416:
+        return IntegrityError(f"{where}: shorter than the range asked for; the object changed after it was committed")
+    if code in _DENIED or status == 403:
+        return StoreError(
+            f"{where}: access denied ({code or status}) on {action}; check the AWS credentials and their permissions"
+        )
+    kind: type[StoreError] = StoreError
+    if code in _THROTTLED or status in _THROTTLED_STATUS:
+        kind = ThrottledError
+    elif status >= 500 or code in _RETRYABLE:
+        kind = TransientError
+    return kind(f"{where}: {action} failed with {code or status}")
+
+
+def credentials_error(exc: Exception) -> StoreError:
+    """botocore's credential errors quote config files and a credential_process's stderr, which may
+    hold a secret: only the error's class is kept."""
+    if type(exc).__name__ == "NoCredentialsError":
+        return StoreError("no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+    return StoreError(f"AWS credentials could not be loaded ({type(exc).__name__}); check AWS_PROFILE, "
+                      "the AWS config and credentials files and any credential_process they name")
+
+
+def content_range_size(header: str | None) -> int | None:
+    """`bytes 0-99/1234` -> 1234; None when absent or the size is unknown (`*`)."""
+    total = (header or "").rpartition("/")[2].strip()
+    return int(total) if total.isdecimal() else None
+
+
+class EmptyReader:
+    """The reader of a zero-length range: S3 answers an invalid range such as `bytes=3-2` with the
+    whole object, so such a range is never asked for."""
+
+    def readinto(self, buffer: memoryview) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Nothing was opened."""
+
+
+class FileSlice:
+    """A read-only file object over bytes [start, start+length) of `source`, so a part streams from
+    disk instead of being read into memory. Positions are relative to the slice; `seek`/`tell`
+    let an HTTP client measure, checksum and rewind it for a retry."""
+
+    def __init__(self, source: BinaryIO, start: int, length: int) -> None:
+        self._source, self._start, self._length = source, start, length
+        self._offset = 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._length - self._offset
+        if left <= 0:
+            return b""
+        n = left if n is None or n < 0 else min(n, left)
+        try:
+            data = os.pread(self._source.fileno(), n, self._start + self._offset)
+        except (OSError, AttributeError):  # not a real file (a pack reader): seek and read
+            self._source.seek(self._start + self._offset)
+            data = self._source.read(n)
+        self._offset += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._offset, os.SEEK_END: self._length}[whence]
+        self._offset = max(0, base + offset)
+        return self._offset
+
+    def tell(self) -> int:
+        return self._offset
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
