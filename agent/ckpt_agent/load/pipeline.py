@@ -25,6 +25,7 @@ from ckpt_agent.disk.localstate import (
 )
 from ckpt_agent.disk.safefs import Folder, write_atomic
 from ckpt_agent.errors import LocalError
+from ckpt_agent.load.cachefill import start_fill
 from ckpt_agent.load.plan import Plan, check_selection, make_plan
 from ckpt_agent.load.record import (
     LoadedCheckpoint,
@@ -177,6 +178,8 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
             result = LoadResult(resolution, plan, stats)
             _prune(folder, result, settings.node_rank, reporter)
             _record(folder, result, started, settings.node_rank)
+            if settings.cache is not None:
+                start_fill(folder, settings.node_rank, settings.cache, sources.noted, reporter)
     finally:
         store.close()
     seconds = time.monotonic() - started
