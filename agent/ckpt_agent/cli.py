@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.sync import SyncFlags
-from ckpt_agent.config.settings import debug, load_spec, log_format, selection_from_env, settings_from_env
+from ckpt_agent.config.settings import debug, env_flag, load_spec, log_format, selection_from_env, settings_from_env
 from ckpt_agent.config.spec import check_name
 from ckpt_agent.errors import EXIT_INTERNAL, AgentError, ConfigError
 from ckpt_agent.report import Reporter, make_reporter
@@ -33,6 +33,7 @@ EPILOG_RUN = """examples:
   ckpt-agent run -- python train.py --epochs 3
   BT_START_COMMANDS='["./run.sh"]' ckpt-agent run
   ckpt-agent run --dry-run -- python train.py    # print the plan and the command; run nothing
+  ckpt-agent run --start-early -- python train.py   # the trainer starts while the checkpoint loads
   BT_CHECKPOINTING_ENABLED=1 BT_TRAINING_JOB_ID=job1 ckpt-agent run --complete-file DONE -- python train.py
 
 checkpointing: with BT_CHECKPOINTING_ENABLED=1 the trainer runs as a child and every checkpoint it
@@ -83,7 +84,8 @@ def _run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     options = RunOptions(tuple(command), args.dry_run, _sync_flags(args),
-                         selection_from_env(env, args.include, args.exclude))
+                         selection_from_env(env, args.include, args.exclude),
+                         args.start_early or env_flag(env, "CKPT_AGENT_START_EARLY"))
     return run(_context(env, reporter, args.workers, args.chunk_mb, load_timeout=True), options)
 
 
@@ -191,6 +193,9 @@ def _run_parser(sub: Subparsers) -> None:
     _add_sync_flags(run.add_argument_group("checkpoint upload (with BT_CHECKPOINTING_ENABLED=1)"))
     run.add_argument("--dry-run", action="store_true",
                      help="print what would be loaded and executed; download and run nothing")
+    run.add_argument("--start-early", action="store_true",
+                     help="start the trainer at once and load beside it; ckpt_agent.latest_local_checkpoint() "
+                          "waits for the load, a failed load stops the trainer (env CKPT_AGENT_START_EARLY=1)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command after `--`")
     run.set_defaults(func=_run)
 

@@ -14,6 +14,7 @@ from ckpt_agent.errors import ConfigError
 from ckpt_agent.trainer.launch import exec_training, runs_through_shell, training_argv
 
 if TYPE_CHECKING:
+    from ckpt_agent.commands.early import EarlyChild
     from ckpt_agent.sync.loop import Sidecar
 
 
@@ -23,6 +24,7 @@ class RunOptions:
     dry_run: bool = False
     sync: SyncFlags = SyncFlags()  # only with BT_CHECKPOINTING_ENABLED=1
     selection: Selection = EVERY_FILE  # which files of each checkpoint the load fetches
+    start_early: bool = False  # start the trainer at once, load beside it (commands/early.py)
 
 
 def run(ctx: Context, options: RunOptions) -> int:
@@ -39,15 +41,23 @@ def run(ctx: Context, options: RunOptions) -> int:
     # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
     sidecar = open_sidecar(ctx, options.sync) if settings.checkpointing_enabled else None
     child_env = dict(ctx.env)
+    early = options.start_early and settings.spec.enabled
     if settings.spec.enabled:
+        child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
+    if settings.spec.enabled and not early:
         from ckpt_agent.commands.load import load_now
 
         load_now(ctx, options.selection)
-        child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
+    as_child = sidecar is not None or runs_through_shell(argv, child_env)
+    if early and not as_child:
+        from ckpt_agent.commands.early import exec_early
+
+        exec_early(ctx, argv, child_env, options.selection, _grace(ctx))
+    loader = _early_child(ctx, options.selection) if early else None
     if sidecar is not None:
-        return _supervise(argv, child_env, sidecar, ctx)
-    if runs_through_shell(argv, child_env):
-        return _run_as_child(argv, child_env, ctx)
+        return _supervise(argv, child_env, sidecar, ctx, loader)
+    if as_child:
+        return _run_as_child(argv, child_env, ctx, loader)
     exec_training(argv, child_env)
 
 
@@ -62,21 +72,37 @@ def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
     return 0
 
 
-def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Context) -> int:
+def _grace(ctx: Context) -> float:
+    from ckpt_agent.config.settings import sync_options
+
+    return sync_options(ctx.env, ctx.settings.checkpoint_dir).grace_seconds
+
+
+def _early_child(ctx: Context, selection: Selection) -> EarlyChild:
+    from ckpt_agent.commands.early import EarlyChild
+
+    return EarlyChild(ctx, selection)
+
+
+def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Context,
+               loader: EarlyChild | None) -> int:
     from ckpt_agent.trainer.supervise import supervise
 
     env.setdefault("BT_CHECKPOINT_DIR", str(sidecar.options.checkpoint_dir))
     try:
-        return supervise(argv, env, sidecar, ctx.reporter)
+        return supervise(argv, loader.env(env) if loader else env, sidecar, ctx.reporter, loader)
     finally:
         sidecar.store.close()
 
 
-def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context) -> int:
-    """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
-    from ckpt_agent.config.settings import sync_options
+def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context, loader: EarlyChild | None) -> int:
+    """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save.
+    With an early start, a failed load stops the trainer and its exit code is ours."""
     from ckpt_agent.trainer.procgroup import TrainerGroup
 
-    grace = sync_options(ctx.env, ctx.settings.checkpoint_dir).grace_seconds
-    with TrainerGroup(argv, env, grace, ctx.reporter) as group:
-        return group.exit_code(group.wait())
+    try:
+        with TrainerGroup(argv, loader.env(env) if loader else env, _grace(ctx), ctx.reporter) as group:
+            status = group.wait(loader.watch if loader else None)
+    finally:
+        failed = loader.finish() if loader else None
+    return failed if failed is not None else group.exit_code(status)
