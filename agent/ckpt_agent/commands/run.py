@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt_agent.commands.context import Context
@@ -43,6 +42,8 @@ def run(ctx: Context, options: RunOptions) -> int:
     child_env = dict(ctx.env)
     early = options.start_early and settings.spec.enabled
     if settings.spec.enabled:
+        from pathlib import Path
+
         child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
     if settings.spec.enabled and not early:
         from ckpt_agent.commands.load import load_now

@@ -3,7 +3,6 @@ one local folder name, whether a user typed it or a store listed it."""
 
 from __future__ import annotations
 
-import json
 import unicodedata
 
 MAX_NAME_BYTES = 200
@@ -29,4 +28,6 @@ def name_problem(name: str) -> str | None:
 
 def quote_name(name: str) -> str:
     """A name as one printable ASCII token, so a planted newline or bidi mark can't forge a log line."""
+    import json  # only for a message: json costs start-up time
+
     return json.dumps(name)

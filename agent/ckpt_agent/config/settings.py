@@ -8,16 +8,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
-from ckpt_agent.config.sidecar import (
-    DEFAULT_GRACE_SECONDS,
-    DEFAULT_POLL_SECONDS,
-    DEFAULT_QUIET_SECONDS,
-    Rules,
-    SyncOptions,
-)
 from ckpt_agent.config.sizes import parse_size
 from ckpt_agent.config.spec import (
     CONFIG_VAR,
@@ -29,6 +22,9 @@ from ckpt_agent.config.spec import (
     parse_store_location,
 )
 from ckpt_agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ckpt_agent.config.sidecar import SyncOptions
 
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy")  # the S3 engines honour them as botocore does
 DEFAULT_STORE = "/tmp/ckpt-store"
@@ -286,6 +282,16 @@ def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: 
                  keep_last: int | None = None, complete_file: Sequence[str] | None = None,
                  commit_on_quiet: bool | None = None) -> SyncOptions:
     """The sidecar's options: flags over CKPT_AGENT_* variables over the defaults."""
+    from pathlib import Path  # here, not at the top: a plain `run` needs neither these nor pathlib
+
+    from ckpt_agent.config.sidecar import (
+        DEFAULT_GRACE_SECONDS,
+        DEFAULT_POLL_SECONDS,
+        DEFAULT_QUIET_SECONDS,
+        Rules,
+        SyncOptions,
+    )
+
     return SyncOptions(
         Path(checkpoint_dir),
         _seconds(quiet_seconds, "--quiet-seconds", env, "CKPT_AGENT_QUIET_SECONDS", DEFAULT_QUIET_SECONDS),

@@ -7,7 +7,10 @@ reads these values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DEFAULT_QUIET_SECONDS = 5.0
 DEFAULT_POLL_SECONDS = 2.0
