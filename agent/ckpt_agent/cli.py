@@ -18,7 +18,7 @@ from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.sync import SyncFlags
 from ckpt_agent.config.settings import debug, load_spec, log_format, selection_from_env, settings_from_env
 from ckpt_agent.config.spec import check_name
-from ckpt_agent.errors import EXIT_INTERNAL, AgentError, ConfigError
+from ckpt_agent.errors import EXIT_INTERNAL, EXIT_SIGINT, AgentError, ConfigError
 from ckpt_agent.report import Reporter, make_reporter
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.version import __version__
@@ -263,8 +263,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         reporter.error(str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
         return exc.exit_code
     except KeyboardInterrupt:
-        reporter.error("interrupted", exit_code=130)
-        return 130
+        reporter.error("interrupted", exit_code=EXIT_SIGINT)
+        return EXIT_SIGINT
     except Exception as exc:  # noqa: BLE001 - the last line: its text may quote a secret, so only the class
         if debug(env):
             traceback.print_exc()

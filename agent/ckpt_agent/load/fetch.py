@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from ckpt_agent.disk.digests import checksum, format_checksum
-from ckpt_agent.errors import AgentError, IntegrityError, TransientError
+from ckpt_agent.errors import AgentError, ChecksumMismatch, IntegrityError, TransientError
 from ckpt_agent.load.plan import FileTask
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import NO_LIMITS, Limiter
@@ -23,10 +23,6 @@ from ckpt_agent.stores.base import RangeReader, Store
 DOWNLOAD_BACKOFF = Backoff(attempts=6, base=0.4, cap=5.0)
 
 Sink = Callable[[memoryview], None]
-
-
-class ChecksumMismatch(TransientError):
-    """A part did not match: retried once more in case the wire, not the store, was at fault."""
 
 
 def part_bounds(task: FileTask, part: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ckpt_agent.config.sidecar import SyncOptions
-from ckpt_agent.errors import AgentError, ConfigError, Interrupted, StoreError
+from ckpt_agent.errors import AgentError, CheckpointChanged, ConfigError, Interrupted, StoreError, UnsafeEntry
 from ckpt_agent.load.resolve import read_job
 from ckpt_agent.report import Reporter, human_bytes
 from ckpt_agent.runtime.cancel import Cancel
@@ -32,9 +32,8 @@ from ckpt_agent.sync.ledger import REWRITTEN, Ledger
 from ckpt_agent.sync.readiness import NotReady, Trainer, Why, is_quiet, readiness
 from ckpt_agent.sync.retention import retain
 from ckpt_agent.sync.watch import Seen, Watch
-from ckpt_agent.upload.commit import CheckpointChanged, CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from ckpt_agent.upload.incremental import Transferred, describe
-from ckpt_agent.upload.scan import UnsafeEntry
 
 # In a final flush a checkpoint whose upload (or the store's listing) keeps failing is given up after this many tries.
 FLUSH_ATTEMPTS = 3

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from ckpt_agent.disk.digests import read_part_digests
-from ckpt_agent.errors import ConfigError, NotFoundError
+from ckpt_agent.errors import ConfigError, NotFoundError, UnsafeEntry
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
 
@@ -42,10 +42,6 @@ def kind_of(mode: int) -> str:
         if test(mode):
             return what
     return "a special file"
-
-
-class UnsafeEntry(ConfigError):
-    """A link or special file the checkpoint cannot be uploaded with (never read through)."""
 
 
 def _entry(root_real: str, path: Path, rel: str) -> LocalFile:
