@@ -15,8 +15,9 @@ from pathlib import Path
 
 from ckpt_agent.config.selection import Selection
 from ckpt_agent.disk.digests import read_checksums
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX, STATE_DIR, loaded_record
-from ckpt_agent.disk.safefs import Folder, open_file
+from ckpt_agent.disk.folder import Folder
+from ckpt_agent.disk.localstate import STATE_DIR, loaded_record
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, open_file
 from ckpt_agent.errors import IntegrityError, NotFoundError
 from ckpt_agent.load.record import read_load_record, read_recorded_manifest, record_names, recorded_selection
 from ckpt_agent.stores.manifest import FileEntry, Manifest, check_relative_path

@@ -21,8 +21,8 @@ from pathlib import Path
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import loaded_folder_from_env
 from ckpt_agent.disk.digests import checksum, format_checksum
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, manifests_dir, rank_dir, state_dir
-from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import AgentError, IntegrityError, LocalError
 from ckpt_agent.stores.manifest import FILE_KIND, Manifest, check_relative_path, parse_manifest
 

@@ -9,7 +9,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import BinaryIO
 
-from ckpt_agent.disk.safefs import TEMP_SUFFIX, AtomicFile, write_atomic
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, AtomicFile, write_atomic
 from ckpt_agent.errors import IntegrityError, NotFoundError, StoreError
 from ckpt_agent.stores.base import Listing, RangeReader, Store, Upload, too_large, upload_in_parts
 
@@ -211,7 +211,7 @@ class LocalStore(Store):
             return Listing((), ())
         except OSError as exc:
             raise StoreError(f"{prefix}: cannot list {self.describe()}: {exc.strerror}") from None
-        files = sorted(e.name for e in entries if e.is_file() and not e.name.endswith(TEMP_SUFFIX))
+        files = sorted(e.name for e in entries if e.is_file() and not e.name.endswith(INCOMPLETE_SUFFIX))
         dirs = sorted(e.name for e in entries if e.is_dir())
         return Listing(tuple(files), tuple(dirs))
 

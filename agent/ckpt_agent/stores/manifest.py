@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.errors import IntegrityError
 
 # Format 2 adds a sha256 per part next to its crc32c; a manifest without them is still written
