@@ -155,12 +155,6 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
 MAX_RATE_VAR = "CKPT_AGENT_MAX_RATE"
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_rate: int | None  # bytes per second for this agent process, loads and uploads; None: no cap
-    selection: Selection
-
-
 def max_rate_from_env(env: Mapping[str, str]) -> int | None:
     """`200MB`, `200MB/s`, `1.5GiB`, `500M` or a plain number of bytes per second; unset: no cap."""
     raw = env.get(MAX_RATE_VAR, "").strip()
@@ -181,10 +175,6 @@ def selection_from_env(env: Mapping[str, str], include_flags: Sequence[str] | No
     exclude, exclude_field = ((exclude_flags, "--exclude") if exclude_flags is not None
                               else (env.get(EXCLUDE_VAR, ""), EXCLUDE_VAR))
     return Selection.from_patterns(include, exclude, include_field, exclude_field)
-
-
-def limits_from_env(env: Mapping[str, str]) -> Limits:
-    return Limits(max_rate=max_rate_from_env(env), selection=selection_from_env(env))
 
 
 # --- the persistent part cache (issue 12) -------------------------------------------------------
