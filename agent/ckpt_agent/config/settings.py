@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_agent.config import names
 from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
 from ckpt_agent.config.sidecar import (
     DEFAULT_GRACE_SECONDS,
@@ -264,11 +265,11 @@ def _markers(flags: Sequence[str] | None, env: Mapping[str, str]) -> tuple[str, 
         flags = [flags]
     if flags is None:
         flags, where = [env.get("CKPT_AGENT_COMPLETE_FILE", "")], "CKPT_AGENT_COMPLETE_FILE"
-    names = tuple(dict.fromkeys(n.strip() for flag in flags for n in flag.split(",") if n.strip()))
-    for name in names:
-        if name.startswith("/") or ".." in name.split("/") or "\0" in name:
+    found = tuple(dict.fromkeys(n.strip() for flag in flags for n in flag.split(",") if n.strip()))
+    for name in found:
+        if names.path_problem(name) is not None:
             raise ConfigError(f"{where}: {name!r} must be a path inside the checkpoint folder")
-    return names
+    return found
 
 
 def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: float | None = None,
