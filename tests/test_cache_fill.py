@@ -19,6 +19,7 @@ import pytest
 
 from ckpt_agent.config.settings import settings_from_env
 from ckpt_agent.disk.cache import ENTRIES, PartCache
+from ckpt_agent.disk.safefs import TEMP_PREFIX
 from ckpt_agent.load import cachefill
 from ckpt_agent.load.pipeline import load_checkpoints
 from ckpt_agent.report import Reporter
@@ -140,7 +141,7 @@ def test_a_fill_that_finds_the_disk_full_stops_says_why_and_leaves_the_load_inta
     assert "filling stopped after 1 parts" in out.getvalue() and "No space left on device" in out.getvalue()
     assert not job.exists()
     assert exact(dl, files)
-    assert len(entries(cache)) == 1 and not [p for p in (cache / ENTRIES).iterdir() if p.name.startswith(".tmp")]
+    assert len(entries(cache)) == 1 and not [p for p in (cache / ENTRIES).iterdir() if p.name.startswith(TEMP_PREFIX)]
 
 
 def test_a_file_changed_after_the_load_is_left_out_of_the_fill(env, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.sync import SyncFlags, open_sidecar
 from ckpt_agent.config.selection import EVERY_FILE, Selection
+from ckpt_agent.config.sidecar import DEFAULT_GRACE_SECONDS
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.trainer.launch import exec_training, runs_through_shell, training_argv
 
@@ -38,7 +39,7 @@ def run(ctx: Context, options: RunOptions) -> int:
     if options.dry_run:
         return _dry_run(ctx, argv, options.selection)
     # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
-    sidecar = open_sidecar(ctx, options.sync) if settings.checkpointing_enabled else None
+    sidecar = open_sidecar(ctx) if settings.checkpointing_enabled else None
     child_env = dict(ctx.env)
     early = options.start_early and settings.spec.enabled
     if settings.spec.enabled:
@@ -74,9 +75,7 @@ def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
 
 
 def _grace(ctx: Context) -> float:
-    from ckpt_agent.config.settings import sync_options
-
-    return sync_options(ctx.env, ctx.settings.checkpoint_dir).grace_seconds
+    return ctx.sync.grace_seconds if ctx.sync is not None else DEFAULT_GRACE_SECONDS
 
 
 def _early_child(ctx: Context, selection: Selection) -> EarlyChild:

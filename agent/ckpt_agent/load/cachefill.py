@@ -34,8 +34,9 @@ from pathlib import Path
 
 from ckpt_agent.config.settings import CacheSettings, log_format
 from ckpt_agent.disk.cache import PartCache
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, stat_signature
-from ckpt_agent.disk.safefs import Folder, open_file
+from ckpt_agent.disk.safefs import open_file
 from ckpt_agent.errors import AgentError
 from ckpt_agent.report import Reporter, human_bytes, make_reporter
 
