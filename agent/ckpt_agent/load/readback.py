@@ -16,9 +16,10 @@ from pathlib import Path
 from ckpt_agent.config.selection import Selection
 from ckpt_agent.disk.digests import read_checksums
 from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX, STATE_DIR, loaded_record
+from ckpt_agent.disk.resume import read_load_record
 from ckpt_agent.disk.safefs import Folder, open_file
 from ckpt_agent.errors import IntegrityError, NotFoundError
-from ckpt_agent.load.record import read_load_record, read_recorded_manifest, record_names, recorded_selection
+from ckpt_agent.load.record import read_recorded_manifest, record_names, recorded_selection
 from ckpt_agent.stores.manifest import FileEntry, Manifest, check_relative_path
 
 OK, MISSING, CHANGED, EXTRA, EXCLUDED = "ok", "missing", "changed", "extra", "excluded"
