@@ -11,7 +11,7 @@ from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.sync import SyncFlags, open_sidecar
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.errors import ConfigError
-from ckpt_agent.trainer.launch import exec_training, runs_through_shell, training_argv
+from ckpt_agent.trainer.launch import exec_training, runs_through_shell, trainer_env, training_argv
 
 if TYPE_CHECKING:
     from ckpt_agent.sync.loop import Sidecar
@@ -38,7 +38,7 @@ def run(ctx: Context, options: RunOptions) -> int:
         return _dry_run(ctx, argv, options.selection)
     # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
     sidecar = open_sidecar(ctx, options.sync) if settings.checkpointing_enabled else None
-    child_env = dict(ctx.env)
+    child_env = trainer_env(ctx.env)
     if settings.spec.enabled:
         from ckpt_agent.commands.load import load_now
 
