@@ -140,7 +140,7 @@ def test_bundle_saves_and_loads_through_its_own_boto3_with_the_users_first_on_py
 
 
 def _trainer_pythons() -> list[str]:
-    """This interpreter, Debian's python3 and any other CPython 3.9+ here (pyenv's), one per version."""
+    """This interpreter, Debian's python3 and any other CPython 3.9+ here (pyenv's), each binary once."""
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
     found: dict[str, str] = {}
     for exe in [sys.executable, "/usr/bin/python3", *sorted(glob.glob(f"{pyenv}/3.*/bin/python3"))]:
@@ -150,7 +150,7 @@ def _trainer_pythons() -> list[str]:
         except OSError:
             continue
         if version and tuple(map(int, version.split("."))) >= (3, 9):
-            found.setdefault(version, exe)
+            found.setdefault(os.path.realpath(exe), exe)
     return sorted(found.values(), key=lambda e: e != sys.executable)
 
 
