@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ def run(ctx: Context, options: RunOptions) -> int:
         child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
     if sidecar is not None:
         return _supervise(argv, child_env, sidecar, ctx)
-    if runs_through_shell(argv, child_env):
+    # As PID 1 (a container without an init) the kernel drops every signal a process has no handler
+    # for: an exec'd trainer without a SIGTERM handler would ignore `docker stop`. We stay its parent.
+    if runs_through_shell(argv, child_env) or os.getpid() == 1:
         return _run_as_child(argv, child_env, ctx)
     exec_training(argv, child_env)
 
