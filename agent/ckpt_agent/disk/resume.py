@@ -2,8 +2,9 @@
 
 It runs in the trainer's own interpreter, which may be any Python from 3.9 on and has none of the
 agent's dependencies: the self-contained agent (docs/containers.md) puts only this package on the
-trainer's PYTHONPATH. So this module and what it imports (ckpt_agent.disk.safefs and localstate,
-ckpt_agent.errors) use the standard library alone and nothing newer than 3.9;
+trainer's PYTHONPATH. So this module and what it imports (ckpt_agent.disk.folder, safefs and
+localstate, ckpt_agent.config.names, ckpt_agent.errors) use the standard library alone and nothing
+newer than 3.9;
 tests/test_bundle.py runs it under a second Python.
 """
 
@@ -16,8 +17,9 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from ckpt_agent.config import names
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, rank_dir, state_dir
-from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import AgentError, IntegrityError, LocalError
 
 FILE_KIND = "file"  # a manifest's kind for a single-file checkpoint (ckpt_agent.stores.manifest)
@@ -79,7 +81,7 @@ def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | No
             prefix = rank_dir(rank) + "/"
             mine = [e for e in (read_load_record(folder, name) or {}).get("checkpoints", []) if isinstance(e, dict)
                     and isinstance(e.get("path"), str) and e["path"].startswith(prefix)
-                    and e["path"].count("/") == 1 and e["path"][len(prefix):] not in ("", ".", "..")]
+                    and e["path"].count("/") == 1 and names.is_segment(e["path"][len(prefix):])]
             for entry in sorted(mine, key=lambda e: e.get("order", 0)):
                 with contextlib.suppress(IntegrityError):
                     if folder.dir(entry["path"]) is not None:
@@ -97,8 +99,8 @@ def _resume_path(folder: Folder, base: Path, entry: dict, record: str) -> str | 
     if not isinstance(entry.get("manifest"), str):  # a record from before manifests were kept
         return str(path)
     shown = f"{STATE_DIR}/{entry['manifest']}"
-    if entry["manifest"].startswith("/") or any(p in ("", ".", "..") for p in entry["manifest"].split("/")):
-        raise ValueError(f"{record}: manifest {entry['manifest']!r} is not a path inside {STATE_DIR}")
+    if (problem := names.path_problem(entry["manifest"])) is not None:
+        raise ValueError(f"{record}: manifest {entry['manifest']!r} {problem}; run `ckpt-agent load` again")
     raw = folder.read(shown)
     if raw is None:
         raise ValueError(f"{shown}: the recorded manifest is gone; run `ckpt-agent load` again")
@@ -109,7 +111,7 @@ def _resume_path(folder: Folder, base: Path, entry: dict, record: str) -> str | 
     if manifest.get("kind") != FILE_KIND:
         return str(path)
     file_name = manifest["files"][0]["path"]
-    if not isinstance(file_name, str) or "/" in file_name or file_name in ("", ".", ".."):
+    if not isinstance(file_name, str) or "/" in file_name or names.path_problem(file_name) is not None:
         raise ValueError(f"{shown}: not a single-file manifest; run `ckpt-agent load` again")
     rel = f"{entry['path']}/{file_name}"
     st = folder.lstat(rel)

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.disk.digests import checksum, format_checksum
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, manifests_dir
-from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.stores.manifest import Manifest, check_relative_path, parse_manifest
 
