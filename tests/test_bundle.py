@@ -67,8 +67,7 @@ def agent(bundle: Path, args: list[str], env: dict[str, str], **kwargs) -> subpr
 
 def hostile_env(users_path: Path, **extra: str) -> dict[str, str]:
     """What a training image may set for its own Python; none of it may reach the agent's."""
-    env = clean_env(PYTHONPATH=str(users_path), PYTHONHOME="/nonexistent", PYTHONSTARTUP="/nonexistent",
-                    PYTHONNOUSERSITE="", **extra)
+    env = clean_env(PYTHONPATH=str(users_path), PYTHONHOME="/nonexistent", PYTHONSTARTUP="/nonexistent", **extra)
     env.pop("VIRTUAL_ENV", None)
     return env
 
@@ -181,6 +180,29 @@ def test_run_gives_the_trainers_own_python_import_ckpt_agent_and_leaves_it_the_u
     assert seen["boto3"] == USERS_BOTO3 and seen["launcher_var"] is None, seen
     assert Path(seen["helper"]).resolve().is_relative_to((bundle / "pythonpath").resolve()), seen
     assert "ckpt_agent.load" not in " ".join(seen["modules"]), seen  # the helper alone, no agent machinery
+
+
+def test_bundle_as_sidecar_and_init_container_and_the_one_line_for_a_trainer_it_did_not_start(
+        bundle, local_store, tmp_path):
+    """`sync` commits what a trainer wrote; `load` fills a shared folder; a trainer started by someone
+    else, on another Python, finds it with PYTHONPATH=/opt/ckpt-agent/pythonpath alone."""
+    ckpts = tmp_path / "ckpts"
+    (ckpts / "checkpoint-8").mkdir(parents=True)
+    (ckpts / "checkpoint-8" / "model.bin").write_bytes(b"m" * 5000)
+    (ckpts / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 8}')
+    env = clean_env(**local_store.env, BT_TRAINING_PROJECT_NAME="proj", BT_TRAINING_JOB_ID="job-s",
+                    BT_CHECKPOINT_DIR=str(ckpts), CKPT_AGENT_QUIET_SECONDS="0")
+    result = agent(bundle, ["sync", "--once"], env)
+    assert result.returncode == 0 and "committed checkpoint-8" in result.stderr, _explain(result)
+    shared = tmp_path / "shared"
+    result = agent(bundle, ["load"], {**env, "BT_LOAD_CHECKPOINT_CONFIG": spec(shared, latest("proj"))})
+    assert result.returncode == 0, _explain(result)
+    python = _trainer_pythons()[-1]  # another Python than the suite's, where the machine has one
+    code = "import ckpt_agent; print(ckpt_agent.latest_local_checkpoint())"
+    trainer_env = {**clean_env(), "BT_LOAD_CHECKPOINT_DIR": str(shared), "PYTHONPATH": str(bundle / "pythonpath")}
+    proc = subprocess.run([python, "-c", code], env=trainer_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, _explain(proc)
+    assert proc.stdout.strip() == str(shared / "rank-0" / "checkpoint-8")
 
 
 # --- entrypoint.sh on the bundle, as the image runs it (PATH=/opt/ckpt-agent/bin:...) ----------------
