@@ -1,4 +1,5 @@
 """ckpt-agent: load verified checkpoints before training starts, upload them as it runs."""
+from __future__ import annotations
 
 __all__ = ["CheckpointLoadError", "__version__", "latest_local_checkpoint"]
 
@@ -26,9 +27,9 @@ def latest_local_checkpoint(rank: int | None = None) -> str | None:
     with a progress line on stderr every few seconds, and raises CheckpointLoadError if it failed."""
     import os
 
+    from ckpt_agent.disk.resume import latest_local_checkpoint as _latest
     from ckpt_agent.runtime.loadstatus import wait_for_load
 
     wait_for_load(os.environ)
-    from ckpt_agent.load.record import latest_local_checkpoint as _latest
 
     return _latest(rank)

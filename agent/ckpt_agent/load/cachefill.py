@@ -83,7 +83,8 @@ def start_fill(folder: Folder, rank: int, cache: CacheSettings, noted: FillList,
     env = {k: os.environ[k] for k in _KEPT_ENV if k in os.environ}
     try:
         folder.write_atomic(job_rel, json.dumps(job).encode())
-        subprocess.run(["/bin/sh", "-c", '"$@" </dev/null >/dev/null &', "sh", sys.executable, "-m",
+        isolated = ["-I"] if sys.flags.isolated else []  # as the self-contained agent runs (packaging/)
+        subprocess.run(["/bin/sh", "-c", '"$@" </dev/null >/dev/null &', "sh", sys.executable, *isolated, "-m",
                         "ckpt_agent.load.cachefill", str(folder.shown(job_rel).absolute())],
                        env=env, start_new_session=True, check=True)
     except (OSError, AgentError, subprocess.CalledProcessError) as exc:
