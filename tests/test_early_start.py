@@ -163,3 +163,30 @@ print(json.dumps(seen))
     assert f"{NAME}/model.bin.ckpt-incomplete" in seen  # it watched while the load ran
     expected = {f"{NAME}/{rel}": hashlib.sha256(data).hexdigest() for rel, data in files.items()}
     assert {rel: sha for rel, sha in seen.items() if not rel.endswith(".ckpt-incomplete")}.items() <= expected.items()
+
+
+def test_with_checkpointing_a_failed_early_load_uploads_nothing_the_trainer_saved(s3_env, s3_prefix, files, tmp_path):
+    """Supervise mode: uploads start only once the load is verified, so a checkpoint the trainer wrote
+    before it was stopped never becomes the job's latest."""
+    corrupt(s3_env, s3_prefix, files)
+    ckpts = tmp_path / "ckpts"
+    saves = script(tmp_path, "saves.py", f"""
+import os, time
+folder = os.path.join(os.environ["BT_CHECKPOINT_DIR"], "step-1")
+os.makedirs(folder)
+with open(os.path.join(folder, "weights.bin"), "wb") as f:
+    f.write(b"untrained" * 1000)
+time.sleep(60)
+open({str(tmp_path / "trained")!r}, "w").write("x")
+""")
+    env = agent_env(s3_env, s3_prefix, tmp_path / "dl", CKPT_AGENT_MAX_RATE=RATE, CKPT_AGENT_GRACE_SECONDS="3",
+                    BT_CHECKPOINTING_ENABLED="1", BT_TRAINING_JOB_ID="job-scratch", BT_CHECKPOINT_DIR=str(ckpts),
+                    CKPT_AGENT_QUIET_SECONDS="0.2", CKPT_AGENT_POLL_SECONDS="0.1", CKPT_AGENT_COMMIT_ON_QUIET="1")
+    result = subprocess.run([AGENT, "run", "--start-early", "--", sys.executable, saves], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 5, result.stderr
+    assert (ckpts / "step-1" / "weights.bin").exists()  # it did write, before it was stopped
+    assert not (tmp_path / "trained").exists()
+    assert "nothing the trainer wrote is uploaded" in result.stderr
+    listed = s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix=f"{s3_prefix}/jobs/job-scratch/")
+    assert listed.get("KeyCount", 0) == 0
