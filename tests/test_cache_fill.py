@@ -66,7 +66,7 @@ def load(env: dict[str, str], dl: Path, cache: Path) -> tuple[dict[str, int], st
 
 def load_without_filler(env: dict[str, str], dl: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A load that writes its fill job but starts no filler: the test runs the filler itself."""
-    monkeypatch.setattr(cachefill.subprocess, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: None)
     load(env, dl, cache)
     monkeypatch.undo()
     job = dl / ".ckpt-agent" / cachefill.fill_job_name(0)

@@ -20,12 +20,9 @@ load fetches what is missing from the store.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
-import platform
-import subprocess
 import sys
 import threading
 import time
@@ -79,6 +76,8 @@ def start_fill(folder: Folder, rank: int, cache: CacheSettings, noted: FillList,
             files[rel] = {"signature": stat_signature(st), "spans": sorted(spans)}
     job = {"cache": cache.root, "max_bytes": cache.max_bytes, "download_folder": str(folder.root.absolute()),
            "files": files}
+    import subprocess  # here: every load imports this module, few start a filler
+
     job_rel = f"{STATE_DIR}/{fill_job_name(rank)}"
     env = {k: os.environ[k] for k in _KEPT_ENV if k in os.environ}
     try:
@@ -97,6 +96,9 @@ def start_fill(folder: Folder, rank: int, cache: CacheSettings, noted: FillList,
 
 def _lowest_priority() -> None:
     """Nice 19 and the idle I/O class: the trainer starting meanwhile goes first."""
+    import ctypes
+    import platform
+
     try:
         os.nice(19)
         number = _IOPRIO_SET.get(platform.machine())
