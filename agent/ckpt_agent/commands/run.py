@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,6 +72,8 @@ def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
         print_plan(ctx, selection)
     else:
         print("checkpoint loading is disabled: nothing to load")
+    import shlex  # only for the dry run: every `run` imports this module
+
     print(f"would exec: {shlex.join(argv)}", flush=True)
     return 0
 
