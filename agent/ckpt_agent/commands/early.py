@@ -38,7 +38,7 @@ from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.load import load_now
 from ckpt_agent.config.selection import Selection
 from ckpt_agent.disk.localstate import STATE_DIR, prepare_root
-from ckpt_agent.errors import EXIT_INTERNAL, AgentError, LocalError
+from ckpt_agent.errors import EXIT_INTERNAL, AgentError, ConfigError, LocalError
 from ckpt_agent.report import Reporter
 from ckpt_agent.runtime.loadstatus import RAISE_SECONDS, STATUS_ENV, create_status, status_name, write_status
 from ckpt_agent.trainer.launch import exec_training
@@ -78,7 +78,11 @@ class _Pidfd:
     process that reuses the PID later."""
 
     def __init__(self) -> None:
-        self.fd = os.pidfd_open(os.getpid())
+        try:
+            self.fd = os.pidfd_open(os.getpid())
+        except (OSError, AttributeError):
+            raise ConfigError("--start-early / CKPT_AGENT_START_EARLY: needs Linux 5.3 or newer (pidfd_open); "
+                              "start without it") from None
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -124,8 +128,8 @@ def _loader_in_exec_mode(ctx: Context, selection: Selection, status: int, traine
 
 def exec_early(ctx: Context, argv: list[str], env: dict[str, str], selection: Selection, grace: float) -> NoReturn:
     """Fork the loader (twice, so nobody's child), then exec the trainer in this process."""
-    status, path = _status_file(ctx)
     trainer = _Pidfd()
+    status, path = _status_file(ctx)
     sys.stdout.flush()
     sys.stderr.flush()
     middle = os.fork()
