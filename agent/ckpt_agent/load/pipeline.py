@@ -36,7 +36,7 @@ from ckpt_agent.load.record import (
 from ckpt_agent.load.resolve import Resolution, Resolved, latest_order, resolve
 from ckpt_agent.load.sources import open_sources
 from ckpt_agent.load.transfer import TransferOptions, TransferStats, run_plan
-from ckpt_agent.report import Reporter, human_bytes, source_summary
+from ckpt_agent.report import Reporter, human_bytes, source_summary, utc_now
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
 from ckpt_agent.stores import open_store
@@ -121,7 +121,7 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
             manifest=manifest_rel, manifest_crc32c=format_checksum(checksum(m.raw)), order=order[r.key]))
     stats, plan = result.stats, result.plan
     save_load_record(folder, LoadRecord(
-        agent_version=__version__, loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        agent_version=__version__, loaded_at=utc_now(),
         seconds=round(time.monotonic() - started, 3), download_folder=str(folder.root.absolute()),
         node_rank=rank, files_total=plan.total_files, bytes_total=plan.total_bytes,
         files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
@@ -221,7 +221,7 @@ def write_ready_file(path: Path, root: Path | None, rank: int) -> None:
     body = json.dumps({"ready": True, "agent_version": __version__,
                        "download_folder": str(root.absolute()) if root is not None else None,
                        "loaded_record": record,
-                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1).encode()
+                       "at": utc_now()}, indent=1).encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -10,7 +10,6 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from ckpt_agent.config import names
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
@@ -35,10 +34,6 @@ PATH_MAX = 4096 - 256  # room for the download folder and rank-<r>/<checkpoint>/
 
 def part_count(size: int, part_size: int) -> int:
     return max(1, -(-size // part_size))
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def natural_key(name: str) -> tuple:

@@ -28,6 +28,7 @@ from ckpt_agent.errors import (
 )
 from ckpt_agent.load.resolve import read_job
 from ckpt_agent.load.transfer import Progress
+from ckpt_agent.report import utc_now
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
 from ckpt_agent.runtime.ratelimit import NO_LIMITS, Limiter
@@ -42,7 +43,6 @@ from ckpt_agent.stores.manifest import (
     JobRecord,
     Manifest,
     PackEntry,
-    utc_now,
 )
 from ckpt_agent.upload.dedup import Segment
 from ckpt_agent.upload.incremental import Reuse, Transferred, plan_reuse
