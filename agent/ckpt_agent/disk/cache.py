@@ -19,7 +19,6 @@ never read through and never blocks.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_agent.disk.fileio import copy_range, read_span
-from ckpt_agent.disk.safefs import TEMP_PREFIX, AtomicFile, open_regular
+from ckpt_agent.disk.safefs import TEMP_PREFIX, AtomicFile, lock_exclusive, open_regular
 from ckpt_agent.errors import LocalError
 
 ENTRIES = "sha256"  # the folder of entries; a later algorithm gets its own
@@ -206,7 +205,7 @@ class PartCache:
             raise LocalError(f"{self.root / ENTRIES / LOCK}: not a regular file; remove it")
         fd = opened[0]
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_exclusive(fd)
             yield fd
         finally:
             os.close(fd)
