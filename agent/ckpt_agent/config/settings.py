@@ -49,6 +49,18 @@ def default_workers() -> int:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """What opening the store needs (ckpt_agent.stores.open_store), and nothing else of Settings."""
+
+    location: StoreLocation
+    engine: str = "http"  # CKPT_AGENT_S3_ENGINE: http (native) or boto3
+    aws_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_connections: int = 32  # boto3's connection pool: one per worker
+    is_default: bool = False  # the default local store in /tmp: trusted only if it is this user's
+
+
+@dataclass(frozen=True)
 class Settings:
     spec: LoadSpec
     store: StoreLocation
@@ -68,6 +80,11 @@ class Settings:
     checkpointing_enabled: bool = False
     max_rate: int | None = None  # CKPT_AGENT_MAX_RATE: bytes per second, loads and uploads; None: no cap
     cache: CacheSettings | None = None
+
+    @property
+    def store_config(self) -> StoreConfig:
+        return StoreConfig(self.store, self.s3_engine, self.aws_env, self.read_timeout, self.workers,
+                           is_default=self.store.scheme == "file" and self.store.root == DEFAULT_STORE)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:

@@ -50,7 +50,7 @@ def plan_load(settings: Settings, reporter: Reporter, selection: Selection = EVE
     no lock, creates no folder and writes nothing, here or in the store."""
     root = Path(settings.spec.download_folder)
     check_root(root)
-    store = open_store(settings)
+    store = open_store(settings.store_config)
     try:
         resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,
                              settings.project_name, settings.required)

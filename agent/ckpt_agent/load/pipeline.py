@@ -143,7 +143,7 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
     """`selection`: which files of each checkpoint to place (from --include/--exclude or the variables)."""
     started = time.monotonic()
     root = Path(settings.spec.download_folder)
-    store = open_store(settings)
+    store = open_store(settings.store_config)
     try:
         refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
         resolution = cancel.call(
