@@ -98,6 +98,9 @@ def make_reporter(log_format: str | None, stream: TextIO | None = None) -> Repor
     return JsonReporter(stream) if log_format == "json" else Reporter(stream)
 
 
+Progress = Callable[[int], None]  # told of every byte moved, from many threads (a ProgressSink, say)
+
+
 class ProgressSink:
     """A callable that takes byte counts from many threads; close() ends the display."""
 

@@ -33,13 +33,14 @@ from ckpt_agent.load.record import (
     recorded_manifest_path,
     save_load_record,
 )
-from ckpt_agent.load.resolve import Resolution, Resolved, latest_order, resolve
+from ckpt_agent.load.resolve import Resolution, Resolved, resolve
 from ckpt_agent.load.sources import open_sources
 from ckpt_agent.load.transfer import TransferOptions, TransferStats, run_plan
 from ckpt_agent.report import Reporter, human_bytes, source_summary, utc_now
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
 from ckpt_agent.stores import open_store
+from ckpt_agent.stores.catalog import latest_order
 from ckpt_agent.version import __version__
 
 

@@ -26,15 +26,14 @@ from ckpt_agent.errors import (
     StoreError,
     ThrottledError,
 )
-from ckpt_agent.load.resolve import read_job
-from ckpt_agent.load.transfer import Progress
-from ckpt_agent.report import utc_now
+from ckpt_agent.report import Progress, utc_now
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
 from ckpt_agent.runtime.ratelimit import NO_LIMITS, Limiter
 from ckpt_agent.runtime.retry import Backoff, retry
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store, upload_in_parts
+from ckpt_agent.stores.catalog import read_job
 from ckpt_agent.stores.manifest import (
     DEFAULT_PART_SIZE,
     FILE_KIND,
