@@ -39,7 +39,7 @@ from ckpt_agent.load.transfer import TransferOptions, TransferStats, run_plan
 from ckpt_agent.report import Reporter, human_bytes, source_summary, utc_now
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
-from ckpt_agent.stores import open_store
+from ckpt_agent.stores import Store, open_store
 from ckpt_agent.stores.catalog import latest_order
 from ckpt_agent.version import __version__
 
@@ -146,13 +146,7 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
     root = Path(settings.spec.download_folder)
     store = open_store(settings.store_config)
     try:
-        refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
-        resolution = cancel.call(
-            lambda: resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
-                            settings.required),
-            f"still missing everything: the store did not answer in time to resolve {refs}")
-        for warning in resolution.warnings:
-            reporter.warn(warning, event="no_checkpoint")
+        resolution = resolve_references(store, settings, reporter, cancel)
         for r in resolution.checkpoints:
             m = r.manifest
             reporter.info(f"{r.reference.describe()} -> job {m.job_id} checkpoint {m.checkpoint_name} "
@@ -194,6 +188,19 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
         bytes_from=stats.bytes_from(), seconds=round(seconds, 3),
     )
     return result
+
+
+def resolve_references(store: Store, settings: Settings, reporter: Reporter, cancel: Cancel) -> Resolution:
+    """The spec's references -> manifests, the first step of a load and of its dry run; a reference
+    that finds nothing (and is not required) is a warning. A signal or the deadline ends the wait."""
+    refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
+    resolution = cancel.call(
+        lambda: resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
+                        settings.required),
+        f"still missing everything: the store did not answer in time to resolve {refs}")
+    for warning in resolution.warnings:
+        reporter.warn(warning, event="no_checkpoint")
+    return resolution
 
 
 def warn_selection(resolution: Resolution, selection: Selection, required: bool, reporter: Reporter) -> None:
