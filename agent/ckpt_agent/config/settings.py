@@ -40,11 +40,8 @@ LOG_FORMATS = ("human", "json")
 
 
 def default_workers() -> int:
-    """Enough requests per core to keep the pipe full; more only burn kernel time on a small node.
-
-    Measured on 2 cores against SeaweedFS: 16 streams loaded 16 x 128 MiB in 3.4 s, 32 in 4.5 s
-    (system CPU 2.4 s against 4.7 s); 64 MiB ranges beat 32 MiB ones (1.9 s against 2.5 s).
-    """
+    """Enough requests per core to keep the pipe full; more only burn kernel time on a small node
+    (the measurements: docs/benchmarks.md, "Numbers behind the code")."""
     return min(64, 8 * (os.cpu_count() or 2))
 
 

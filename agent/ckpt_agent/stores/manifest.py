@@ -20,7 +20,7 @@ from ckpt_agent.errors import IntegrityError
 FORMAT, FORMAT_V1 = 2, 1
 ALGORITHM = "crc32c"
 # Collision-resistant, so equal hashes may stand for equal bytes (cache keys, incremental uploads);
-# sha256 over blake2b because SHA-NI makes it 2-2.5x faster here (bench/hashspeed.py), and hashlib
+# sha256 over blake2b because SHA-NI makes it faster here (bench/hashspeed.py, docs/benchmarks.md), and hashlib
 # releases the GIL for it, so save still hashes regions on every core.
 STRONG_ALGORITHM = "sha256"
 _STRONG_HEX = re.compile(r"[0-9a-f]{64}")

@@ -1,10 +1,10 @@
 """The boto3 S3 engine (CKPT_AGENT_S3_ENGINE=boto3): the only module that imports boto3.
 
 Uploads go part by part through `upload_part`, each body streamed from disk (FileSlice), never
-through s3transfer, whose `upload_fileobj` reads the parts of a file object into memory: a 2 GiB
-save peaked at 2.1 GiB resident. botocore's own messages can echo request details, so every
-botocore error is turned into one of ours with a message built here from the error code, the
-operation and the key only.
+through s3transfer, whose `upload_fileobj` reads the parts of a file object into memory (a save
+then holds about the whole file resident: docs/benchmarks.md). botocore's own messages can echo
+request details, so every botocore error is turned into one of ours with a message built here
+from the error code, the operation and the key only.
 """
 
 from __future__ import annotations
