@@ -1,6 +1,9 @@
-"""Everything the agent is told by its environment, parsed once into a frozen Settings.
+"""Every environment variable the agent reads is parsed here, and only here.
 
-A pure function of a mapping, so tests pass dicts and only cli.py touches os.environ.
+Pure functions of a mapping, so tests pass dicts: settings_from_env into a frozen Settings, and the
+pieces a command needs alone or merged with its flags (log_format, load_spec, selection_from_env,
+sync_options). cli.py hands them os.environ, each once per command; training code's
+latest_local_checkpoint reads loaded_folder_from_env itself.
 """
 
 from __future__ import annotations

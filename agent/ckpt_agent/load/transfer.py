@@ -59,7 +59,7 @@ class TransferStats:
     bytes_reused: int = 0
 
     def bytes_from(self) -> dict[str, int]:
-        """Every byte of the load by where it came from, as the summary and loaded.json show it."""
+        """Every byte of the load by where it came from, as the summary and loaded-rank-<r>.json show it."""
         return {"store": self.bytes_fetched, **self.bytes_local, "reused": self.bytes_reused}
 
 
