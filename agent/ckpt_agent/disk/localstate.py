@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ckpt_agent.disk.folder import Folder
-from ckpt_agent.disk.safefs import lock_exclusive, open_or_create, remove_tree
+from ckpt_agent.disk.safefs import lock_exclusive, open_or_create, record_bytes, remove_tree
 from ckpt_agent.errors import IntegrityError, LocalError
 
 STATE_DIR = ".ckpt-agent"
@@ -79,9 +79,9 @@ class VerifiedIndex:
 
     def save(self) -> None:
         with self._lock:
-            data = json.dumps(self._entries)
+            data = record_bytes(self._entries, compact=True)
         if self._folder is not None:
-            self._folder.write_atomic(VERIFIED, data.encode())
+            self._folder.write_atomic(VERIFIED, data)
 
 
 def check_root(root: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import secrets
 import stat
@@ -190,6 +191,13 @@ class AtomicFile:
         if self._pending:
             self._pending = False
             unlink(self._dfd, self._tmp)
+
+
+def record_bytes(record: object, *, compact: bool = False) -> bytes:
+    """The one JSON encoding of the records the agent keeps on disk (the load record, the ready file,
+    verified.json), each then written by write_atomic: indented for a person to read, compact where
+    a record is large and only the agent reads it."""
+    return json.dumps(record, indent=None if compact else 1).encode()
 
 
 def write_atomic(dfd: int, name: str, data: bytes, mode: int = 0o644) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import time
@@ -23,7 +22,7 @@ from ckpt_agent.disk.localstate import (
     prune_checkpoint,
     state_dir,
 )
-from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, write_atomic
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, record_bytes, write_atomic
 from ckpt_agent.errors import LocalError
 from ckpt_agent.load.plan import Plan, check_selection, make_plan
 from ckpt_agent.load.record import (
@@ -226,10 +225,9 @@ def write_ready_file(path: Path, root: Path | None, rank: int) -> None:
     """Written last and atomically (rename from an unpredictable name, created O_EXCL, so a planted link
     is replaced, never followed): it exists only once every file is verified and in place."""
     record = str(state_dir(root).absolute() / loaded_record(rank)) if root is not None else None
-    body = json.dumps({"ready": True, "agent_version": __version__,
-                       "download_folder": str(root.absolute()) if root is not None else None,
-                       "loaded_record": record,
-                       "at": utc_now()}, indent=1).encode()
+    body = record_bytes({"ready": True, "agent_version": __version__,
+                         "download_folder": str(root.absolute()) if root is not None else None,
+                         "loaded_record": record, "at": utc_now()})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -135,6 +135,10 @@ class JobRecord:
              "created_at": self.created_at, "num_nodes": self.num_nodes}
         )
 
+    def index_entry(self) -> str:
+        """The job's entry in its project's index (projects/<project>/jobs/<job>.json)."""
+        return json.dumps({"job_id": self.job_id, "created_at": self.created_at})
+
 
 def check_relative_path(path: object, where: str) -> str:
     """A manifest path must stay inside the checkpoint folder on every OS."""

@@ -9,7 +9,6 @@ never blocking on a FIFO.
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 import threading
@@ -148,8 +147,7 @@ def ensure_job(store: Store, ident: CheckpointId) -> None:
         try:
             store.read_bytes(key, limit=layout.MAX_RECORD_BYTES)
         except NotFoundError:
-            entry = json.dumps({"job_id": ident.job_id, "created_at": job.created_at})
-            store.write_bytes(key, entry.encode())
+            store.write_bytes(key, job.index_entry().encode())
 
 
 def _copies_server_side(store: Store) -> bool:
