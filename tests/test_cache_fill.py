@@ -42,7 +42,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     (folder / "config.json").write_bytes(b'{"layers": 2}')
     env = clean_env(BT_CHECKPOINT_STORE=f"file://{tmp_path / 'store'}", BT_TRAINING_PROJECT_NAME="proj",
                     BT_CHECKPOINT_DIR=str(tmp_path / "no-trainer-here"))
-    store = open_store(settings_from_env(env))
+    store = open_store(settings_from_env(env).store_config)
     try:
         commit_checkpoint(store, CommitRequest(folder, CheckpointId("proj", JOB, NAME), 2, part_size=PART),
                           lambda n: None, Cancel())

@@ -65,4 +65,5 @@ def open_sidecar(ctx: Context) -> Sidecar:
     if ctx.sync is None:
         raise ValueError("open_sidecar: the context has no sync options (the cli parses them for sync and run)")
     ident = CheckpointId(settings.project_name, job_id, "", settings.node_rank, settings.num_nodes)
-    return Sidecar(open_store(settings), ident, ctx.sync, settings.workers, ctx.reporter, max_rate=settings.max_rate)
+    return Sidecar(open_store(settings.store_config), ident, ctx.sync, settings.workers, ctx.reporter,
+                   max_rate=settings.max_rate)
