@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TextIO
 
 PROGRESS_INTERVAL = 5.0
@@ -39,6 +38,8 @@ def utc_now() -> str:
     """The one timestamp format, for log lines and every record the agent writes (manifests, job
     records, the load record, the ready file): ISO 8601 in UTC to the microsecond, which also
     orders two commits of the same second."""
+    from datetime import UTC, datetime  # here: every command imports this module, few write a time
+
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 class Reporter:
