@@ -29,15 +29,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_agent.config.settings import CacheSettings, log_format
+from ckpt_agent.config.settings import CacheSettings
 from ckpt_agent.disk.cache import PartCache
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, stat_signature
 from ckpt_agent.disk.safefs import open_file
 from ckpt_agent.errors import AgentError
-from ckpt_agent.report import Reporter, human_bytes, make_reporter
+from ckpt_agent.report import JsonReporter, Reporter, human_bytes, make_reporter
 
-_KEPT_ENV = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "BT_LOG_FORMAT", "TMPDIR")  # never the secrets
+# The filler's whole environment: where this very ckpt_agent lives, nothing else (never the secrets).
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _IOPRIO_SET = {"x86_64": 251, "aarch64": 30}  # syscall numbers
 _IOPRIO_IDLE = 3 << 13
 
@@ -79,13 +80,13 @@ def start_fill(folder: Folder, rank: int, cache: CacheSettings, noted: FillList,
     import subprocess  # here: every load imports this module, few start a filler
 
     job_rel = f"{STATE_DIR}/{fill_job_name(rank)}"
-    env = {k: os.environ[k] for k in _KEPT_ENV if k in os.environ}
+    log_format = "json" if isinstance(reporter, JsonReporter) else "human"
     try:
         folder.write_atomic(job_rel, json.dumps(job).encode())
         isolated = ["-I"] if sys.flags.isolated else []  # as the self-contained agent runs (packaging/)
         subprocess.run(["/bin/sh", "-c", '"$@" </dev/null >/dev/null &', "sh", sys.executable, *isolated, "-m",
-                        "ckpt_agent.load.cachefill", str(folder.shown(job_rel).absolute())],
-                       env=env, start_new_session=True, check=True)
+                        "ckpt_agent.load.cachefill", str(folder.shown(job_rel).absolute()), log_format],
+                       env={"PYTHONPATH": _PACKAGE_PARENT}, start_new_session=True, check=True)
     except (OSError, AgentError, subprocess.CalledProcessError) as exc:
         reporter.warn(f"part cache {cache.root}: cannot start filling it ({exc}); the next load fetches these "
                       "parts from the store", event="cache_fill")
@@ -171,12 +172,9 @@ def _remove_if_same(path: Path, mine: os.stat_result) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """argv: the job's path, the log format of the load that wrote it."""
     _lowest_priority()
-    try:
-        reporter = make_reporter(log_format(os.environ))
-    except AgentError:
-        reporter = Reporter()
-    return fill(Path(argv[0]), reporter)
+    return fill(Path(argv[0]), make_reporter(argv[1] if len(argv) > 1 else None))
 
 
 if __name__ == "__main__":
