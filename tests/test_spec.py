@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -321,8 +320,19 @@ def test_store_location_plain_absolute_path_is_local():
     assert str(loc) == "/srv/ckpt"
 
 
-def test_store_location_plain_relative_path_becomes_absolute():
-    assert parse_store_location("store/here") == StoreLocation("file", "", os.path.abspath("store/here"))
+@pytest.mark.parametrize("text", ["store/here", "./store", "s3:/typo-bucket", "S3://bucket/x", "bucket/x",
+                                  "Baseten", "baseten/x", "s3:bucket", "file:/srv/x"])
+def test_store_location_that_is_not_one_of_the_accepted_forms_is_refused_showing_them(text):
+    with pytest.raises(ConfigError, match="BT_CHECKPOINT_STORE: .*use s3://bucket\\[/prefix\\], "
+                                          "file:///absolute/path or an absolute path") as caught:
+        parse_store_location(text)
+    assert "\n" not in str(caught.value)
+
+
+def test_store_location_refusal_never_echoes_a_value_with_a_user_and_password():
+    with pytest.raises(ConfigError) as caught:
+        parse_store_location("s3:/AKIAUSER:SECRETKEY@bucket/x")
+    assert "SECRETKEY" not in str(caught.value) and "AKIAUSER" not in str(caught.value)
 
 
 def test_store_location_empty_is_refused():

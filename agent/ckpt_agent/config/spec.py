@@ -158,28 +158,39 @@ def parse_start_commands(text: str | None) -> tuple[str, ...]:
     return tuple(obj)
 
 
+STORE_FORMS = "s3://bucket[/prefix], file:///absolute/path or an absolute path"
+
+
 def parse_store_location(text: str) -> StoreLocation:
-    """`s3://bucket[/prefix]`, `file:///abs/path`, or a plain path for the local store."""
-    if "://" not in text:
-        if not text.strip():
-            raise ConfigError("BT_CHECKPOINT_STORE: must not be empty")
+    """One of STORE_FORMS, spelled exactly. Anything else (`s3:/x`, `S3://x`, `bucket/x`, a relative
+    path) is refused: taken as a folder it would be created in the working directory, and a
+    container's working directory disappears with it, checkpoints and all."""
+    if text.startswith("/"):
         return StoreLocation("file", "", os.path.abspath(text))
+    if not text.strip():
+        raise ConfigError(f"BT_CHECKPOINT_STORE: must not be empty (use {STORE_FORMS})")
+    if "://" not in text:
+        raise ConfigError(f"BT_CHECKPOINT_STORE: {_shown(text)} is not a store (use {STORE_FORMS})")
     if "@" in text.split("://", 1)[1].split("/", 1)[0]:
         # Never echoed: what precedes the '@' is a user and often a secret key.
         raise ConfigError("BT_CHECKPOINT_STORE: must not hold a user or password (user:secret@); "
                           "use s3://bucket/prefix and give credentials through the AWS environment")
     url = urlparse(text)
-    if url.scheme == "s3":
+    if text.startswith("s3://"):
         if not url.netloc:
             raise ConfigError(f"BT_CHECKPOINT_STORE: {text!r} has no bucket (use s3://bucket/prefix)")
         if not _BUCKET.fullmatch(url.netloc):
             raise ConfigError(f"BT_CHECKPOINT_STORE: {url.netloc!r} is not a bucket name "
                               "(letters, digits, '.', '-' and '_'; use s3://bucket/prefix)")
         return StoreLocation("s3", url.netloc, url.path.strip("/"))
-    if url.scheme == "file":
+    if text.startswith("file://"):
         if url.netloc not in ("", "localhost") or not url.path.startswith("/"):
             raise ConfigError(f"BT_CHECKPOINT_STORE: {text!r} must be file:///absolute/path")
         return StoreLocation("file", "", unquote(url.path))
-    raise ConfigError(
-        f"BT_CHECKPOINT_STORE: unknown scheme {url.scheme!r} in {text!r} (use s3:// or file://)"
-    )
+    scheme = text.split("://", 1)[0]
+    raise ConfigError(f"BT_CHECKPOINT_STORE: unknown scheme {scheme!r} in {_shown(text)} (use {STORE_FORMS})")
+
+
+def _shown(text: str) -> str:
+    """The value quoted, unless an '@' says it may hold a user and password (`s3:/key:secret@bucket`)."""
+    return "the value (not shown: it holds '@')" if "@" in text else repr(text)
