@@ -320,10 +320,15 @@ def test_store_location_plain_absolute_path_is_local():
     assert str(loc) == "/srv/ckpt"
 
 
+def test_store_location_baseten_is_the_training_api():
+    assert parse_store_location("baseten") == StoreLocation("baseten", "", "")
+    assert str(parse_store_location("baseten")) == "baseten"
+
+
 @pytest.mark.parametrize("text", ["store/here", "./store", "s3:/typo-bucket", "S3://bucket/x", "bucket/x",
                                   "Baseten", "baseten/x", "s3:bucket", "file:/srv/x"])
 def test_store_location_that_is_not_one_of_the_accepted_forms_is_refused_showing_them(text):
-    with pytest.raises(ConfigError, match="BT_CHECKPOINT_STORE: .*use s3://bucket\\[/prefix\\], "
+    with pytest.raises(ConfigError, match="BT_CHECKPOINT_STORE: .*use s3://bucket\\[/prefix\\], baseten, "
                                           "file:///absolute/path or an absolute path") as caught:
         parse_store_location(text)
     assert "\n" not in str(caught.value)

@@ -14,7 +14,7 @@ from tests.support.specs import latest, spec
 
 MALFORMED = ["s3:/typo-bucket", "S3://bucket/x", "bucket/x", "relative/store", "./store", "store",
              "s3:bucket", "file:/srv/x", "Baseten"]
-FORMS = "s3://bucket[/prefix], file:///absolute/path or an absolute path"
+FORMS = "s3://bucket[/prefix], baseten, file:///absolute/path or an absolute path"
 
 
 def _run(args: list[str], cwd: Path, store: str, dl: Path) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.sync import SyncFlags
 from ckpt_agent.config.settings import debug, load_spec, log_format, selection_from_env, settings_from_env
-from ckpt_agent.config.spec import check_name
+from ckpt_agent.config.spec import check_name, parse_s3_prefix
 from ckpt_agent.errors import EXIT_INTERNAL, AgentError, ConfigError
 from ckpt_agent.report import Reporter, make_reporter
 from ckpt_agent.runtime.cancel import Cancel
@@ -44,7 +44,9 @@ EPILOG_LOAD = """examples:
   ckpt-agent load
   ckpt-agent load --dry-run                      # which checkpoint each reference picks, and why
   ckpt-agent load --ready-file /shared/ready     # for a neighbour container that waits on it
-  ckpt-agent load --exclude optimizer.pt,scheduler.pt --dry-run   # weights only: what is left out"""
+  ckpt-agent load --exclude optimizer.pt,scheduler.pt --dry-run   # weights only: what is left out
+  ckpt-agent load --from s3://bucket/runs/checkpoint-500/          # objects another tool wrote
+  BT_CHECKPOINT_STORE=baseten BASETEN_API_KEY=... ckpt-agent load  # a Baseten job's checkpoints"""
 EPILOG_LS = """examples:
   ckpt-agent ls                                  # every job: project, job, created, nodes
   ckpt-agent ls --project demo                   # that project's jobs, newest first
@@ -90,8 +92,9 @@ def _run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -
 def _load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
     from ckpt_agent.commands.load import LoadOptions, load
 
+    source = None if args.source is None else parse_s3_prefix(args.source, "--from")
     options = LoadOptions(args.dry_run, Path(args.ready_file) if args.ready_file else None,
-                          selection_from_env(env, args.include, args.exclude))
+                          selection_from_env(env, args.include, args.exclude), source)
     return load(_context(env, reporter, args.workers, args.chunk_mb, load_timeout=True), options)
 
 
@@ -202,6 +205,9 @@ def _load_parser(sub: Subparsers) -> None:
     _add_selection_flags(load)
     load.add_argument("--dry-run", action="store_true",
                       help="resolve every reference and print the plan; download nothing")
+    load.add_argument("--from", dest="source", metavar="S3_URI",
+                      help="load every object under s3://bucket/path/checkpoint-name/ into "
+                           "rank-<r>/checkpoint-name/ instead of the spec's checkpoints (verified by S3's checksums)")
     load.add_argument("--ready-file", metavar="PATH",
                       help="write PATH once every file is verified and in place (removed at start)")
     load.set_defaults(func=_load)

@@ -52,11 +52,12 @@ def sync(ctx: Context, options: SyncCommandOptions) -> int:
 def open_sidecar(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = None) -> Sidecar:
     """The sync loop for `sync` and for `run` in supervise mode; checks the identity first."""
     from ckpt_agent.config.settings import sync_options
-    from ckpt_agent.stores import open_store
+    from ckpt_agent.stores import open_store, refuse_read_only
     from ckpt_agent.sync.loop import Sidecar
     from ckpt_agent.upload.commit import CheckpointId
 
     settings = ctx.settings
+    refuse_read_only(settings)
     job_id = settings.job_id
     if not job_id:
         raise ConfigError("BT_TRAINING_JOB_ID: required to upload checkpoints "

@@ -20,6 +20,7 @@ from ckpt_agent.config.sidecar import (
 )
 from ckpt_agent.config.sizes import parse_size
 from ckpt_agent.config.spec import (
+    BASETEN,
     CONFIG_VAR,
     LoadSpec,
     StoreLocation,
@@ -67,6 +68,7 @@ class Settings:
     checkpointing_enabled: bool = False
     max_rate: int | None = None  # CKPT_AGENT_MAX_RATE: bytes per second, loads and uploads; None: no cap
     cache: CacheSettings | None = None
+    baseten: BasetenSettings = field(default_factory=lambda: BasetenSettings(DEFAULT_API_URL, None))
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -126,9 +128,10 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         raise ConfigError(f"CKPT_AGENT_S3_ENGINE: expected http or boto3, got {engine!r}")
     project = env.get("BT_TRAINING_PROJECT_NAME") or None
     job_id = env.get("BT_TRAINING_JOB_ID") or None
+    store = parse_store_location(env.get("BT_CHECKPOINT_STORE") or DEFAULT_STORE)
     return Settings(
         spec=load_spec(env),
-        store=parse_store_location(env.get("BT_CHECKPOINT_STORE") or DEFAULT_STORE),
+        store=store,
         project_name=check_name(project, "BT_TRAINING_PROJECT_NAME", nullable=True),
         job_id=check_name(job_id, "BT_TRAINING_JOB_ID", nullable=True),
         node_rank=_int(env, "BT_NODE_RANK", 0, 0),
@@ -145,7 +148,28 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         checkpointing_enabled=env_flag(env, "BT_CHECKPOINTING_ENABLED"),
         max_rate=max_rate_from_env(env),
         cache=cache_settings_from_env(env),
+        baseten=baseten_settings_from_env(env) if store.scheme == BASETEN else BasetenSettings(DEFAULT_API_URL, None),
     )
+
+
+# --- Baseten's training API (BT_CHECKPOINT_STORE=baseten) --------------------------------------
+
+API_KEY_VAR, API_URL_VAR = "BASETEN_API_KEY", "BASETEN_API_URL"
+DEFAULT_API_URL = "https://api.baseten.co"
+
+
+@dataclass(frozen=True)
+class BasetenSettings:
+    api_url: str
+    api_key: str | None = field(repr=False)  # a secret: never in a repr, a message or the record
+
+
+def baseten_settings_from_env(env: Mapping[str, str]) -> BasetenSettings:
+    """Only for BT_CHECKPOINT_STORE=baseten, whose store refuses a missing key before any request."""
+    url = env.get(API_URL_VAR, "").strip().rstrip("/") or DEFAULT_API_URL
+    if not url.startswith(("https://", "http://")) or "@" in url:
+        raise ConfigError(f"{API_URL_VAR}: expected https://host[:port] with no user or password")
+    return BasetenSettings(url, env.get(API_KEY_VAR, "").strip() or None)
 
 
 # --- limits (issue 12): the rate cap and selective loads ---------------------------------------

@@ -21,7 +21,9 @@ from ckpt_agent.errors import ConfigError
 DEFAULT_DOWNLOAD_FOLDER = "/tmp/loaded_checkpoints"
 LATEST = "baseten_latest_checkpoint"
 NAMED = "baseten_named_checkpoint"
+S3_PREFIX = "s3_prefix"
 CONFIG_VAR = "BT_LOAD_CHECKPOINT_CONFIG"
+BASETEN = "baseten"  # BT_CHECKPOINT_STORE=baseten: Baseten's training API, not a folder
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
@@ -45,7 +47,20 @@ class NamedRef:
         return f"named(checkpoint_name={self.checkpoint_name}, job_id={self.job_id})"
 
 
-Reference = LatestRef | NamedRef
+@dataclass(frozen=True)
+class S3PrefixRef:
+    """Every object under `s3://bucket/prefix/`, loaded into rank-<r>/<name>/ (name: the prefix's last part)."""
+
+    uri: str
+    bucket: str
+    prefix: str  # ends with '/'
+    name: str
+
+    def describe(self) -> str:
+        return f"s3_prefix(uri={self.uri})"
+
+
+Reference = LatestRef | NamedRef | S3PrefixRef
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,8 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class StoreLocation:
-    """Where checkpoints live: `scheme` is "s3" or "file"; `root` is the prefix or folder."""
+    """Where checkpoints live: `scheme` is "s3", "file" or "baseten" (the training API: no bucket, no
+    root); `root` is the prefix or folder."""
 
     scheme: str
     bucket: str
@@ -66,7 +82,7 @@ class StoreLocation:
     def __str__(self) -> str:
         if self.scheme == "s3":
             return f"s3://{self.bucket}/{self.root}".rstrip("/")
-        return self.root
+        return self.root or self.scheme
 
 
 @overload
@@ -112,7 +128,24 @@ def _parse_reference(obj: object, where: str) -> Reference:
             checkpoint_name=check_name(obj["checkpoint_name"], f"{where}.checkpoint_name"),
             job_id=check_name(obj["job_id"], f"{where}.job_id"),
         )
-    raise ConfigError(f"{where}.typ: unknown {json.dumps(typ)} (expected {LATEST!r} or {NAMED!r})")
+    if typ == S3_PREFIX:
+        _check_keys(obj, {"typ", "uri"}, where)
+        return parse_s3_prefix(obj.get("uri"), f"{where}.uri")
+    raise ConfigError(f"{where}.typ: unknown {json.dumps(typ)} (expected {LATEST!r}, {NAMED!r} or {S3_PREFIX!r})")
+
+
+def parse_s3_prefix(uri: object, field: str) -> S3PrefixRef:
+    """`s3://bucket/path/checkpoint-500/`: the last path component names the checkpoint's folder."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ConfigError(f"{field}: expected s3://bucket/path/checkpoint-name/")
+    bucket, _, path = uri[len("s3://"):].partition("/")
+    if "@" in bucket:  # not echoed: a user and password
+        raise ConfigError(f"{field}: must not hold a user or password; give credentials through the AWS environment")
+    path = path.strip("/")
+    if not _BUCKET.fullmatch(bucket) or not path:
+        raise ConfigError(f"{field}: {json.dumps(uri)} needs a bucket and a path (s3://bucket/path/checkpoint-name/)")
+    name = check_name(path.rsplit("/", 1)[-1], f"{field} (its last path component)")
+    return S3PrefixRef(f"s3://{bucket}/{path}/", bucket, f"{path}/", name)
 
 
 def parse_load_spec(text: str | None) -> LoadSpec:
@@ -158,13 +191,15 @@ def parse_start_commands(text: str | None) -> tuple[str, ...]:
     return tuple(obj)
 
 
-STORE_FORMS = "s3://bucket[/prefix], file:///absolute/path or an absolute path"
+STORE_FORMS = "s3://bucket[/prefix], baseten, file:///absolute/path or an absolute path"
 
 
 def parse_store_location(text: str) -> StoreLocation:
     """One of STORE_FORMS, spelled exactly. Anything else (`s3:/x`, `S3://x`, `bucket/x`, a relative
     path) is refused: taken as a folder it would be created in the working directory, and a
     container's working directory disappears with it, checkpoints and all."""
+    if text == BASETEN:
+        return StoreLocation(BASETEN, "", "")
     if text.startswith("/"):
         return StoreLocation("file", "", os.path.abspath(text))
     if not text.strip():

@@ -11,11 +11,12 @@ from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import Settings
 from ckpt_agent.disk.localstate import VerifiedIndex, check_root, checkpoint_dir
 from ckpt_agent.disk.safefs import Folder
+from ckpt_agent.load.foreign import finder
 from ckpt_agent.load.pipeline import bytes_needed, describe_left_out, shown_paths, warn_selection
 from ckpt_agent.load.plan import FileTask, Plan, make_plan
 from ckpt_agent.load.resolve import Resolution, Resolved, resolve
 from ckpt_agent.report import Reporter, human_bytes
-from ckpt_agent.stores import open_store
+from ckpt_agent.stores import open_load_store
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,10 @@ def plan_load(settings: Settings, reporter: Reporter, selection: Selection = EVE
     no lock, creates no folder and writes nothing, here or in the store."""
     root = Path(settings.spec.download_folder)
     check_root(root)
-    store = open_store(settings)
+    store = open_load_store(settings)
     try:
-        resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,
-                             settings.project_name, settings.required)
+        resolution = resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
+                             settings.required, finder(store, settings.node_rank, settings.project_name))
     finally:
         store.close()
     for warning in resolution.warnings:

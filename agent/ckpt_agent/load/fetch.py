@@ -44,9 +44,12 @@ class Fetcher:
     holds a slot of `limiter`'s gate and reads under its rate cap."""
 
     def __init__(self, store: Store, cancel: Cancel, backoff: Backoff, buffer_size: int,
-                 fetched: Callable[[int], None], limiter: Limiter = NO_LIMITS) -> None:
+                 fetched: Callable[[int], None], limiter: Limiter = NO_LIMITS,
+                 observe: Callable[[FileTask, RangeReader], None] | None = None) -> None:
+        """`observe(task, reader)`: shown every response for a file the agent did not write, whose
+        storage check (stores/objectcheck.py) comes with the answer."""
         self.store, self.cancel, self.backoff = store, cancel, backoff
-        self.buffer_size, self.fetched, self.limiter = buffer_size, fetched, limiter
+        self.buffer_size, self.fetched, self.limiter, self.observe = buffer_size, fetched, limiter, observe
         self._local = threading.local()
 
     def buffer(self) -> memoryview:
@@ -109,7 +112,8 @@ class Fetcher:
                     p_start, p_end = part_bounds(task, part)
                     crc, offset = 0, p_start
                     self.read_exactly(reader, task.key, p_end - p_start, sink)
-                    _check(crc, task.entry.parts[part], f"part {part} checksum mismatch")
+                    if task.entry.foreign is None:  # a foreign file is checked whole, once in place
+                        _check(crc, task.entry.parts[part], f"part {part} checksum mismatch")
                     self.fetched(p_end - p_start)
                     part += 1
         finally:
@@ -119,10 +123,17 @@ class Fetcher:
     def _open(self, task: FileTask, start: int, length: int) -> RangeReader:
         reader = self.store.open_range(task.key, start, length)
         size = getattr(reader, "object_size", None)
+        listed = "manifest" if task.entry.foreign is None else "listing"
         if size is not None and size != task.entry.size:
             reader.close()
-            raise IntegrityError(f"{task.key}: is {size} bytes in the store but {task.entry.size} in its manifest; "
-                                 "the object changed after it was committed")
+            raise IntegrityError(f"{task.key}: is {size} bytes in the store but {task.entry.size} in its {listed}; "
+                                 f"the object changed after it was {'committed' if listed == 'manifest' else 'listed'}")
+        if task.entry.foreign is not None and self.observe is not None:
+            try:
+                self.observe(task, reader)
+            except BaseException:
+                reader.close()
+                raise
         return reader
 
     def span(self, key: str, members: list[FileTask], first: int,

@@ -135,7 +135,8 @@ def render(data: JobListing | CheckpointListing, as_json: bool = False) -> str:
                       [[j.project_name or "-", j.job_id, j.created_at or "(no job.json)",
                         "-" if j.num_nodes is None else str(j.num_nodes)] for j in data.jobs])
     job = data.job
-    title = f"job {job.job_id} (project {job.project_name or '-'}, {job.num_nodes} node(s), created {job.created_at})"
+    nodes = "" if job.num_nodes is None else f", {job.num_nodes} node(s)"  # the training API does not say
+    title = f"job {job.job_id} (project {job.project_name or '-'}{nodes}, created {job.created_at})"
     if not data.checkpoints:
         return f"{title}\nno checkpoints"
     rows = [[c.name, c.committed_at or "-",

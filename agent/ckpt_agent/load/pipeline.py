@@ -7,7 +7,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_agent.config.selection import EVERY_FILE, Selection
@@ -25,6 +26,7 @@ from ckpt_agent.disk.localstate import (
 )
 from ckpt_agent.disk.safefs import Folder, write_atomic
 from ckpt_agent.errors import LocalError
+from ckpt_agent.load.foreign import finder
 from ckpt_agent.load.plan import Plan, check_selection, make_plan
 from ckpt_agent.load.record import (
     LoadedCheckpoint,
@@ -35,11 +37,13 @@ from ckpt_agent.load.record import (
 )
 from ckpt_agent.load.resolve import Resolution, Resolved, latest_order, resolve
 from ckpt_agent.load.sources import open_sources
+from ckpt_agent.load.storagecheck import Checked, checked_files, recorded_manifest
 from ckpt_agent.load.transfer import TransferOptions, TransferStats, run_plan
 from ckpt_agent.report import Reporter, human_bytes, source_summary
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
-from ckpt_agent.stores import open_store
+from ckpt_agent.stores import open_load_store
+from ckpt_agent.stores.objectcheck import SIZE
 from ckpt_agent.version import __version__
 
 
@@ -48,6 +52,7 @@ class LoadResult:
     resolution: Resolution
     plan: Plan
     stats: TransferStats
+    checked: dict[tuple[str, str], dict[str, Checked]] = field(default_factory=dict)  # foreign checkpoints' files
 
 
 def bytes_needed(plan: Plan, folder: Folder | None) -> int:
@@ -111,14 +116,16 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
     order = store_order(result.resolution.checkpoints)
     checkpoints, manifests = [], {}
     for r in result.resolution.checkpoints:
-        m = r.manifest
+        m, checked = r.manifest, result.checked.get(r.key)
         manifest_rel = recorded_manifest_path(rank, m.checkpoint_name)
-        manifests[manifest_rel] = m.raw
+        raw = m.raw if checked is None else recorded_manifest(m, checked).raw
+        manifests[manifest_rel] = raw
         checkpoints.append(LoadedCheckpoint(
             reference=r.reference.describe(), job_id=m.job_id, project_name=m.project_name,
             checkpoint_name=m.checkpoint_name, rank=m.rank, committed_at=m.committed_at, files=len(m.files),
             bytes=m.total_bytes, reason=r.reason, path=checkpoint_dir(rank, m.checkpoint_name),
-            manifest=manifest_rel, manifest_crc32c=format_checksum(checksum(m.raw)), order=order[r.key]))
+            manifest=manifest_rel, manifest_crc32c=format_checksum(checksum(raw)), order=order[r.key],
+            verified_by={} if checked is None else {path: c.kind for path, c in sorted(checked.items())}))
     stats, plan = result.stats, result.plan
     save_load_record(folder, LoadRecord(
         agent_version=__version__, loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -143,12 +150,12 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
     """`selection`: which files of each checkpoint to place (from --include/--exclude or the variables)."""
     started = time.monotonic()
     root = Path(settings.spec.download_folder)
-    store = open_store(settings)
+    store = open_load_store(settings)
     try:
         refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
         resolution = cancel.call(
             lambda: resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
-                            settings.required),
+                            settings.required, finder(store, settings.node_rank, settings.project_name)),
             f"still missing everything: the store did not answer in time to resolve {refs}")
         for warning in resolution.warnings:
             reporter.warn(warning, event="no_checkpoint")
@@ -174,11 +181,14 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
                     stats = run_plan(store, plan, folder, options, sink, cancel, index, limits, sources)
             finally:
                 sink.close()
-            result = LoadResult(resolution, plan, stats)
+            result = LoadResult(resolution, plan, stats, {
+                r.key: checked_files(r.manifest, settings.node_rank, stats.checked, index, folder)
+                for r in resolution.checkpoints if any(f.foreign for f in r.manifest.files)})
             _prune(folder, result, settings.node_rank, reporter)
             _record(folder, result, started, settings.node_rank)
     finally:
         store.close()
+    _report_checks(result, reporter)
     seconds = time.monotonic() - started
     rate = stats.bytes_fetched / seconds / 1e6 if seconds > 0 else 0.0
     left_out = describe_left_out(plan)
@@ -193,6 +203,23 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
         bytes_from=stats.bytes_from(), seconds=round(seconds, 3),
     )
     return result
+
+
+def _report_checks(result: LoadResult, reporter: Reporter) -> None:
+    """For files the agent did not write: how each was checked, and plainly which were checked by size only."""
+    manifests = {r.key: r.manifest for r in result.resolution.checkpoints}
+    for key, checked in result.checked.items():
+        kinds = {path: c.kind for path, c in sorted(checked.items())}
+        empty = {f.path for f in manifests[key].files if f.size == 0}  # its size is all there is to an empty file
+        size_only = [path for path, kind in kinds.items() if kind == SIZE and path not in empty]
+        counts = ", ".join(f"{n} by {kind}" for kind, n in sorted(Counter(kinds.values()).items()))
+        reporter.info(f"checkpoint {key[1]} of {key[0]}: files checked against what their storage reports: "
+                      f"{counts or 'none'}", event="storage_checks", job_id=key[0], checkpoint_name=key[1],
+                      verified_by=kinds)
+        if size_only:
+            reporter.warn(f"checkpoint {key[1]} of {key[0]}: {len(size_only)} files were checked by their size only "
+                          f"(their storage reports no checksum or MD5 for them): {', '.join(size_only)}",
+                          event="size_only", job_id=key[0], checkpoint_name=key[1], files=size_only)
 
 
 def warn_selection(resolution: Resolution, selection: Selection, required: bool, reporter: Reporter) -> None:

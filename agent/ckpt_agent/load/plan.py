@@ -30,8 +30,15 @@ class FileTask:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the committed content, so a re-committed checkpoint is not mistaken for intact."""
-        return f"{self.entry.size}:{checksum(','.join(self.entry.parts).encode()):08x}"
+        """Identifies the committed content, so a re-committed checkpoint is not mistaken for intact; a
+        foreign file by its key and what its storage said of it before the load (for a Baseten file,
+        whose storage speaks only in the answer, its key alone)."""
+        foreign = self.entry.foreign
+        if foreign is None:
+            return f"{self.entry.size}:{checksum(','.join(self.entry.parts).encode()):08x}"
+        check = foreign.check
+        identity = f"{foreign.key}|{check.kind}:{check.value}:{check.etag}" if check else foreign.key
+        return f"{self.entry.size}:foreign:{checksum(identity.encode()):08x}"
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,9 @@ def make_plan(root: Path, folder: Folder | None, manifests: tuple[Manifest, ...]
                     f"{m.job_id}/{m.checkpoint_name}: path {entry.path!r} lands outside the download folder"
                 )
             pack_key = None if entry.pack is None else layout.pack_key(m.job_id, m.checkpoint_name, m.rank, entry.pack)
-            task = FileTask(layout.file_key(m.job_id, m.checkpoint_name, m.rank, entry.path),
-                            dest, rel, entry, m.part_size, pack_key)
+            key = entry.foreign.key if entry.foreign else layout.file_key(m.job_id, m.checkpoint_name, m.rank,
+                                                                         entry.path)
+            task = FileTask(key, dest, rel, entry, m.part_size, pack_key)
             if not selection.wants(entry.path):
                 excluded.append(task)
                 continue

@@ -44,6 +44,9 @@ class LoadedCheckpoint:
     manifest: str  # the manifest it was loaded from, relative to .ckpt-agent/
     manifest_crc32c: str
     order: int  # in the store's latest order; 0 = newest
+    # a checkpoint the agent did not write (Baseten API, S3 prefix): path -> how its storage's word was
+    # checked (crc32c, crc32, sha256, sha1, md5, or size: nothing but the size was known)
+    verified_by: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

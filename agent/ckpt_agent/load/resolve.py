@@ -7,6 +7,7 @@ committed_at, ties broken by the natural order of names.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,9 @@ from ckpt_agent.stores.manifest import JobRecord, Manifest, natural_key, parse_j
 
 _READ_WORKERS = 16
 Warn = Callable[[str], None]
+# One reference -> (its manifest, or None for a latest reference that found nothing; why): the
+# layout store's (find_in_store), or load/foreign.py's for the training API and S3 prefixes.
+Finder = Callable[[Reference, Warn], tuple[Manifest | None, str]]
 
 
 def no_warnings(_message: str) -> None:
@@ -231,9 +235,21 @@ def _resolve_named(store: Store, ref: NamedRef, rank: int) -> Manifest:
         ) from None
 
 
+def find_in_store(store: Store, rank: int, project: str | None, ref: Reference,
+                  warn: Warn) -> tuple[Manifest | None, str]:
+    """A reference in a store of our layout (docs/store-layout.md)."""
+    if isinstance(ref, NamedRef):
+        return _resolve_named(store, ref, rank), "named"
+    if isinstance(ref, LatestRef):
+        return _resolve_latest(store, ref, rank, project, warn)
+    raise ConfigError(f"{ref.describe()}: not a reference to this store")
+
+
 def resolve(store: Store, refs: tuple[Reference, ...], rank: int, project: str | None,
-            required: bool = False) -> Resolution:
-    """Resolve every reference; duplicates collapse, clashing folder names are fatal."""
+            required: bool = False, find: Finder | None = None) -> Resolution:
+    """Resolve every reference (with `find`, by default in `store`'s layout); duplicates collapse,
+    clashing folder names are fatal."""
+    find = find or functools.partial(find_in_store, store, rank, project)
     chosen: dict[tuple[str, str], Resolved] = {}
     by_name: dict[str, Resolved] = {}
     warnings: list[str] = []
@@ -243,17 +259,13 @@ def resolve(store: Store, refs: tuple[Reference, ...], rank: int, project: str |
             warnings.append(message)
 
     for ref in refs:
-        manifest: Manifest | None
-        if isinstance(ref, NamedRef):
-            manifest, reason = _resolve_named(store, ref, rank), "named"
-        else:
-            manifest, reason = _resolve_latest(store, ref, rank, project, warn)
-            if manifest is None:
-                message = f"{ref.describe()}: no checkpoint found ({reason})"
-                if required:
-                    raise NotFoundError(f"{message}; BT_LOAD_CHECKPOINT_REQUIRED=1 makes this fatal")
-                warnings.append(f"{message}; training starts WITHOUT a checkpoint")
-                continue
+        manifest, reason = find(ref, warn)
+        if manifest is None:
+            message = f"{ref.describe()}: no checkpoint found ({reason})"
+            if required:
+                raise NotFoundError(f"{message}; BT_LOAD_CHECKPOINT_REQUIRED=1 makes this fatal")
+            warnings.append(f"{message}; training starts WITHOUT a checkpoint")
+            continue
         resolved = Resolved(ref, manifest, reason)
         if resolved.key in chosen:
             continue

@@ -27,6 +27,7 @@ from ckpt_agent.errors import IntegrityError, LoadTimeoutError
 from ckpt_agent.load.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
 from ckpt_agent.load.plan import FileTask, Plan
 from ckpt_agent.load.sources import LOCAL_KINDS, LocalSources
+from ckpt_agent.load.storagecheck import Checked, StorageChecks
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
 from ckpt_agent.runtime.ratelimit import NO_LIMITS, Limiter
@@ -34,6 +35,7 @@ from ckpt_agent.runtime.retry import Backoff
 from ckpt_agent.stores.base import RangeReader, Store
 
 Progress = Callable[[int], None]
+_FOREIGN_SAVE_SECONDS = 0.5  # how stale verified.json may be while foreign files are placed
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class TransferStats:
     seconds: float = 0.0
     bytes_local: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOCAL_KINDS, 0))
     bytes_reused: int = 0
+    checked: dict[str, Checked] = field(default_factory=dict)  # files the agent did not write, by rel
 
     def bytes_from(self) -> dict[str, int]:
         """Every byte of the load by where it came from, as the summary and loaded.json show it."""
@@ -79,8 +82,11 @@ class _Engine:
         self.progress, self.cancel, self.index, self.sources = progress, cancel, index, sources
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
-        self.fetcher = Fetcher(store, cancel, options.backoff, options.buffer_size, self._fetched, limiter)
+        self.checks = StorageChecks()
+        self.fetcher = Fetcher(store, cancel, options.backoff, options.buffer_size, self._fetched, limiter,
+                               self.checks.observe)
         self.placed: set[str] = set()
+        self._saved = time.monotonic()
 
     def _fetched(self, count: int) -> None:
         with self._stats_lock:
@@ -94,8 +100,9 @@ class _Engine:
         self.progress(count)
 
     def _missing(self, fd: int, task: FileTask, parts: list[int]) -> list[int]:
-        """The parts no local source could supply, for the store."""
-        if self.sources is None:
+        """The parts no local source could supply, for the store (all of a foreign file's: with no
+        checksum per part, a local copy could not be checked before it is used)."""
+        if self.sources is None or task.entry.foreign is not None:
             return parts
         return self.sources.fill(fd, task, parts, self._placed)
 
@@ -167,7 +174,8 @@ class _Engine:
                 self._prepare(state)
         fd, _ = self._open_temp(task)
         try:
-            todo = [p for p in range(first, last) if not (state.resumed and self._part_ok(fd, task, p))]
+            local = state.resumed and task.entry.foreign is None  # a foreign file's parts can't be checked alone
+            todo = [p for p in range(first, last) if not (local and self._part_ok(fd, task, p))]
             for run_start, run_end in _runs(self._missing(fd, task, todo)):
                 self.fetcher.resuming(task.key, run_start, run_end,
                                       lambda a, b: self.fetcher.parts(fd, task, a, b))
@@ -179,7 +187,25 @@ class _Engine:
             state.units_left -= 1
             finished = state.units_left == 0
         if finished:
+            if task.entry.foreign is not None:
+                self._check_whole(task)
             self._place(task)
+
+    def _check_whole(self, task: FileTask) -> None:
+        """A foreign file against its storage's digest; a mismatch is fetched again once, whole, in case
+        the wire was at fault, and a second one is the storage's: the file never gets its name."""
+        fd, _ = self._open_temp(task)
+        try:
+            for attempt in (1, 2):
+                if self.checks.verify(fd, task, self.fetcher.buffer()):
+                    return
+                if attempt == 2:
+                    raise IntegrityError(f"{task.rel}: does not match the {self.checks.expected(task).kind} its "
+                                         "storage reports, fetched twice; the object is corrupt or changed")
+                self.fetcher.resuming(task.key, 0, len(task.entry.parts),
+                                      lambda a, b: self.fetcher.parts(fd, task, a, b))
+        finally:
+            os.close(fd)
 
     def _part_ok(self, fd: int, task: FileTask, part: int) -> bool:
         start, end = part_bounds(task, part)
@@ -218,12 +244,19 @@ class _Engine:
             raise IntegrityError(f"{task.dest}{INCOMPLETE_SUFFIX}: removed while it was being downloaded")
         try:
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            self.index.record(task.rel, task.fingerprint, os.fstat(fd))
+            checked = self.checks.results.get(task.rel)
+            self.index.record(task.rel, task.fingerprint, os.fstat(fd),
+                              None if checked is None else [checked.kind, list(checked.parts)])
         finally:
             os.close(fd)
         with self._stats_lock:
             self.stats.files_fetched += 1
             self.placed.add(task.rel)
+            save = task.entry.foreign is not None and time.monotonic() - self._saved > _FOREIGN_SAVE_SECONDS
+            if save:
+                self._saved = time.monotonic()
+        if save:  # a killed load re-checks our files part by part, but can only trust a foreign one it recorded
+            self.index.save()
 
 
 def _spans(members: list[FileTask], max_bytes: int, max_gap: int = 1 << 20) -> Iterator[list[FileTask]]:
@@ -278,4 +311,5 @@ def run_plan(store: Store, plan: Plan, folder: Folder, options: TransferOptions,
     finally:
         index.save()
     engine.stats.seconds = time.monotonic() - started
+    engine.stats.checked = dict(engine.checks.results)
     return engine.stats

@@ -12,9 +12,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
 from ckpt_agent.errors import AgentError, NotFoundError, TransientError
+from ckpt_agent.runtime.retry import retry
 from ckpt_agent.stores.base import Listing, RangeReader, Upload, check_listing_size, upload_in_parts
 from ckpt_agent.stores.s3common import (
+    CHECKSUM_MODE,
     MULTIPART_THRESHOLD,
+    REQUEST_BACKOFF,
     UPLOAD_PART_SIZE,
     EmptyReader,
     FileSlice,
@@ -130,6 +133,14 @@ class NativeS3Store(S3StoreBase):
             return EmptyReader()
         return self._http.request("GET", self._key(key), "GET",
                                   headers={"range": f"bytes={start}-{start + length - 1}"})
+
+    def head(self, key: str) -> dict[str, str]:
+        def attempt() -> dict[str, str]:
+            answer = self._http.request("HEAD", self._key(key), "HEAD", headers=CHECKSUM_MODE)
+            answer.close()
+            return {k.lower(): v for k, v in answer.response.getheaders()}
+
+        return retry(attempt, REQUEST_BACKOFF)
 
     def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
         upload_in_parts(self.start_upload(key, size), source, size)
