@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 from ckpt_agent.config import names
 from ckpt_agent.config.spec import LatestRef, NamedRef, Reference, S3PrefixRef
 from ckpt_agent.errors import ConfigError, NotFoundError
 from ckpt_agent.load.listing import CheckpointListing, CheckpointRow, JobListing, JobRow
 from ckpt_agent.load.resolve import Finder, Warn, find_in_store
+from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores.baseten import BasetenStore, Checkpoint, Job, RemoteFile, file_key
 from ckpt_agent.stores.manifest import (
     DEFAULT_PART_SIZE,
@@ -34,7 +34,6 @@ from ckpt_agent.stores.objectcheck import ForeignFile, storage_check
 from ckpt_agent.stores.routed import Routed, s3_key
 
 _RANK = re.compile(r"rank-(\d+)")
-_HEAD_WORKERS = 16
 
 
 def finder(store: Routed, rank: int, project: str | None) -> Finder:
@@ -72,8 +71,7 @@ def s3_prefix_manifest(store: Routed, ref: S3PrefixRef, rank: int) -> Manifest:
     if not keys:
         raise NotFoundError(f"{ref.describe()}: no object under {ref.uri} (the prefix is empty or missing); "
                             "check the uri")
-    with ThreadPoolExecutor(_HEAD_WORKERS) as pool:
-        heads = list(pool.map(store.head, keys))
+    heads = map_tasks(store.head, keys)
     files = [_entry(key[len(base):], int(head.get("content-length", "0")), ForeignFile(key, storage_check(head)))
              for key, head in zip(keys, heads, strict=True)]
     parent = ref.uri.rstrip("/").rsplit("/", 1)[0]

@@ -15,8 +15,8 @@ import threading
 from dataclasses import dataclass, replace
 
 from ckpt_agent.disk.digests import checksum, format_checksum
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex, checkpoint_dir
-from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.load.fetch import part_bounds
 from ckpt_agent.load.plan import FileTask
