@@ -235,31 +235,34 @@ def test_a_byte_flipped_every_time_fails_with_exit_5_and_is_never_placed(wire):
     bt.assert_no_key(result)
 
 
-def test_a_load_killed_midway_resumes_fetching_only_the_files_not_yet_placed(bt):
-    job = bt.add_job("killjob", "2026-08-03T00:00:00Z", {"ckpt-1": "2026-08-03T01:00:00Z"},
-                     {f"shard-{i}.bin": 1 << 20 for i in range(6)})
-    env = bt.env(named("ckpt-1", job.id), CKPT_AGENT_WORKERS="1", CKPT_AGENT_CHUNK_MB="1", CKPT_AGENT_MAX_RATE="2MB")
+def test_a_load_killed_midway_resumes_placed_files_and_the_parts_it_wrote_of_the_others(bt):
+    sizes = {"shard-0.bin": 1 << 20, "shard-1.bin": 1 << 20, "big.bin": 16 << 20}  # big.bin: four 4 MiB parts
+    job = bt.add_job("killjob", "2026-08-03T00:00:00Z", {"ckpt-1": "2026-08-03T01:00:00Z"}, sizes)
+    env = bt.env(named("ckpt-1", job.id), CKPT_AGENT_WORKERS="1", CKPT_AGENT_MAX_RATE="5MB")
     first = start_agent(["load"], env)
-    index = bt.dl / ".ckpt-agent" / "verified.json"
+    state = bt.dl / ".ckpt-agent"
 
-    def recorded() -> set[str]:
+    def read(name: str) -> dict:
         try:
-            return set(json.loads(index.read_text()))
+            return json.loads((state / name).read_text())
         except (OSError, ValueError):
-            return set()
+            return {}
 
-    wait_for(lambda: len(recorded()) >= 2, timeout=30, what="two files placed and recorded")
+    def noted() -> int:
+        return len(read("partial.json").get("rank-0/ckpt-1/big.bin", {}).get("parts", {}))
+
+    wait_for(lambda: noted() >= 2, timeout=30, what="two parts of big.bin written and noted")
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    kept = recorded()
-    assert 2 <= len(kept) < 6
+    kept_parts, placed = noted(), {rel.rsplit("/", 1)[1] for rel in read("verified.json")}
+    assert 2 <= kept_parts < 4 and "big.bin" not in placed
     result = run_agent(["load"], bt.env(named("ckpt-1", job.id)))
     assert result.returncode == 0, result.stderr
     bt.assert_loaded(job.id, "ckpt-1")
     record = bt.record()
-    assert record["bytes_fetched"] <= (6 - len(kept)) << 20
-    assert record["files_reused"] >= len(kept)
-    assert record["checkpoints"][0]["verified_by"] == {f"shard-{i}.bin": "md5" for i in range(6)}
+    assert record["bytes_fetched"] <= sum(n for f, n in sizes.items() if f not in placed) - kept_parts * (4 << 20)
+    assert record["checkpoints"][0]["verified_by"] == dict.fromkeys(sizes, "md5")
+    assert not (state / "partial.json").exists()
 
 
 def test_dry_run_ls_and_json_logs_work_through_the_api_and_never_show_the_key(bt):

@@ -22,7 +22,6 @@ from ckpt_agent.load.resolve import Finder, Warn, find_in_store
 from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores.baseten import BasetenStore, Checkpoint, Job, RemoteFile, file_key
 from ckpt_agent.stores.manifest import (
-    DEFAULT_PART_SIZE,
     FileEntry,
     Manifest,
     check_paths,
@@ -34,6 +33,9 @@ from ckpt_agent.stores.objectcheck import ForeignFile, storage_check
 from ckpt_agent.stores.routed import Routed, s3_key
 
 _RANK = re.compile(r"rank-(\d+)")
+# A foreign file's parts are checked only whole, so the part size sets how much a killed load fetches
+# again (load/journal.py) and the crc32c granularity `verify` re-reads with.
+PART_SIZE = 4 << 20
 
 
 def finder(store: Routed, rank: int, project: str | None) -> Finder:
@@ -50,7 +52,7 @@ def finder(store: Routed, rank: int, project: str | None) -> Finder:
 
 
 def _entry(path: str, size: int, foreign: ForeignFile) -> FileEntry:
-    return FileEntry(path, size, ("",) * part_count(size, DEFAULT_PART_SIZE), foreign=foreign)
+    return FileEntry(path, size, ("",) * part_count(size, PART_SIZE), foreign=foreign)
 
 
 def _manifest(project: str | None, job_id: str, name: str, rank: int, committed_at: str,
@@ -58,7 +60,7 @@ def _manifest(project: str | None, job_id: str, name: str, rank: int, committed_
     for f in files:
         check_relative_path(f.path, where)
     check_paths([f.path for f in files], where)
-    return Manifest(project, job_id, name, rank, committed_at, DEFAULT_PART_SIZE, tuple(files))
+    return Manifest(project, job_id, name, rank, committed_at, PART_SIZE, tuple(files))
 
 
 # --- plain S3 prefixes ----------------------------------------------------------------------------

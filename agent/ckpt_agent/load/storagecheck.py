@@ -19,6 +19,7 @@ from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex, checkpoint_dir
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.load.fetch import part_bounds
+from ckpt_agent.load.journal import PartJournal
 from ckpt_agent.load.plan import FileTask
 from ckpt_agent.stores.base import RangeReader
 from ckpt_agent.stores.manifest import FileEntry, Manifest
@@ -34,9 +35,10 @@ class Checked:
 
 
 class StorageChecks:
-    """Shared by the workers of one load."""
+    """Shared by the workers of one load; what they write is noted in `journal` (load/journal.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: PartJournal) -> None:
+        self.journal = journal
         self._seen: dict[str, StorageCheck] = {}
         self.results: dict[str, Checked] = {}  # rel -> how it was checked, for the summary and the record
         self._lock = threading.Lock()
@@ -49,8 +51,22 @@ class StorageChecks:
         with self._lock:
             known = self._seen.setdefault(task.rel, task.entry.foreign.check or answered or StorageCheck(SIZE, "", ""))
         if answered is not None and answered.etag and known.etag and answered.etag != known.etag:
+            self.journal.drop(task.rel, now=True)  # the next load starts this file again
             raise IntegrityError(f"{task.rel}: its object changed in the storage during the load (ETag "
                                  f"{known.etag} then {answered.etag}); load again")
+
+    def resume(self, task: FileTask) -> FileTask:
+        """The task with the parts a killed load wrote of it, which must be of the same object."""
+        resumed, check = self.journal.resume(task)
+        if check is not None:
+            with self._lock:
+                self._seen.setdefault(task.rel, check)
+        return resumed
+
+    def wrote(self, task: FileTask, part: int, crc: str) -> None:
+        with self._lock:
+            check = self._seen.get(task.rel)
+        self.journal.note(task, part, crc, check)
 
     def expected(self, task: FileTask) -> StorageCheck:
         assert task.entry.foreign is not None

@@ -26,6 +26,7 @@ from ckpt_agent.disk.localstate import VerifiedIndex
 from ckpt_agent.disk.safefs import open_file, open_or_create, partial_name, place
 from ckpt_agent.errors import IntegrityError, LoadTimeoutError
 from ckpt_agent.load.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
+from ckpt_agent.load.journal import PartJournal
 from ckpt_agent.load.plan import FileTask, Plan
 from ckpt_agent.load.sources import LOCAL_KINDS, LocalSources
 from ckpt_agent.load.storagecheck import Checked, StorageChecks
@@ -36,7 +37,6 @@ from ckpt_agent.runtime.retry import Backoff
 from ckpt_agent.stores.base import RangeReader, Store
 
 Progress = Callable[[int], None]
-_FOREIGN_SAVE_SECONDS = 0.5  # how stale verified.json may be while foreign files are placed
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,10 @@ class _Engine:
         self.progress, self.cancel, self.index, self.sources = progress, cancel, index, sources
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
-        self.checks = StorageChecks()
+        self.checks = StorageChecks(PartJournal(folder, index.save))
         self.fetcher = Fetcher(store, cancel, options.backoff, options.buffer_size, self._fetched, limiter,
-                               self.checks.observe)
+                               self.checks)
         self.placed: set[str] = set()
-        self._saved = time.monotonic()
 
     def _fetched(self, count: int) -> None:
         with self._stats_lock:
@@ -119,6 +118,8 @@ class _Engine:
         for task in self.plan.fetch:
             if task.pack_key is not None:
                 continue
+            if task.entry.foreign is not None:
+                task = self.checks.resume(task)
             parts = len(task.entry.parts)
             per_unit = max(1, self.options.chunk_size // task.part_size)
             starts = range(0, parts, per_unit)
@@ -175,8 +176,7 @@ class _Engine:
                 self._prepare(state)
         fd, _ = self._open_temp(task)
         try:
-            local = state.resumed and task.entry.foreign is None  # a foreign file's parts can't be checked alone
-            todo = [p for p in range(first, last) if not (local and self._part_ok(fd, task, p))]
+            todo = [p for p in range(first, last) if not (state.resumed and self._part_ok(fd, task, p))]
             for run_start, run_end in _runs(self._missing(fd, task, todo)):
                 self.fetcher.resuming(task.key, run_start, run_end,
                                       lambda a, b: self.fetcher.parts(fd, task, a, b))
@@ -209,8 +209,10 @@ class _Engine:
             os.close(fd)
 
     def _part_ok(self, fd: int, task: FileTask, part: int) -> bool:
+        """A part on disk matches its checksum (a foreign file's: one noted as a killed load wrote it)."""
         start, end = part_bounds(task, part)
-        if read_checksums(fd, start, end, task.part_size, self.fetcher.buffer()) == [task.entry.parts[part]]:
+        expected = task.entry.parts[part]
+        if expected and read_checksums(fd, start, end, task.part_size, self.fetcher.buffer()) == [expected]:
             with self._stats_lock:
                 self.stats.bytes_reused += end - start
             self.progress(end - start)
@@ -245,14 +247,11 @@ class _Engine:
         checked = self.checks.results.get(task.rel)
         self.index.record(task.rel, task.fingerprint, placed,
                           None if checked is None else [checked.kind, list(checked.parts)])
+        if checked is not None:  # saved soon with the index: a killed load can trust only a foreign file recorded
+            self.checks.journal.drop(task.rel)
         with self._stats_lock:
             self.stats.files_fetched += 1
             self.placed.add(task.rel)
-            save = task.entry.foreign is not None and time.monotonic() - self._saved > _FOREIGN_SAVE_SECONDS
-            if save:
-                self._saved = time.monotonic()
-        if save:  # a killed load re-checks our files part by part, but can only trust a foreign one it recorded
-            self.index.save()
 
 
 def _spans(members: list[FileTask], max_bytes: int, max_gap: int = 1 << 20) -> Iterator[list[FileTask]]:
@@ -300,12 +299,13 @@ def run_plan(store: Store, plan: Plan, folder: Folder, options: TransferOptions,
     engine.stats.bytes_reused = sum(t.entry.size for t in plan.intact)
     try:
         run_tasks(engine.units(), options.workers, cancel)
+        engine.checks.journal.clear()
     except LoadTimeoutError as exc:
         missing = [t.rel for t in plan.fetch if t.rel not in engine.placed]
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LoadTimeoutError(f"{exc}; still missing {len(missing)} files: {shown}") from None
     finally:
-        index.save()
+        engine.checks.journal.save()  # and the index
     engine.stats.seconds = time.monotonic() - started
     engine.stats.checked = dict(engine.checks.results)
     return engine.stats
