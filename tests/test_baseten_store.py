@@ -145,11 +145,13 @@ def test_missing_key_fails_before_any_request(bt):
     assert not bt.dl.exists()
 
 
-def test_wrong_key_is_one_line_naming_the_variable_and_never_echoed(bt):
+@pytest.mark.parametrize("status", [401, 403])
+def test_wrong_key_is_one_line_naming_the_variable_and_never_echoed(status, bt):
+    bt.api.deny_status = status
     env = bt.env(BASETEN_API_KEY="btkey-WRONGWRONGWRONG")
     for args in (["load"], ["ls"], ["load", "--dry-run"]):
         result = run_agent(args, env)
-        assert_one_line_failure(result, 4, "BASETEN_API_KEY", "401")
+        assert_one_line_failure(result, 4, "BASETEN_API_KEY", str(status))
         assert "WRONGWRONG" not in result.stderr + result.stdout
     assert not bt.dl.exists()
 
@@ -173,6 +175,15 @@ def test_a_listing_whose_size_lies_is_refused_and_nothing_is_placed(bt):
     result = run_agent(["load"], bt.env())
     assert_one_line_failure(result, 5, "model.safetensors", "in its listing")
     assert not (bt.dl / "rank-0" / "checkpoint-9" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoint-9/../../outside.bin", "checkpoint-9/a\\b.bin", "checkpoint-9//x.bin"])
+def test_a_listed_file_name_that_would_leave_its_folder_is_refused_before_anything_is_written(name, bt):
+    job = bt.api.jobs[0]
+    job.files.append(FakeFile(name, job.files[0].s3_key, job.files[0].size_bytes))
+    result = run_agent(["load"], bt.env())
+    assert_one_line_failure(result, 5, "Baseten API: job")
+    assert not bt.dl.exists() and not (bt.tmp / "outside.bin").exists()
 
 
 def test_multipart_objects_are_checked_by_size_and_the_load_says_so_per_file(bt):

@@ -10,7 +10,7 @@ fields it reads (truss/remote/baseten/api.py, truss/cli/train/; docs: shared/ref
                                                                 -> presigned_urls[{url, relative_file_name,
                                                                    size_bytes}], next_page_token
 
-Every call needs `Authorization: Api-Key <key>` (401 otherwise). The URLs are real S3 presigned
+Every call needs `Authorization: Api-Key <key>` (401, or `deny_status`, otherwise). The URLs are real S3 presigned
 GETs minted by boto3 against the suite's SeaweedFS (or a fault proxy in front of it), so the agent
 downloads through real presigned requests.
 """
@@ -60,6 +60,7 @@ class FakeBasetenApi:
         self.projects: dict[str, str] = {}  # id -> name
         self.jobs: list[FakeJob] = []
         self.served: list[Served] = []
+        self.deny_status = 401  # the answer to a wrong key (Baseten answers 401 or 403)
         self._expired_once: set[str] = set()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -150,7 +151,7 @@ class FakeBasetenApi:
                 if authorized:
                     status, answer, label = api._answer(self.command, url.path, parse_qs(url.query), body)
                 else:
-                    status, answer, label = 401, {"message": "Unauthorized"}, self.command
+                    status, answer, label = api.deny_status, {"message": "Unauthorized"}, self.command
                 with api._lock:
                     api.served.append(Served(label, url.path, authorized))
                 data = json.dumps(answer).encode()
