@@ -1,8 +1,9 @@
-"""The command line: the only module that reads argv and os.environ, and the one place errors are printed.
+"""The command line: the one place the commands get argv and os.environ, and the one place errors are printed.
 
 Each command's flags become its options dataclass here, the environment becomes a Context
-(ckpt_agent.commands), and every AgentError is caught once and printed as one line; its class picks
-the exit code.
+(ckpt_agent.commands) through the parsers of ckpt_agent.config.settings (the sidecar's options, flags
+over variables, included), and every AgentError is caught once and printed as one line; its class
+picks the exit code. (Training code's ckpt_agent.latest_local_checkpoint reads os.environ for itself.)
 """
 
 from __future__ import annotations

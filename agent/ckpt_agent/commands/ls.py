@@ -18,7 +18,7 @@ class ListOptions:
 
 
 def ls(ctx: Context, options: ListOptions) -> int:
-    store = open_store(ctx.settings)
+    store = open_store(ctx.settings.store_config)
     try:
         data: listing.JobListing | listing.CheckpointListing
         if isinstance(store, BasetenStore):  # the training API: its projects' jobs, a job's checkpoints

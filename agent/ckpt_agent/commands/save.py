@@ -30,7 +30,7 @@ class SaveOptions:
 
 def save(ctx: Context, options: SaveOptions) -> int:
     settings = ctx.settings
-    refuse_read_only(settings)
+    refuse_read_only(settings.store_config)
     ident = CheckpointId(
         project_name=check_name(options.project or settings.project_name, "--project", nullable=True),
         job_id=check_name(options.job_id or settings.job_id, "--job-id"),
@@ -43,7 +43,7 @@ def save(ctx: Context, options: SaveOptions) -> int:
     folder = Path(os.path.realpath(options.folder))  # the path given is the user's choice; links inside are not
     total = sum(f.size for f in scan_checkpoint(folder))
     with cancelled_by_signals(ctx.cancel):
-        store = open_store(settings)
+        store = open_store(settings.store_config)
         moved = Transferred()
         sink = ctx.reporter.progress(total, "upload")
         try:

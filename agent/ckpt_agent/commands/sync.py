@@ -56,7 +56,7 @@ def open_sidecar(ctx: Context) -> Sidecar:
     from ckpt_agent.upload.commit import CheckpointId
 
     settings = ctx.settings
-    refuse_read_only(settings)
+    refuse_read_only(settings.store_config)
     job_id = settings.job_id
     if not job_id:
         raise ConfigError("BT_TRAINING_JOB_ID: required to upload checkpoints "
@@ -66,4 +66,5 @@ def open_sidecar(ctx: Context) -> Sidecar:
     if ctx.sync is None:
         raise ValueError("open_sidecar: the context has no sync options (the cli parses them for sync and run)")
     ident = CheckpointId(settings.project_name, job_id, "", settings.node_rank, settings.num_nodes)
-    return Sidecar(open_store(settings), ident, ctx.sync, settings.workers, ctx.reporter, max_rate=settings.max_rate)
+    return Sidecar(open_store(settings.store_config), ident, ctx.sync, settings.workers, ctx.reporter,
+                   max_rate=settings.max_rate)

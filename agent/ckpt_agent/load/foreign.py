@@ -18,9 +18,10 @@ from ckpt_agent.config import names
 from ckpt_agent.config.spec import LatestRef, NamedRef, Reference, S3PrefixRef
 from ckpt_agent.errors import ConfigError, NotFoundError
 from ckpt_agent.load.listing import CheckpointListing, CheckpointRow, JobListing, JobRow
-from ckpt_agent.load.resolve import Finder, Warn, find_in_store
+from ckpt_agent.load.resolve import Finder, find_in_store
 from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores.baseten import BasetenStore, Checkpoint, Job, RemoteFile, file_key
+from ckpt_agent.stores.catalog import Warn
 from ckpt_agent.stores.manifest import (
     FileEntry,
     Manifest,

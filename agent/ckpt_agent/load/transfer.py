@@ -30,13 +30,12 @@ from ckpt_agent.load.journal import PartJournal
 from ckpt_agent.load.plan import FileTask, Plan
 from ckpt_agent.load.sources import LOCAL_KINDS, LocalSources
 from ckpt_agent.load.storagecheck import Checked, StorageChecks
+from ckpt_agent.report import Progress
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
 from ckpt_agent.runtime.ratelimit import NO_LIMITS, Limiter
 from ckpt_agent.runtime.retry import Backoff
 from ckpt_agent.stores.base import RangeReader, Store
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class TransferStats:
     checked: dict[str, Checked] = field(default_factory=dict)  # files the agent did not write, by rel
 
     def bytes_from(self) -> dict[str, int]:
-        """Every byte of the load by where it came from, as the summary and loaded.json show it."""
+        """Every byte of the load by where it came from, as the summary and loaded-rank-<r>.json show it."""
         return {"store": self.bytes_fetched, **self.bytes_local, "reused": self.bytes_reused}
 
 

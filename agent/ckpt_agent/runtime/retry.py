@@ -1,4 +1,9 @@
-"""One backoff rule and one retry loop, so every caller waits the same way and a signal ends the wait."""
+"""One backoff rule and one retry loop, so every caller waits the same way and a signal ends the wait.
+
+`retry` is the loop for every blocking retry (a small request, an upload part, a resumed download,
+the sidecar's passes over an unanswering store); callers that schedule instead of waiting (the
+rate limiter's pause, the sidecar's next try at a failed upload) use `Backoff.delay` alone.
+"""
 
 from __future__ import annotations
 

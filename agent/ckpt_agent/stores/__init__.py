@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 
-from ckpt_agent.config import settings as defaults
-from ckpt_agent.config.settings import Settings
+from ckpt_agent.config.settings import StoreConfig
 from ckpt_agent.errors import ConfigError, StoreError
 from ckpt_agent.stores.base import Listing, RangeReader, Store
 from ckpt_agent.stores.routed import Routed
@@ -15,41 +15,42 @@ from ckpt_agent.stores.routed import Routed
 __all__ = ["Listing", "RangeReader", "Store", "open_load_store", "open_store", "refuse_read_only"]
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(config: StoreConfig) -> Store:
     """The native S3 engine unless CKPT_AGENT_S3_ENGINE=boto3 asks for botocore's."""
-    location = settings.store
+    location = config.location
+    if location.scheme == "s3" and config.engine == "boto3":
+        from ckpt_agent.stores.s3boto import Boto3Store
+
+        return Boto3Store(location.bucket, location.root, config.max_connections, config.read_timeout)
     if location.scheme == "s3":
-        return _s3(settings, location.bucket, location.root)
+        from ckpt_agent.stores.s3native import NativeS3Store
+
+        return NativeS3Store(location.bucket, location.root, config.aws_env, config.read_timeout)
     if location.scheme == "baseten":
         from ckpt_agent.stores.baseten import BasetenStore
 
-        return BasetenStore(settings.baseten, settings.aws_env, settings.read_timeout)
+        if config.baseten is None:
+            raise ValueError("open_store: a baseten store needs StoreConfig.baseten")
+        return BasetenStore(config.baseten, config.aws_env, config.read_timeout)
     from ckpt_agent.stores.local import LocalStore
 
-    if location.root == defaults.DEFAULT_STORE:
+    if config.is_default:
         check_owned_folder(location.root)
     return LocalStore(location.root)
 
 
-def _s3(settings: Settings, bucket: str, root: str) -> Store:
-    if settings.s3_engine == "boto3":
-        from ckpt_agent.stores.s3boto import Boto3Store
-
-        return Boto3Store(bucket, root, settings.workers, settings.read_timeout)
-    from ckpt_agent.stores.s3native import NativeS3Store
-
-    return NativeS3Store(bucket, root, settings.aws_env, settings.read_timeout)
-
-
-def open_load_store(settings: Settings) -> Routed:
+def open_load_store(config: StoreConfig) -> Routed:
     """BT_CHECKPOINT_STORE, and the buckets of s3_prefix references (keys `s3://bucket/key`) with its S3
-    settings and credentials."""
-    return Routed(open_store(settings), lambda bucket: _s3(settings, bucket, ""))
+    engine, credentials and endpoint settings."""
+    def bucket(name: str) -> Store:
+        return open_store(replace(config, location=replace(config.location, scheme="s3", bucket=name, root="")))
+
+    return Routed(open_store(config), bucket)
 
 
-def refuse_read_only(settings: Settings) -> None:
+def refuse_read_only(config: StoreConfig) -> None:
     """Before save and sync read anything: the baseten store takes no uploads (the platform uploads)."""
-    if settings.store.scheme == "baseten":
+    if config.location.scheme == "baseten":
         from ckpt_agent.stores.baseten import SAVE_REFUSED
 
         raise ConfigError(SAVE_REFUSED)
