@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR
+from ckpt_agent.disk.safefs import record_bytes
 from ckpt_agent.load.plan import FileTask
 from ckpt_agent.stores.objectcheck import KINDS, StorageCheck
 
@@ -93,7 +94,7 @@ class PartJournal:
     def save(self) -> None:
         self._before_save()
         with self._lock:
-            data = json.dumps(self._files).encode() if self._files else None
+            data = record_bytes(self._files, compact=True) if self._files else None
         if data is None:
             self._folder.unlink(JOURNAL)
         else:
