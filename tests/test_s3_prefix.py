@@ -102,3 +102,12 @@ def test_a_malformed_s3_prefix_uri_is_refused_naming_the_field(uri, tmp_path):
     env = clean_env(BT_LOAD_CHECKPOINT_CONFIG=spec(tmp_path / "dl", {"typ": "s3_prefix", "uri": uri}))
     result = run_agent(["load"], env)
     assert_one_line_failure(result, 2, "BT_LOAD_CHECKPOINT_CONFIG.checkpoints[0].uri")
+
+
+def test_load_from_an_s3_prefix_needs_no_api_key_when_the_store_is_baseten(s3_env, s3_prefix, tmp_path):
+    s3_env.client().put_object(Bucket=s3_env.bucket, Key=f"{s3_prefix}/x/ckpt-3/w.bin", Body=b"weights")
+    dl = tmp_path / "dl"
+    env = clean_env(**s3_env.env(), BT_CHECKPOINT_STORE="baseten", BT_LOAD_CHECKPOINT_CONFIG=spec(dl))
+    result = run_agent(["load", "--from", f"s3://{s3_env.bucket}/{s3_prefix}/x/ckpt-3/"], env)
+    assert result.returncode == 0, result.stderr
+    assert _tree(dl / "rank-0" / "ckpt-3") == {"w.bin": b"weights"}

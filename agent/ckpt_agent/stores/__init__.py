@@ -45,7 +45,7 @@ def open_load_store(config: StoreConfig) -> Routed:
     def bucket(name: str) -> Store:
         return open_store(replace(config, location=replace(config.location, scheme="s3", bucket=name, root="")))
 
-    return Routed(open_store(config), bucket)
+    return Routed(lambda: open_store(config), bucket)
 
 
 def refuse_read_only(config: StoreConfig) -> None:

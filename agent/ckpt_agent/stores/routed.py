@@ -21,12 +21,21 @@ def s3_key(bucket: str, key: str) -> str:
 
 
 class Routed(Store):
-    """`open_bucket(bucket)`: a store whose root is that bucket."""
+    """`open_main()`: BT_CHECKPOINT_STORE's store, opened on first use, so a load of s3_prefix references
+    alone never needs it (nor, for `baseten`, a key); `open_bucket(bucket)`: a store whose root is that bucket."""
 
-    def __init__(self, main: Store, open_bucket: Callable[[str], Store]) -> None:
-        self.main, self._open_bucket = main, open_bucket
+    def __init__(self, open_main: Callable[[], Store], open_bucket: Callable[[str], Store]) -> None:
+        self._open_main, self._open_bucket = open_main, open_bucket
+        self._main: Store | None = None
         self._buckets: dict[str, Store] = {}
         self._lock = threading.Lock()
+
+    @property
+    def main(self) -> Store:
+        with self._lock:
+            if self._main is None:
+                self._main = self._open_main()
+            return self._main
 
     def _route(self, key: str) -> tuple[Store, str]:
         if not key.startswith(S3):
@@ -69,5 +78,5 @@ class Routed(Store):
         return self.main.describe()
 
     def close(self) -> None:
-        for store in [self.main, *self._buckets.values()]:
+        for store in [*([self._main] if self._main is not None else []), *self._buckets.values()]:
             store.close()
