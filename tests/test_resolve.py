@@ -334,9 +334,13 @@ def test_named_checkpoint_of_a_missing_job_is_not_found_naming_the_job(store):
         resolve(store, (NamedRef("checkpoint-1", "nope"),), 0, None)
 
 
-def test_named_multi_node_checkpoint_missing_this_rank_is_not_found(store, save):
+def test_named_multi_node_checkpoint_missing_this_rank_is_not_found_and_loads_the_others_with_a_warning(
+        store, save):
     save("job-m", "checkpoint-1", rank=0, num_nodes=2)
-    assert one(store, NamedRef("checkpoint-1", "job-m"), rank=0).rank == 0
+    (found,) = (r := resolve(store, (NamedRef("checkpoint-1", "job-m"),), 0, None)).checkpoints
+    assert found.checkpoint.ranks == (0,)
+    assert r.warnings == ("checkpoint checkpoint-1 of job job-m: 1 of its 2 nodes have not committed it (rank 1); "
+                          "loading the files of the others",)
     with pytest.raises(NotFoundError, match="rank 1"):
         resolve(store, (NamedRef("checkpoint-1", "job-m"),), 1, None)
 

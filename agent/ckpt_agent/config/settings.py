@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
+from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection, load_own_rank
 from ckpt_agent.config.sidecar import (
     DEFAULT_GRACE_SECONDS,
     DEFAULT_POLL_SECONDS,
@@ -67,6 +67,7 @@ class Settings:
     checkpointing_enabled: bool = False
     max_rate: int | None = None  # CKPT_AGENT_MAX_RATE: bytes per second, loads and uploads; None: no cap
     cache: CacheSettings | None = None
+    load_own_rank: bool = False  # CKPT_AGENT_LOAD_RANKS=own: of a multi-node checkpoint, only this node's files
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -145,6 +146,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         checkpointing_enabled=env_flag(env, "BT_CHECKPOINTING_ENABLED"),
         max_rate=max_rate_from_env(env),
         cache=cache_settings_from_env(env),
+        load_own_rank=load_own_rank(env),
     )
 
 

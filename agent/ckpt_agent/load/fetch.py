@@ -40,11 +40,11 @@ def _check(crc: int, expected: str, message: str) -> None:
 
 
 class Fetcher:
-    """Ranged reads from one store; `fetched(n)` is told of every verified byte. Every attempt
+    """Ranged reads from one store; `fetched(task, n)` is told of every verified byte. Every attempt
     holds a slot of `limiter`'s gate and reads under its rate cap."""
 
     def __init__(self, store: Store, cancel: Cancel, backoff: Backoff, buffer_size: int,
-                 fetched: Callable[[int], None], limiter: Limiter = NO_LIMITS) -> None:
+                 fetched: Callable[[FileTask, int], None], limiter: Limiter = NO_LIMITS) -> None:
         self.store, self.cancel, self.backoff = store, cancel, backoff
         self.buffer_size, self.fetched, self.limiter = buffer_size, fetched, limiter
         self._local = threading.local()
@@ -110,7 +110,7 @@ class Fetcher:
                     crc, offset = 0, p_start
                     self.read_exactly(reader, task.key, p_end - p_start, sink)
                     _check(crc, task.entry.parts[part], f"part {part} checksum mismatch")
-                    self.fetched(p_end - p_start)
+                    self.fetched(task, p_end - p_start)
                     part += 1
         finally:
             reader.close()
@@ -162,7 +162,7 @@ class Fetcher:
         if reader is not None:
             self.read_exactly(reader, task.pack_key or task.key, task.entry.size, sink)
         _check(crc, task.entry.parts[0], f"{task.rel} checksum mismatch in its pack")
-        self.fetched(task.entry.size)
+        self.fetched(task, task.entry.size)
 
     def read_exactly(self, reader: RangeReader, key: str, count: int, sink: Sink | None) -> None:
         buf = self.buffer()

@@ -25,10 +25,12 @@ from ckpt_agent.disk.localstate import (
 )
 from ckpt_agent.disk.safefs import Folder, write_atomic
 from ckpt_agent.errors import LocalError
+from ckpt_agent.load.merge import Merged, NodeChoice, describe_conflicts
 from ckpt_agent.load.plan import Plan, check_selection, make_plan
 from ckpt_agent.load.record import (
     LoadedCheckpoint,
     LoadRecord,
+    NodeLoad,
     forget_load_record,
     recorded_manifest_path,
     save_load_record,
@@ -40,6 +42,7 @@ from ckpt_agent.report import Reporter, human_bytes, source_summary
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
 from ckpt_agent.stores import open_store
+from ckpt_agent.stores.base import Store
 from ckpt_agent.version import __version__
 
 
@@ -92,7 +95,7 @@ def _prune(folder: Folder, result: LoadResult, rank: int, reporter: Reporter) ->
     selection = result.plan.selection
     for r in result.resolution.checkpoints:
         rel = checkpoint_dir(rank, r.manifest.checkpoint_name)
-        listed = {f.path for f in r.manifest.files}
+        listed = {p.entry.path for p in r.checkpoint.files}
         removed = prune_checkpoint(folder, rel, {p for p in listed if selection.wants(p)})
         excluded = [p for p in removed if p.removesuffix(INCOMPLETE_SUFFIX) in listed
                     or any(f.startswith(p + "/") for f in listed)]
@@ -107,18 +110,22 @@ def _prune(folder: Folder, result: LoadResult, rank: int, reporter: Reporter) ->
 
 
 def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> None:
-    """What this load placed, in the store's order, with the manifests it used."""
+    """What this load placed, in the store's order, with the manifests it used (every node's, of a merge)."""
     order = store_order(result.resolution.checkpoints)
     checkpoints, manifests = [], {}
     for r in result.resolution.checkpoints:
-        m = r.manifest
-        manifest_rel = recorded_manifest_path(rank, m.checkpoint_name)
+        m, c = r.manifest, r.checkpoint
+        nodes = _node_loads(r.merged, rank, result.stats) if r.merged is not None else ()
+        manifest_rel = recorded_manifest_path(rank, m.checkpoint_name, m.rank if nodes else None)
         manifests[manifest_rel] = m.raw
+        for node, node_manifest in zip(nodes, c.manifests if nodes else (), strict=True):
+            manifests[node.manifest] = node_manifest.raw
         checkpoints.append(LoadedCheckpoint(
             reference=r.reference.describe(), job_id=m.job_id, project_name=m.project_name,
-            checkpoint_name=m.checkpoint_name, rank=m.rank, committed_at=m.committed_at, files=len(m.files),
-            bytes=m.total_bytes, reason=r.reason, path=checkpoint_dir(rank, m.checkpoint_name),
-            manifest=manifest_rel, manifest_crc32c=format_checksum(checksum(m.raw)), order=order[r.key]))
+            checkpoint_name=m.checkpoint_name, rank=m.rank, committed_at=m.committed_at, files=len(c.files),
+            bytes=c.total_bytes, reason=r.reason, path=checkpoint_dir(rank, m.checkpoint_name),
+            manifest=manifest_rel, manifest_crc32c=format_checksum(checksum(m.raw)), order=order[r.key],
+            nodes=nodes, conflicts=c.conflicts))
     stats, plan = result.stats, result.plan
     save_load_record(folder, LoadRecord(
         agent_version=__version__, loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -128,6 +135,19 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
         bytes_from=stats.bytes_from(), warnings=tuple(result.resolution.warnings), checkpoints=tuple(checkpoints),
         files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes,
         selection=plan.selection.record()), manifests)
+
+
+def _node_loads(merged: Merged, rank: int, stats: TransferStats) -> tuple[NodeLoad, ...]:
+    """Each node's share of a merged checkpoint: its recorded manifest, the files placed from it, and
+    where their bytes came from."""
+    loads = []
+    for m in merged.manifests:
+        placed = merged.placed_from(m.rank)
+        loads.append(NodeLoad(rank=m.rank, manifest=recorded_manifest_path(rank, m.checkpoint_name, m.rank),
+                              manifest_crc32c=format_checksum(checksum(m.raw)), files=len(placed),
+                              bytes=sum(p.entry.size for p in placed),
+                              bytes_from=stats.from_node(m.checkpoint_name, m.rank)))
+    return tuple(loads)
 
 
 def describe_left_out(plan: Plan) -> str:
@@ -145,25 +165,14 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
     root = Path(settings.spec.download_folder)
     store = open_store(settings)
     try:
-        refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
-        resolution = cancel.call(
-            lambda: resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
-                            settings.required),
-            f"still missing everything: the store did not answer in time to resolve {refs}")
-        for warning in resolution.warnings:
-            reporter.warn(warning, event="no_checkpoint")
-        for r in resolution.checkpoints:
-            m = r.manifest
-            reporter.info(f"{r.reference.describe()} -> job {m.job_id} checkpoint {m.checkpoint_name} "
-                          f"(rank {m.rank}): {len(m.files)} files, {human_bytes(m.total_bytes)}",
-                          event="resolved", reference=r.reference.describe(), job_id=m.job_id,
-                          checkpoint_name=m.checkpoint_name, rank=m.rank, files=len(m.files),
-                          bytes=m.total_bytes, reason=r.reason)
+        resolution = cancel.call(lambda: resolve_for_node(store, settings),
+                                 "still missing everything: the store did not answer in time to resolve "
+                                 + ", ".join(ref.describe() for ref in settings.spec.checkpoints))
+        report_resolution(resolution, reporter)
         warn_selection(resolution, selection, settings.required, reporter)
         with prepare_root(root) as folder, folder_lock(folder, reporter.info, cancel.check):
             index = VerifiedIndex(folder)
-            plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints),
-                             settings.node_rank, index, selection)
+            plan = make_plan(root, folder, checkpoints(resolution), settings.node_rank, index, selection)
             check_free_space(plan, folder)
             forget_load_record(folder, settings.node_rank)
             sink = reporter.progress(plan.fetch_bytes, "download")
@@ -195,9 +204,38 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
     return result
 
 
+def resolve_for_node(store: Store, settings: Settings) -> Resolution:
+    """The spec's references for this node: of a multi-node checkpoint the nodes' files it asks for."""
+    nodes = NodeChoice(own_only=settings.load_own_rank, job_nodes=settings.num_nodes)
+    return resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
+                   settings.required, nodes)
+
+
+def checkpoints(resolution: Resolution) -> tuple[Merged, ...]:
+    return tuple(r.checkpoint for r in resolution.checkpoints)
+
+
+def report_resolution(resolution: Resolution, reporter: Reporter) -> None:
+    """What each reference chose, from which nodes; the resolution's warnings; nodes that disagree."""
+    for warning in resolution.warnings:
+        reporter.warn(warning, event="no_checkpoint")
+    for r in resolution.checkpoints:
+        m, c = r.manifest, r.checkpoint
+        nodes = f"ranks {', '.join(map(str, c.ranks))} in one folder" if r.merged else f"rank {m.rank}"
+        reporter.info(f"{r.reference.describe()} -> job {m.job_id} checkpoint {m.checkpoint_name} "
+                      f"({nodes}): {len(c.files)} files, {human_bytes(c.total_bytes)}",
+                      event="resolved", reference=r.reference.describe(), job_id=m.job_id,
+                      checkpoint_name=m.checkpoint_name, rank=m.rank, ranks=list(c.ranks), files=len(c.files),
+                      bytes=c.total_bytes, reason=r.reason)
+        conflict = describe_conflicts(c)
+        if conflict is not None:
+            reporter.warn(conflict, event="node_conflict", checkpoint_name=m.checkpoint_name,
+                          paths=[x.path for x in c.conflicts])
+
+
 def warn_selection(resolution: Resolution, selection: Selection, required: bool, reporter: Reporter) -> None:
     """Before the download folder is touched: a required load the selection empties stops here."""
-    for warning in check_selection(tuple(r.manifest for r in resolution.checkpoints), selection, required):
+    for warning in check_selection(checkpoints(resolution), selection, required):
         reporter.warn(warning, event="selection_unmatched", selection=selection.record())
 
 

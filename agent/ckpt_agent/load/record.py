@@ -2,7 +2,9 @@
 
 `.ckpt-agent/loaded-rank-<r>.json` (one per rank, so ranks sharing a folder keep theirs) names the
 checkpoints the load placed and their place in the store's order; `.ckpt-agent/manifests/rank-<r>/`
-holds the manifests it used, exactly as the store served them. The record only ever describes a
+holds the manifests it used, exactly as the store served them (of a checkpoint merged from several
+nodes, each node's under `<name>.nodes/rank-<n>.json`, and readers merge them again with
+ckpt_agent.load.merge, so they see the folder exactly as the load placed it). The record only ever describes a
 load that completed: it is removed before the first file is touched and written last. Everything
 is read through ckpt_agent.disk.safefs (no link followed, no FIFO waited on).
 """
@@ -22,11 +24,26 @@ from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import loaded_folder_from_env
 from ckpt_agent.disk.digests import checksum, format_checksum
 from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, manifests_dir, rank_dir, state_dir
-from ckpt_agent.disk.safefs import Folder
+from ckpt_agent.disk.safefs import Folder, remove_tree
 from ckpt_agent.errors import AgentError, IntegrityError, LocalError
+from ckpt_agent.load.merge import Conflict, Merged, merge
 from ckpt_agent.stores.manifest import FILE_KIND, Manifest, check_relative_path, parse_manifest
 
 _RECORD_RE = re.compile(r"loaded-rank-\d+\.json")
+NODES_SUFFIX = ".nodes"  # <name>.nodes/: the manifests of a merged checkpoint; a name never ends in .json
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """What one node's manifest of a merged checkpoint gave: the files placed from it, and where their
+    bytes came from (the keys of LoadRecord.bytes_from)."""
+
+    rank: int
+    manifest: str  # relative to .ckpt-agent/
+    manifest_crc32c: str
+    files: int  # placed from this node's manifest (a path it shares with another node counts once)
+    bytes: int
+    bytes_from: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,8 @@ class LoadedCheckpoint:
     manifest: str  # the manifest it was loaded from, relative to .ckpt-agent/
     manifest_crc32c: str
     order: int  # in the store's latest order; 0 = newest
+    nodes: tuple[NodeLoad, ...] = ()  # every node's part, when the checkpoint merges several nodes' files
+    conflicts: tuple[Conflict, ...] = ()  # paths the nodes hold with different bytes, and whose copy is here
 
 
 @dataclass(frozen=True)
@@ -77,9 +96,11 @@ class ManifestProblem:
     detail: str
 
 
-def recorded_manifest_path(rank: int, checkpoint_name: str) -> str:
-    """Relative to .ckpt-agent/, as the record names it."""
-    return f"{manifests_dir(rank)}/{checkpoint_name}.json"
+def recorded_manifest_path(rank: int, checkpoint_name: str, node: int | None = None) -> str:
+    """Relative to .ckpt-agent/, as the record names it; `node`: one node's manifest of a merged checkpoint."""
+    if node is None:
+        return f"{manifests_dir(rank)}/{checkpoint_name}.json"
+    return f"{manifests_dir(rank)}/{checkpoint_name}{NODES_SUFFIX}/rank-{node}.json"
 
 
 def forget_load_record(folder: Folder, rank: int) -> None:
@@ -93,13 +114,23 @@ def save_load_record(folder: Folder, record: LoadRecord, manifests: Mapping[str,
     files are touched."""
     for rel, raw in manifests.items():
         folder.write_atomic(f"{STATE_DIR}/{rel}", raw)
-    written = {rel.rsplit("/", 1)[-1] for rel in manifests}
-    dfd = folder.dir(f"{STATE_DIR}/{manifests_dir(record.node_rank)}", create=True)
-    for stale in set(os.listdir(dfd)) - written:
-        if stale.endswith(".json"):
-            os.unlink(stale, dir_fd=dfd)
+    mine = f"{STATE_DIR}/{manifests_dir(record.node_rank)}"
+    written = {rel[len(manifests_dir(record.node_rank)) + 1:] for rel in manifests}
+    _drop_stale(folder, mine, written)
     folder.write_atomic(f"{STATE_DIR}/{loaded_record(record.node_rank)}",
                         json.dumps(asdict(record), indent=1).encode())
+
+
+def _drop_stale(folder: Folder, rel: str, written: set[str]) -> None:
+    """Everything under `rel` that is not one of `written` (paths below it), one level of folders deep."""
+    dfd = folder.dir(rel, create=True)
+    for stale in set(os.listdir(dfd)) - {w.split("/", 1)[0] for w in written}:
+        if stale.endswith(".json"):
+            os.unlink(stale, dir_fd=dfd)
+        elif stale.endswith(NODES_SUFFIX):
+            remove_tree(dfd, stale)
+    for sub in {w.split("/", 1)[0] for w in written if "/" in w}:
+        _drop_stale(folder, f"{rel}/{sub}", {w.split("/", 1)[1] for w in written if w.startswith(sub + "/")})
 
 
 def record_names(folder: Folder) -> list[str]:
@@ -149,6 +180,23 @@ def read_recorded_manifest(folder: Folder, entry: dict, record: str) -> tuple[Ma
     return parse_manifest(raw, str(folder.shown(shown))), None
 
 
+def read_recorded_checkpoint(folder: Folder, entry: dict, record: str, node_rank: int
+                             ) -> tuple[Merged | None, ManifestProblem | None]:
+    """The checkpoint a record entry names, as the load placed it: its one manifest, or its nodes'
+    manifests merged again for node `node_rank` (the same rule, so the same copy of each path)."""
+    nodes = entry.get("nodes") or [entry]
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) for n in nodes):
+        raise IntegrityError(f"{record}: nodes is not a list of objects; run `ckpt-agent load` again")
+    manifests = []
+    for node in nodes:
+        manifest, problem = read_recorded_manifest(folder, node, record)
+        if problem is not None:
+            return None, problem
+        assert manifest is not None
+        manifests.append(manifest)
+    return merge(tuple(manifests), node_rank), None
+
+
 # --- the helper for training code (ckpt_agent.latest_local_checkpoint) -------------------------------
 
 
@@ -171,7 +219,7 @@ def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | No
             for entry in sorted(mine, key=lambda e: e.get("order", 0)):
                 with contextlib.suppress(IntegrityError):
                     if folder.dir(entry["path"]) is not None:
-                        return _resume_path(folder, base, entry, name)
+                        return _resume_path(folder, base, entry, name, where.node_rank)
     except LocalError:
         return None  # no download folder at all
     except (AgentError, ValueError, KeyError, TypeError, RecursionError):
@@ -179,17 +227,17 @@ def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | No
     return None
 
 
-def _resume_path(folder: Folder, base: Path, entry: dict, record: str) -> str | None:
-    """The folder, or the one file of a single-file checkpoint (its recorded manifest says which)."""
+def _resume_path(folder: Folder, base: Path, entry: dict, record: str, node_rank: int) -> str | None:
+    """The folder, or the one file of a single-file checkpoint (its recorded manifests say which)."""
     path = base / entry["path"]
     if not isinstance(entry.get("manifest"), str):  # a record from before manifests were kept
         return str(path)
-    manifest, problem = read_recorded_manifest(folder, entry, record)
+    checkpoint, problem = read_recorded_checkpoint(folder, entry, record, node_rank)
     if problem is not None:
         raise ValueError(f"{problem.path}: {problem.detail}; run `ckpt-agent load` again")
-    assert manifest is not None
-    if manifest.kind != FILE_KIND:
+    assert checkpoint is not None
+    if checkpoint.kind != FILE_KIND:
         return str(path)
-    rel = f"{entry['path']}/{manifest.files[0].path}"
+    rel = f"{entry['path']}/{checkpoint.files[0].entry.path}"
     st = folder.lstat(rel)
     return str(base / rel) if st is not None and stat.S_ISREG(st.st_mode) else None

@@ -2,7 +2,8 @@
 
 "Latest" means the newest checkpoint that every rank of its job has committed, so that all
 nodes of a multi-node job resume from the same step; order is the rank-0 manifest's
-committed_at, ties broken by the natural order of names.
+committed_at, ties broken by the natural order of names. Of a multi-node checkpoint a node reads
+the manifests of the ranks ckpt_agent.load.merge.NodeChoice names (by default every node's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from ckpt_agent.config import names
 from ckpt_agent.config.spec import LatestRef, NamedRef, Reference
 from ckpt_agent.errors import ConfigError, IntegrityError, NotFoundError
+from ckpt_agent.load.merge import EVERY_NODE, Merged, NodeChoice, merge, single
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.manifest import JobRecord, Manifest, natural_key, parse_job_record, parse_manifest
@@ -43,12 +45,18 @@ def valid_names(listed: Iterable[str], where: str, warn: Warn) -> list[str]:
 @dataclass(frozen=True)
 class Resolved:
     reference: Reference
-    manifest: Manifest
+    manifest: Manifest  # this node's own, or the lowest rank's when it loads nodes it is not one of
     reason: str
+    merged: Merged | None = None  # the nodes' files in one folder, when it loads other nodes' manifests
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.manifest.job_id, self.manifest.checkpoint_name)
+
+    @property
+    def checkpoint(self) -> Merged:
+        """What this node places: the merge, or its one manifest."""
+        return self.merged or single(self.manifest)
 
 
 @dataclass(frozen=True)
@@ -172,24 +180,53 @@ def project_jobs(store: Store, project: str, warn: Warn = no_warnings) -> list[t
     return sorted(entries, key=lambda e: (e[0], natural_key(e[1])), reverse=True)
 
 
-def _manifest_for_rank(store: Store, job: JobRecord, name: str, rank: int) -> Manifest:
-    """A single-node checkpoint is what every node loads; a multi-node one is per rank."""
-    source_rank = 0 if job.num_nodes == 1 else rank
-    return read_manifest(store, job.job_id, name, source_rank)
+Found = tuple[Manifest, Merged | None]  # this node's manifest, and the merge when it loads other nodes' too
 
 
-def _latest_of_job(store: Store, job: JobRecord, rank: int, warn: Warn) -> Manifest | None:
+def _for_node(store: Store, job: JobRecord, name: str, rank: int, nodes: NodeChoice, warn: Warn,
+              have: Manifest | None = None) -> Found:
+    """The manifests of checkpoint `name` that node `rank` loads (`have`: one already read). A rank
+    that `nodes` names but that has not committed is a NotFoundError when it is this node's own
+    rank (or every rank), else a warning: the other nodes' files still load."""
+    wanted = nodes.ranks(job.num_nodes, rank)
+    present = set(committed_ranks(store, job.job_id, name)) if len(wanted) > 1 else set(wanted)
+    missing = [r for r in wanted if r not in present]
+    if rank in missing or len(missing) == len(wanted):
+        raise NotFoundError(f"checkpoint {name} of job {job.job_id} is missing or not committed for rank "
+                            f"{rank if rank in missing else wanted[0]}")
+    if missing:
+        warn(f"checkpoint {name} of job {job.job_id}: {len(missing)} of its {job.num_nodes} nodes have not "
+             f"committed it (rank {', '.join(map(str, missing[:5]))}); loading the files of the others")
+
+    def read(r: int) -> Manifest:
+        if have is not None and have.rank == r:
+            return have
+        try:
+            return read_manifest(store, job.job_id, name, r)
+        except NotFoundError:
+            raise NotFoundError(f"checkpoint {name} of job {job.job_id} is missing or not committed for "
+                                f"rank {r}") from None
+
+    if len(wanted) == 1:
+        return read(wanted[0]), None
+    with ThreadPoolExecutor(_READ_WORKERS) as pool:
+        manifests = tuple(pool.map(read, [r for r in wanted if r in present]))
+    merged = merge(manifests, rank)
+    return merged.primary, merged
+
+
+def _latest_of_job(store: Store, job: JobRecord, rank: int, nodes: NodeChoice, warn: Warn) -> Found | None:
     """In rank 0's latest order, the first checkpoint every rank has committed."""
     for manifest in committed_checkpoints(store, job.job_id, 0, warn):
         name = manifest.checkpoint_name
         ranks = committed_ranks(store, job.job_id, name) if job.num_nodes > 1 else (0,)
         if all(r in ranks for r in range(job.num_nodes)):
-            return manifest if job.num_nodes == 1 else _manifest_for_rank(store, job, name, rank)
+            return _for_node(store, job, name, rank, nodes, warn, have=manifest)
     return None
 
 
-def _resolve_latest(store: Store, ref: LatestRef, rank: int, project: str | None,
-                    warn: Warn) -> tuple[Manifest | None, str]:
+def _resolve_latest(store: Store, ref: LatestRef, rank: int, project: str | None, nodes: NodeChoice,
+                    warn: Warn) -> tuple[Found | None, str]:
     if ref.job_id:
         job = read_job(store, ref.job_id)
         if job is None:
@@ -199,7 +236,7 @@ def _resolve_latest(store: Store, ref: LatestRef, rank: int, project: str | None
                 f"{ref.describe()}: job {ref.job_id} belongs to project {job.project_name!r}, "
                 f"not {ref.project_name!r}; fix project_name or job_id"
             )
-        found = _latest_of_job(store, job, rank, warn)
+        found = _latest_of_job(store, job, rank, nodes, warn)
         return found, (f"newest complete checkpoint of job {job.job_id}" if found
                        else f"job {job.job_id} has no complete checkpoint")
     project = ref.project_name or project
@@ -211,29 +248,28 @@ def _resolve_latest(store: Store, ref: LatestRef, rank: int, project: str | None
         job = read_job(store, job_id)
         if job is None:
             continue
-        found = _latest_of_job(store, job, rank, warn)
+        found = _latest_of_job(store, job, rank, nodes, warn)
         if found:
             return found, (f"newest complete checkpoint of job {job_id}, "
                            f"the most recent job of project {project} that has one")
     return None, f"project {project} has no job with a complete checkpoint"
 
 
-def _resolve_named(store: Store, ref: NamedRef, rank: int) -> Manifest:
+def _resolve_named(store: Store, ref: NamedRef, rank: int, nodes: NodeChoice, warn: Warn) -> Found:
     job = read_job(store, ref.job_id)
     if job is None:
         raise NotFoundError(f"{ref.describe()}: job {ref.job_id} is not in the store; check job_id")
     try:
-        return _manifest_for_rank(store, job, ref.checkpoint_name, rank)
-    except NotFoundError:
-        raise NotFoundError(
-            f"{ref.describe()}: checkpoint {ref.checkpoint_name} of job {ref.job_id} is missing "
-            f"or not committed for rank {rank}; check checkpoint_name (`ckpt-agent ls --job-id {ref.job_id}`)"
-        ) from None
+        return _for_node(store, job, ref.checkpoint_name, rank, nodes, warn)
+    except NotFoundError as exc:
+        raise NotFoundError(f"{ref.describe()}: {exc}; check checkpoint_name "
+                            f"(`ckpt-agent ls --job-id {ref.job_id}`)") from None
 
 
 def resolve(store: Store, refs: tuple[Reference, ...], rank: int, project: str | None,
-            required: bool = False) -> Resolution:
-    """Resolve every reference; duplicates collapse, clashing folder names are fatal."""
+            required: bool = False, nodes: NodeChoice = EVERY_NODE) -> Resolution:
+    """Resolve every reference; duplicates collapse, clashing folder names are fatal. `nodes`: which
+    ranks' files of a multi-node checkpoint this node loads."""
     chosen: dict[tuple[str, str], Resolved] = {}
     by_name: dict[str, Resolved] = {}
     warnings: list[str] = []
@@ -243,18 +279,19 @@ def resolve(store: Store, refs: tuple[Reference, ...], rank: int, project: str |
             warnings.append(message)
 
     for ref in refs:
-        manifest: Manifest | None
+        found: Found | None
         if isinstance(ref, NamedRef):
-            manifest, reason = _resolve_named(store, ref, rank), "named"
+            found, reason = _resolve_named(store, ref, rank, nodes, warn), "named"
         else:
-            manifest, reason = _resolve_latest(store, ref, rank, project, warn)
-            if manifest is None:
+            found, reason = _resolve_latest(store, ref, rank, project, nodes, warn)
+            if found is None:
                 message = f"{ref.describe()}: no checkpoint found ({reason})"
                 if required:
                     raise NotFoundError(f"{message}; BT_LOAD_CHECKPOINT_REQUIRED=1 makes this fatal")
                 warnings.append(f"{message}; training starts WITHOUT a checkpoint")
                 continue
-        resolved = Resolved(ref, manifest, reason)
+        manifest = found[0]
+        resolved = Resolved(ref, manifest, reason, found[1])
         if resolved.key in chosen:
             continue
         clash = by_name.get(manifest.checkpoint_name)

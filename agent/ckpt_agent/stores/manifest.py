@@ -161,7 +161,7 @@ def fold(path: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", path).casefold())
 
 
-def _check_collisions(paths: list[str], where: str) -> None:
+def check_collisions(paths: list[str], where: str) -> None:
     """No path may be another's folder, or its temporary twin, on any file system, even after folding."""
     files: dict[str, str] = {}
     for path in paths:
@@ -215,7 +215,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         if f.path in seen:
             raise IntegrityError(f"{where}: files[{i}]: duplicate path {f.path!r}")
         seen.add(f.path)
-    _check_collisions([f.path for f in files], where)
+    check_collisions([f.path for f in files], where)
     kind = obj.get("kind", FOLDER_KIND)
     if kind not in (FOLDER_KIND, FILE_KIND):
         raise IntegrityError(f"{where}: unknown checkpoint kind {kind!r}; upgrade ckpt-agent")
