@@ -82,4 +82,4 @@ def test_a_leader_only_single_file_checkpoint_stays_a_single_file_when_merged():
     (NodeChoice(own_only=True, job_nodes=4), 2, 3, (0, 1)),      # own on 4 nodes of a 2-node save
 ])
 def test_the_ranks_a_node_asks_for(choice, saved, rank, ranks):
-    assert choice.ranks(saved, rank) == ranks
+    assert tuple(choice.ranks(saved, rank)) == ranks

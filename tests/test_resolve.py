@@ -345,6 +345,16 @@ def test_named_multi_node_checkpoint_missing_this_rank_is_not_found_and_loads_th
         resolve(store, (NamedRef("checkpoint-1", "job-m"),), 1, None)
 
 
+def test_a_job_record_claiming_a_huge_node_count_loads_the_committed_nodes_without_enumerating_the_rest(store, save):
+    for rank in (0, 1):
+        save("job-m", "checkpoint-1", rank=rank, num_nodes=2)
+    add_job(store, "job-m", "proj", "2024-01-01T00:00:00.000000Z", num_nodes=10**12)
+    resolution = resolve(store, (NamedRef("checkpoint-1", "job-m"),), 1, None)
+    assert resolution.checkpoints[0].checkpoint.ranks == (0, 1)
+    assert "999999999998 of its 1000000000000 nodes have not committed it (rank 2, 3, 4, 5, 6)" in \
+        resolution.warnings[0]
+
+
 # --- several references -------------------------------------------------------------------------
 
 

@@ -30,17 +30,18 @@ class NodeChoice:
     own_only: bool = False
     job_nodes: int = 1
 
-    def ranks(self, saved_nodes: int, rank: int) -> tuple[int, ...]:
-        """The ranks whose manifests a node of rank `rank` loads from a checkpoint of `saved_nodes` nodes.
+    def ranks(self, saved_nodes: int, rank: int) -> range:
+        """The ranks whose manifests a node of rank `rank` loads from a checkpoint of `saved_nodes` nodes
+        (a range: a job record from the store may claim any node count, and is never enumerated).
 
         A single-node checkpoint is what every node loads. `own` is the literal per-rank layout, and
         only for a job of the saving job's shape: on another node count a node's own shards cannot
         be all it needs, so it gets every node's files, as DCP needs to reshard."""
         if saved_nodes == 1:
-            return (0,)
+            return range(1)
         if self.own_only and self.job_nodes == saved_nodes:
-            return (rank,)
-        return tuple(range(saved_nodes))
+            return range(rank, rank + 1)
+        return range(saved_nodes)
 
 
 EVERY_NODE = NodeChoice()

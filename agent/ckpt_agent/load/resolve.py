@@ -8,6 +8,7 @@ the manifests of the ranks ckpt_agent.load.merge.NodeChoice names (by default ev
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -190,13 +191,14 @@ def _for_node(store: Store, job: JobRecord, name: str, rank: int, nodes: NodeCho
     rank (or every rank), else a warning: the other nodes' files still load."""
     wanted = nodes.ranks(job.num_nodes, rank)
     present = set(committed_ranks(store, job.job_id, name)) if len(wanted) > 1 else set(wanted)
-    missing = [r for r in wanted if r not in present]
-    if rank in missing or len(missing) == len(wanted):
+    loadable = sorted(r for r in present if r in wanted)
+    if (rank in wanted and rank not in present) or not loadable:
         raise NotFoundError(f"checkpoint {name} of job {job.job_id} is missing or not committed for rank "
-                            f"{rank if rank in missing else wanted[0]}")
-    if missing:
-        warn(f"checkpoint {name} of job {job.job_id}: {len(missing)} of its {job.num_nodes} nodes have not "
-             f"committed it (rank {', '.join(map(str, missing[:5]))}); loading the files of the others")
+                            f"{rank if rank in wanted else wanted[0]}")
+    if len(loadable) < len(wanted):
+        first = ", ".join(map(str, itertools.islice((r for r in wanted if r not in present), 5)))
+        warn(f"checkpoint {name} of job {job.job_id}: {len(wanted) - len(loadable)} of its {job.num_nodes} "
+             f"nodes have not committed it (rank {first}); loading the files of the others")
 
     def read(r: int) -> Manifest:
         if have is not None and have.rank == r:
@@ -210,7 +212,7 @@ def _for_node(store: Store, job: JobRecord, name: str, rank: int, nodes: NodeCho
     if len(wanted) == 1:
         return read(wanted[0]), None
     with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        manifests = tuple(pool.map(read, [r for r in wanted if r in present]))
+        manifests = tuple(pool.map(read, loadable))
     merged = merge(manifests, rank)
     return merged.primary, merged
 
