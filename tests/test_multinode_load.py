@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.seaweed import SeaweedServer
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.stores.s3boto import Boto3Store
 from ckpt_agent.upload.commit import CheckpointId
 from tests.support.faultproxy import FaultProxy

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import Settings
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex, check_root, checkpoint_dir
-from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.load.merge import describe_conflicts
 from ckpt_agent.load.pipeline import (
     bytes_needed,

@@ -11,18 +11,17 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ckpt_agent.config import names
 from ckpt_agent.config.spec import LatestRef, NamedRef, Reference
 from ckpt_agent.errors import ConfigError, IntegrityError, NotFoundError
 from ckpt_agent.load.merge import EVERY_NODE, Merged, NodeChoice, merge, single
+from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.manifest import JobRecord, Manifest, natural_key, parse_job_record, parse_manifest
 
-_READ_WORKERS = 16
 Warn = Callable[[str], None]
 
 
@@ -124,8 +123,7 @@ def committed_checkpoints(store: Store, job_id: str, rank: int, warn: Warn = no_
             warn(f"{exc}; left out")
             return None
 
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        found = [m for m in pool.map(manifest, names) if m is not None]
+    found = [m for m in map_tasks(manifest, names) if m is not None]
     return sorted(found, key=lambda m: latest_order(m.committed_at, m.checkpoint_name), reverse=True)
 
 
@@ -147,8 +145,7 @@ def list_checkpoints(store: Store, job: JobRecord, warn: Warn = no_warnings) -> 
             committed_at = read_manifest(store, job.job_id, name, 0).committed_at
         return CheckpointInfo(name, ranks, job.num_nodes, committed_at)
 
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        infos = list(pool.map(info, names))
+    infos = map_tasks(info, names)
     infos.sort(key=lambda c: latest_order(c.committed_at, c.name), reverse=True)
     return infos
 
@@ -176,8 +173,7 @@ def project_jobs(store: Store, project: str, warn: Warn = no_warnings) -> list[t
             return None
         return (created, job_id)
 
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        entries = [e for e in pool.map(entry, ids) if e is not None]
+    entries = [e for e in map_tasks(entry, ids) if e is not None]
     return sorted(entries, key=lambda e: (e[0], natural_key(e[1])), reverse=True)
 
 
@@ -211,8 +207,7 @@ def _for_node(store: Store, job: JobRecord, name: str, rank: int, nodes: NodeCho
 
     if len(wanted) == 1:
         return read(wanted[0]), None
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        manifests = tuple(pool.map(read, loadable))
+    manifests = tuple(map_tasks(read, loadable))
     merged = merge(manifests, rank)
     return merged.primary, merged
 
