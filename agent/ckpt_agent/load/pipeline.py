@@ -43,6 +43,7 @@ from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
 from ckpt_agent.stores import open_store
 from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.manifest import FILE_KIND, FOLDER_KIND, Manifest
 from ckpt_agent.version import __version__
 
 
@@ -114,7 +115,8 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
     order = store_order(result.resolution.checkpoints)
     checkpoints, manifests = [], {}
     for r in result.resolution.checkpoints:
-        m, c = r.manifest, r.checkpoint
+        c = r.checkpoint
+        m = _named_manifest(r.merged) if r.merged is not None else r.manifest
         nodes = _node_loads(r.merged, rank, result.stats) if r.merged is not None else ()
         manifest_rel = recorded_manifest_path(rank, m.checkpoint_name, m.rank if nodes else None)
         manifests[manifest_rel] = m.raw
@@ -135,6 +137,17 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
         bytes_from=stats.bytes_from(), warnings=tuple(result.resolution.warnings), checkpoints=tuple(checkpoints),
         files_excluded=len(plan.excluded), bytes_excluded=plan.excluded_bytes,
         selection=plan.selection.record()), manifests)
+
+
+def _named_manifest(merged: Merged) -> Manifest:
+    """The node manifest a record entry names for a merged checkpoint: one of the merge's kind, since
+    the trainer's helper (ckpt_agent.disk.resume) reads that one alone to hand over the file of a
+    single-file checkpoint (a leader's `ckpt-5.pt`, the other nodes with nothing) or the folder."""
+    if merged.kind == FILE_KIND:
+        return merged.files[0].manifest
+    if merged.primary.kind == FOLDER_KIND:
+        return merged.primary
+    return next((m for m in merged.manifests if m.kind == FOLDER_KIND), merged.primary)
 
 
 def _node_loads(merged: Merged, rank: int, stats: TransferStats) -> tuple[NodeLoad, ...]:
