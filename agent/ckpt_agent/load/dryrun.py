@@ -16,13 +16,14 @@ from ckpt_agent.load.pipeline import (
     bytes_needed,
     checkpoints,
     describe_left_out,
-    resolve_for_node,
+    resolve_references,
     shown_paths,
     warn_selection,
 )
 from ckpt_agent.load.plan import FileTask, Plan, make_plan
 from ckpt_agent.load.resolve import Resolution, Resolved
 from ckpt_agent.report import Reporter, human_bytes
+from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.stores import open_store
 
 
@@ -72,13 +73,11 @@ def plan_load(settings: Settings, reporter: Reporter, selection: Selection = EVE
     no lock, creates no folder and writes nothing, here or in the store."""
     root = Path(settings.spec.download_folder)
     check_root(root)
-    store = open_store(settings)
+    store = open_store(settings.store_config)
     try:
-        resolution = resolve_for_node(store, settings)
+        resolution = resolve_references(store, settings, reporter, Cancel())
     finally:
         store.close()
-    for warning in resolution.warnings:
-        reporter.warn(warning, event="no_checkpoint")
     warn_selection(resolution, selection, settings.required, reporter)
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(Folder(root)) if root.is_dir() else None

@@ -12,7 +12,6 @@ is read through ckpt_agent.disk.safefs (no link followed, no FIFO waited on).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.disk.digests import checksum, format_checksum
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, manifests_dir
-from ckpt_agent.disk.safefs import remove_tree
+from ckpt_agent.disk.safefs import record_bytes, remove_tree
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.load.merge import Conflict, Merged, merge
 from ckpt_agent.stores.manifest import Manifest, check_relative_path, parse_manifest
@@ -116,7 +115,7 @@ def save_load_record(folder: Folder, record: LoadRecord, manifests: Mapping[str,
     written = {rel[len(manifests_dir(record.node_rank)) + 1:] for rel in manifests}
     _drop_stale(folder, mine, written)
     folder.write_atomic(f"{STATE_DIR}/{loaded_record(record.node_rank)}",
-                        json.dumps(asdict(record), indent=1).encode())
+                        record_bytes(asdict(record)))
 
 
 def _drop_stale(folder: Folder, rel: str, written: set[str]) -> None:

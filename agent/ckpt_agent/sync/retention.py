@@ -7,10 +7,10 @@ picks "latest" by, so the checkpoints deleted are never the ones a resume would 
 from __future__ import annotations
 
 from ckpt_agent.errors import AgentError
-from ckpt_agent.load.resolve import committed_checkpoints
 from ckpt_agent.report import Reporter
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.catalog import committed_checkpoints
 
 
 def beyond_keep(newest_first: list[str], just_committed: str, keep_last: int) -> list[str]:
