@@ -62,7 +62,8 @@ def open_sidecar(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = No
         raise ConfigError("BT_TRAINING_JOB_ID: required to upload checkpoints "
                           "(`ckpt-agent sync`, or `run` with BT_CHECKPOINTING_ENABLED=1); set it to this job's id")
     if settings.node_rank >= settings.num_nodes:
-        raise ConfigError(f"BT_NODE_RANK={settings.node_rank}: must be below BT_NUM_NODES={settings.num_nodes}")
+        raise ConfigError(f"BT_NODE_RANK={settings.node_rank}: must be below the node count "
+                          f"BT_GROUP_SIZE={settings.num_nodes}")
     options = sync_options(
         ctx.env, checkpoint_dir or settings.checkpoint_dir, quiet_seconds=flags.quiet_seconds,
         poll_seconds=flags.poll_seconds, grace_seconds=flags.grace_seconds, keep_last=flags.keep_last,
