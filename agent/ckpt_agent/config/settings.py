@@ -13,6 +13,7 @@ from pathlib import Path
 from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
 from ckpt_agent.config.sidecar import (
     DEFAULT_GRACE_SECONDS,
+    DEFAULT_NOTHING_HERE_SECONDS,
     DEFAULT_POLL_SECONDS,
     DEFAULT_QUIET_SECONDS,
     Rules,
@@ -307,4 +308,5 @@ def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: 
         _seconds(grace_seconds, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS),
         _keep_last(keep_last, env),
         Rules(_markers(complete_file, env), bool(commit_on_quiet) or env_flag(env, "CKPT_AGENT_COMMIT_ON_QUIET")),
+        _seconds(None, "", env, "CKPT_AGENT_NOTHING_HERE_SECONDS", DEFAULT_NOTHING_HERE_SECONDS),
     )

@@ -1,8 +1,10 @@
 """References -> manifests: reads the store, never writes.
 
-"Latest" means the newest checkpoint that every rank of its job has committed, so that all
-nodes of a multi-node job resume from the same step; order is the rank-0 manifest's
-committed_at, ties broken by the natural order of names.
+"Latest" means the newest checkpoint that every node of its job has committed, so that all
+nodes of a multi-node job resume from the same step: the leader (rank 0) with its manifest, each
+other node with its manifest or with a "nothing here" record (it had no files of that
+checkpoint, docs/sidecar.md). Order is the rank-0 manifest's committed_at, ties broken by the
+natural order of names.
 """
 
 from __future__ import annotations
@@ -10,14 +12,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ckpt_agent.config import names
 from ckpt_agent.config.spec import LatestRef, NamedRef, Reference
 from ckpt_agent.errors import ConfigError, IntegrityError, NotFoundError
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
-from ckpt_agent.stores.manifest import JobRecord, Manifest, natural_key, parse_job_record, parse_manifest
+from ckpt_agent.stores.manifest import (
+    FOLDER_KIND,
+    JobRecord,
+    Manifest,
+    natural_key,
+    parse_job_record,
+    parse_manifest,
+)
 
 _READ_WORKERS = 16
 Warn = Callable[[str], None]
@@ -58,17 +67,32 @@ class Resolution:
 
 
 @dataclass(frozen=True)
+class RankCommits:
+    """Which nodes committed one checkpoint: with their files (a manifest), or with none (a "nothing
+    here" record, written only after the leader committed it)."""
+
+    manifests: tuple[int, ...]
+    nothing: tuple[int, ...] = ()
+
+    def covers(self, num_nodes: int) -> bool:
+        """Complete for a job of `num_nodes`: the leader's manifest (it stands for the collective
+        save), and every other node's manifest or record."""
+        done = set(self.manifests) | set(self.nothing)
+        return 0 in self.manifests and all(r in done for r in range(num_nodes))
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     """One checkpoint of a job as the store shows it (used by `latest` and by listings)."""
 
     name: str
-    ranks_committed: tuple[int, ...]
+    ranks: RankCommits
     num_nodes: int
     committed_at: str | None
 
     @property
     def complete(self) -> bool:
-        return all(r in self.ranks_committed for r in range(self.num_nodes))
+        return self.ranks.covers(self.num_nodes)
 
 
 def read_job(store: Store, job_id: str) -> JobRecord | None:
@@ -120,23 +144,24 @@ def committed_checkpoints(store: Store, job_id: str, rank: int, warn: Warn = no_
     return sorted(found, key=lambda m: latest_order(m.committed_at, m.checkpoint_name), reverse=True)
 
 
-def committed_ranks(store: Store, job_id: str, name: str) -> tuple[int, ...]:
-    """The ranks with a manifest for one checkpoint, from one listing."""
+def rank_commits(store: Store, job_id: str, name: str) -> RankCommits:
+    """The ranks with a manifest, and those with a "nothing here" record, from one listing."""
     files = store.list_dir(layout.checkpoint_prefix(job_id, name)).files
-    return tuple(sorted(r for r in map(layout.manifest_rank, files) if r is not None))
+    return RankCommits(tuple(sorted(r for r in map(layout.manifest_rank, files) if r is not None)),
+                       tuple(sorted(r for r in map(layout.nothing_rank, files) if r is not None)))
 
 
-def list_checkpoints(store: Store, job: JobRecord, warn: Warn = no_warnings) -> list[CheckpointInfo]:
-    """Every checkpoint folder of a job with its commit state, newest first."""
-    prefix = layout.checkpoints_prefix(job.job_id)
+def list_checkpoints(store: Store, job_id: str, num_nodes: int, warn: Warn = no_warnings) -> list[CheckpointInfo]:
+    """Every checkpoint folder of a job of `num_nodes` nodes with its commit state, newest first."""
+    prefix = layout.checkpoints_prefix(job_id)
     names = valid_names(store.list_dir(prefix).dirs, prefix, warn)
 
     def info(name: str) -> CheckpointInfo:
-        ranks = committed_ranks(store, job.job_id, name)
+        ranks = rank_commits(store, job_id, name)
         committed_at = None
-        if 0 in ranks:
-            committed_at = read_manifest(store, job.job_id, name, 0).committed_at
-        return CheckpointInfo(name, ranks, job.num_nodes, committed_at)
+        if 0 in ranks.manifests:
+            committed_at = read_manifest(store, job_id, name, 0).committed_at
+        return CheckpointInfo(name, ranks, num_nodes, committed_at)
 
     with ThreadPoolExecutor(_READ_WORKERS) as pool:
         infos = list(pool.map(info, names))
@@ -172,19 +197,32 @@ def project_jobs(store: Store, project: str, warn: Warn = no_warnings) -> list[t
     return sorted(entries, key=lambda e: (e[0], natural_key(e[1])), reverse=True)
 
 
+def nothing_here(leader: Manifest, rank: int) -> Manifest:
+    """Node `rank`'s part of a checkpoint it recorded "nothing here" for: no files, the leader's
+    identity and commit time."""
+    return replace(leader, rank=rank, files=(), packs=(), kind=FOLDER_KIND, extra={}, source=b"")
+
+
 def _manifest_for_rank(store: Store, job: JobRecord, name: str, rank: int) -> Manifest:
-    """A single-node checkpoint is what every node loads; a multi-node one is per rank."""
+    """A single-node checkpoint is what every node loads; a multi-node one is per rank (empty for
+    a node that recorded it has nothing of it)."""
     source_rank = 0 if job.num_nodes == 1 else rank
-    return read_manifest(store, job.job_id, name, source_rank)
+    try:
+        return read_manifest(store, job.job_id, name, source_rank)
+    except NotFoundError:
+        if source_rank == 0 or not store.exists(layout.nothing_key(job.job_id, name, source_rank)):
+            raise
+    return nothing_here(read_manifest(store, job.job_id, name, 0), source_rank)
 
 
 def _latest_of_job(store: Store, job: JobRecord, rank: int, warn: Warn) -> Manifest | None:
-    """In rank 0's latest order, the first checkpoint every rank has committed."""
+    """In rank 0's latest order, the first checkpoint every node has committed (RankCommits.covers)."""
     for manifest in committed_checkpoints(store, job.job_id, 0, warn):
+        if job.num_nodes == 1:
+            return manifest
         name = manifest.checkpoint_name
-        ranks = committed_ranks(store, job.job_id, name) if job.num_nodes > 1 else (0,)
-        if all(r in ranks for r in range(job.num_nodes)):
-            return manifest if job.num_nodes == 1 else _manifest_for_rank(store, job, name, rank)
+        if rank_commits(store, job.job_id, name).covers(job.num_nodes):
+            return _manifest_for_rank(store, job, name, rank)
     return None
 
 
