@@ -240,6 +240,26 @@ def test_the_final_flush_on_node_1_waits_for_the_leaders_last_commit_and_records
     assert latest_for(store, 1) == ("ckpt-13.pt", [])
 
 
+def test_node_1s_final_flush_stops_once_the_leaders_sidecar_has_stopped(store, tmp_path):
+    """Without it, node 1 would watch for the leader's commits for its whole grace period (30 s here)."""
+    ckpts = tmp_path / "node-1"
+    (ckpts / "checkpoint-5").mkdir(parents=True)
+    (ckpts / "checkpoint-5" / "rng_state_1.pth").write_bytes(b"r1")
+    sidecar, out = node(store, ckpts, grace_seconds=30)
+    leader = Sidecar(store, CheckpointId("proj", JOB, "", 0, 2), SyncOptions(tmp_path / "node-0"), 2,
+                     Reporter(io.StringIO()))
+    leader.check_job()
+    thread = in_thread(sidecar)
+    sidecar.finish(None, wait_for_writers=True, trainer_status=0)
+    leader_commits(store, tmp_path, "checkpoint-5", HF_LEADER)
+    time.sleep(0.3)
+    assert thread.is_alive()
+    assert leader.run(once=True).committed == []  # its checkpoint-5 was committed above; it stops, and says so
+    thread.join(5)
+    assert not thread.is_alive(), out.getvalue()
+    assert sidecar.result.committed == ["checkpoint-5"]
+
+
 def test_node_1_never_vouches_for_a_leader_commit_made_before_it_started_watching(store, tmp_path):
     """Its files of that checkpoint may have been lost with an earlier container: absence proves nothing."""
     leader_commits(store, tmp_path, "checkpoint-5", HF_LEADER)

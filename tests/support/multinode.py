@@ -155,6 +155,19 @@ def rank_state(store: StoreUnderTest, job: str, name: str, rank: int) -> str | N
     return None
 
 
+def manifest_paths(store: StoreUnderTest, job: str, name: str, rank: int) -> list[str]:
+    """The files node `rank` committed of `name`, as its manifest lists them."""
+    return [f["path"] for f in json.loads(store.read(layout.manifest_key(job, name, rank)))["files"]]
+
+
+def listing(store: StoreUnderTest, job: str) -> dict[str, dict]:
+    """`ckpt-agent ls --job-id JOB --json`: each checkpoint's row, by name."""
+    result = subprocess.run([AGENT, "ls", "--job-id", job, "--json"], env=sync_env(store, Path("/nonexistent")),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return {c["name"]: c for c in json.loads(result.stdout)["checkpoints"]}
+
+
 def committed_by_all(store: StoreUnderTest, job: str, name: str, size: int) -> bool:
     """Every node 0..size-1 committed `name` (its files, or that it has none): complete for the job."""
     return all(rank_state(store, job, name, r) for r in range(size))

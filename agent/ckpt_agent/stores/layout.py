@@ -5,6 +5,7 @@
     jobs/<job>/checkpoints/<name>/rank-<r>.packs/<n>         small files again, concatenated
     jobs/<job>/checkpoints/<name>/rank-<r>.manifest.json    (written last: the commit)
     jobs/<job>/checkpoints/<name>/rank-<r>.nothing.json     node r has no files of it (multi-node)
+    jobs/<job>/nodes/rank-0.stopped.json                    the leader's sidecar has stopped (multi-node)
     projects/<project>/jobs/<job>.json
 """
 
@@ -58,6 +59,12 @@ def nothing_key(job_id: str, name: str, rank: int) -> str:
     """Node `rank` of a multi-node job has no files of a checkpoint its leader committed: with the
     manifests of the other ranks, this completes the checkpoint for the job (docs/sidecar.md)."""
     return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}{NOTHING_SUFFIX}"
+
+
+def leader_stopped_key(job_id: str) -> str:
+    """Written by the leader's sidecar of a multi-node job when it stops, removed when it starts: the
+    other nodes' final flushes watch the leader's commits until it is there."""
+    return f"jobs/{job_id}/nodes/rank-0.stopped.json"
 
 
 def project_jobs_prefix(project: str) -> str:

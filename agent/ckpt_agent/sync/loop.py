@@ -28,7 +28,7 @@ from ckpt_agent.stores.base import Store
 from ckpt_agent.sync import observe
 from ckpt_agent.sync.formats import Candidate, classify
 from ckpt_agent.sync.ledger import REWRITTEN, Ledger
-from ckpt_agent.sync.nodes import Nodes
+from ckpt_agent.sync.nodes import Nodes, leader_mark
 from ckpt_agent.sync.readiness import NotReady, Trainer, Why, is_quiet, readiness
 from ckpt_agent.sync.retention import retain
 from ckpt_agent.sync.summary import SyncResult, announce, summarize
@@ -66,6 +66,7 @@ class Sidecar:
         # node r > 0 of a multi-node job: the leader's commits, and until when a flush keeps watching them
         self._nodes = Nodes(store, ident, options.nothing_here_seconds, reporter) if ident.rank > 0 else None
         self._linger_until = 0.0
+        self._leads = ident.rank == 0 and ident.num_nodes > 1  # the leader of a multi-node job
 
     # -- control, from other threads ------------------------------------------------------
 
@@ -81,6 +82,8 @@ class Sidecar:
                               f"{job.num_nodes} node(s); give every node of a job the same node count")
         if self._nodes is not None:
             self._nodes.start()
+        if self._leads:
+            leader_mark(self.store, ident, stopped=False)
 
     def trainer_started(self, pid: int) -> None:
         """Supervise mode: from now on the trainer's exit status decides folders of no known format.
@@ -139,6 +142,8 @@ class Sidecar:
             if self._nodes is not None:
                 self.result.nothing_here, self.result.nothing_waiting = self._nodes.recorded, self._nodes.waiting()
             summarize(self.reporter, self.result)
+            if self._leads:
+                leader_mark(self.store, self.ident, stopped=True)
         return self.result
 
     def _loop(self) -> None:
@@ -149,6 +154,9 @@ class Sidecar:
             with self._lock:
                 finishing, waiting = self._finishing, self._wait_for_writers
             try:
+                # looked at before the pass, so the pass sees every commit the leader made before it stopped
+                lingering = (time.monotonic() < self._linger_until and self._nodes is not None
+                             and not self._nodes.leader_stopped())
                 self._pending = self._pass(finishing)
                 store_failures = 0
             except StoreError as exc:  # listing or looking up the store: the network, not a checkpoint
@@ -158,7 +166,6 @@ class Sidecar:
                 self.reporter.warn(f"sync: the store did not answer ({exc}); trying again")
                 self._wake.wait(store_backoff.delay(store_failures))
                 continue
-            lingering = time.monotonic() < self._linger_until
             if self._expired or (finishing and not (waiting and self._may_still_commit()) and not lingering):
                 return
             self._wake.wait(self.options.poll_seconds)
@@ -246,7 +253,7 @@ class Sidecar:
             facts = replace(facts, leader_committed=self._nodes.leader_committed(entry.name))
         why = readiness(facts, self.options.rules, self._trainer, flushing=finishing and self._wait_for_writers)
         if (why is not None and quiet and not seen.warned and not finishing
-                and why.why not in (Why.WRITING, Why.OPEN)):
+                and why.why not in (Why.WRITING, Why.OPEN, Why.LEADER)):
             seen.warned = True
             self.reporter.warn(f"sync: {entry.name} has been quiet for {self.options.quiet_seconds:g} s but is "
                                f"not committed yet: {why}", event="sync_waiting", checkpoint=entry.name,

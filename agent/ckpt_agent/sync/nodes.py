@@ -11,10 +11,12 @@ replaces the record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping
 
+from ckpt_agent.errors import AgentError
 from ckpt_agent.load.resolve import rank_commits, valid_names
 from ckpt_agent.report import Reporter
 from ckpt_agent.stores import layout
@@ -38,6 +40,18 @@ def moved_on(name: str, here: Mapping[str, bool]) -> bool:
                for other, has_files in here.items())
 
 
+def leader_mark(store: Store, ident: CheckpointId, stopped: bool) -> None:
+    """The leader of a multi-node job: removes its "stopped" mark before its trainer starts, and writes
+    it when its sidecar stops, after its final flush (or gives up): the other nodes' flushes then stop
+    watching for its commits. Failing to write it only makes them wait out their grace period."""
+    key = layout.leader_stopped_key(ident.job_id)
+    if not stopped:
+        store.delete(key)
+        return
+    with contextlib.suppress(AgentError):
+        store.write_bytes(key, json.dumps({"job_id": ident.job_id, "stopped_at": utc_now()}).encode())
+
+
 class Nodes:
     """The leader's commits as node `ident.rank` (> 0) sees them, and its own "nothing here" records."""
 
@@ -54,6 +68,9 @@ class Nodes:
         node's files of it may have been lost with an earlier container, so an absence proves nothing;
         files of it that are here are still committed the usual way."""
         self._sweep_names(lambda name, leader: self._settled.add(name))
+
+    def leader_stopped(self) -> bool:
+        return self.store.exists(layout.leader_stopped_key(self.ident.job_id))
 
     def leader_committed(self, name: str) -> bool:
         if name not in self._leader and self.store.exists(layout.manifest_key(self.ident.job_id, name, 0)):
@@ -94,7 +111,8 @@ class Nodes:
         """`consider(name, leader_committed)` for each checkpoint of the job this node has not settled."""
         job_id, rank = self.ident.job_id, self.ident.rank
         prefix = layout.checkpoints_prefix(job_id)
-        for name in valid_names(self.store.list_dir(prefix).dirs, prefix, self.reporter.warn):
+        listed = valid_names(self.store.list_dir(prefix).dirs, prefix, self.reporter.warn)
+        for name in sorted(listed, key=natural_key):
             if name in self._settled:
                 continue
             ranks = rank_commits(self.store, job_id, name)
