@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ckpt_agent.config.settings import CACHE_DIR_NAME, DEFAULT_CACHE_MAX_BYTES, CacheSettings, cache_settings_from_env
-from ckpt_agent.disk.cache import ENTRIES, LOCK, STALE_TMP_NS, TMP_PREFIX, PartCache
+from ckpt_agent.disk.cache import ENTRIES, LOCK, STALE_TMP_NS, PartCache
+from ckpt_agent.disk.safefs import TEMP_PREFIX
 from ckpt_agent.errors import ConfigError, LocalError
 
 KIB = 1024
@@ -237,7 +238,7 @@ def test_a_reader_after_another_agent_evicted_everything_sees_a_clean_miss(tmp_p
 def test_eviction_clears_temporary_files_of_agents_that_died_but_not_fresh_ones(tmp_path):
     root = tmp_path / "cache"
     with PartCache(root, 1 << 20) as cache:
-        dead, live = root / ENTRIES / f"{TMP_PREFIX}dead", root / ENTRIES / f"{TMP_PREFIX}live"
+        dead, live = root / ENTRIES / f"{TEMP_PREFIX}dead", root / ENTRIES / f"{TEMP_PREFIX}live"
         dead.write_bytes(b"x")
         live.write_bytes(b"x")
         old = (os.stat(dead).st_mtime_ns - 2 * STALE_TMP_NS) / 1e9
@@ -286,7 +287,7 @@ def test_two_agents_filling_one_cache_at_once_both_end_byte_exact(tmp_path, cap)
                  for s in pair]
         assert out.read_bytes() == b"".join(part(s, PART_SIZE) for s in seeds)
     left = entries(tmp_path / "cache")
-    assert not [n for n in left if n.startswith(TMP_PREFIX)]
+    assert not [n for n in left if n.startswith(TEMP_PREFIX)]
     assert sum(left.values()) <= cap
     for name in left:  # every entry that survived holds exactly the bytes its name promises
         assert sha((tmp_path / "cache" / ENTRIES / name).read_bytes()) == name

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.seaweed import SeaweedServer
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.stores import layout
 from tests.support.faultproxy import FaultProxy
 from tests.support.helpers import (
@@ -436,7 +436,7 @@ def test_not_enough_free_disk_fails_with_exit_6_before_any_download(four_files, 
 
 
 def test_free_space_check_counts_what_partial_files_already_hold(tmp_path, monkeypatch):
-    from ckpt_agent.disk.safefs import Folder
+    from ckpt_agent.disk.folder import Folder
     from ckpt_agent.errors import EXIT_LOCAL, LocalError
     from ckpt_agent.load import pipeline as load
     from ckpt_agent.load.plan import FileTask, Plan

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_agent.disk.digests import checksum, format_checksum
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.stores import layout

@@ -17,12 +17,12 @@ import pytest
 from ckpt_agent.errors import TransientError
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.stores import layout
-from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.base import MIN_PART, Store
 from ckpt_agent.stores.local import LocalStore
 from ckpt_agent.stores.manifest import DEFAULT_PART_SIZE, FileEntry, Manifest
 from ckpt_agent.stores.s3native import NativeS3Store
 from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
-from ckpt_agent.upload.dedup import MIN_PART, Segment, index_parts, plan_segments
+from ckpt_agent.upload.dedup import Segment, index_parts, plan_segments
 from ckpt_agent.upload.incremental import Transferred
 from tests.support.faultproxy import LOOPBACK, FaultProxy
 from tests.support.helpers import AGENT, clean_env

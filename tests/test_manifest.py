@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+from pathlib import Path
 
 import crc32c
 import pytest
 
-from ckpt_agent.disk.digests import file_checksums, format_checksum
+from ckpt_agent.disk.digests import format_checksum, read_checksums
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.stores.manifest import (
     ALGORITHM,
@@ -308,7 +310,18 @@ def test_natural_key_orders_non_ascii_decimal_digits_numerically():
     assert natural_key("ckpt-\u0663") < natural_key("ckpt-10")  # ARABIC-INDIC DIGIT THREE
 
 
-# --- file_checksums -----------------------------------------------------------------------------
+# --- part checksums of a whole file (read_checksums, as scan and verify read them) ----------------
+
+
+def file_checksums(path: Path, part_size: int, buffer_size: int = 1 << 20) -> tuple[str, ...]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = memoryview(bytearray(min(buffer_size, part_size)))
+        sums = read_checksums(fd, 0, os.fstat(fd).st_size, part_size, buf)
+    finally:
+        os.close(fd)
+    assert sums is not None
+    return tuple(sums)
 
 
 def _manual_parts(data: bytes, part_size: int) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ run against that venv's `ckpt-agent` to prove it execs all the way down to the t
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
 import os
@@ -247,7 +248,10 @@ def test_image_has_oci_labels_and_the_version_label_matches_pyproject() -> None:
         assert f"org.opencontainers.image.{name}" in labels, f"missing OCI label {name}: {labels}"
     args = dict(rest.partition("=")[::2] for kw, rest in instructions if kw == "ARG")
     assert labels["org.opencontainers.image.version"] == "${VERSION}"
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    # pyproject's version is dynamic: it reads ckpt_agent/version.py, the one place the number lives
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dynamic"] == ["version"]
+    version_py = ast.parse((REPO / "agent" / "ckpt_agent" / "version.py").read_text())
+    version = next(ast.literal_eval(n.value) for n in version_py.body if isinstance(n, ast.Assign))
     assert args["VERSION"] == version, "the VERSION build argument's default must follow pyproject.toml"
     last_run = max(i for i, _ in _run_steps())
     late = [i for i, (kw, _) in enumerate(instructions) if kw == "ARG" and i > _first("FROM")]
@@ -365,7 +369,7 @@ def test_dockerfile_pip_install_step_gives_working_ckpt_agent_and_python_m_ckpt_
     )
     # pyproject lists the subpackages by hand (agent/ installs as ckpt_agent): none may be missed
     installed_package = Path(where.stdout.strip()).parent
-    for sub in sorted(p.parent.name for p in (REPO / "agent").glob("*/__init__.py")):
+    for sub in sorted(p.parent.name for p in (REPO / "agent" / "ckpt_agent").glob("*/__init__.py")):
         assert (installed_package / sub / "__init__.py").exists(), f"agent/{sub} is not in pyproject's packages"
 
     script = installed.bin / "ckpt-agent"

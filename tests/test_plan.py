@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
-from ckpt_agent.disk.safefs import Folder
+from ckpt_agent.disk.folder import Folder
+from ckpt_agent.disk.localstate import VerifiedIndex
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.load.plan import make_plan
 from ckpt_agent.stores import layout

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import prune_checkpoint
-from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import IntegrityError
 
 CKPT = "rank-0/checkpoint-1"

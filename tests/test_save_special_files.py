@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from ckpt_agent.config.sidecar import SyncOptions
-from ckpt_agent.errors import ConfigError
+from ckpt_agent.errors import CheckpointChanged, ConfigError, UnsafeEntry
 from ckpt_agent.report import Reporter
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
 from ckpt_agent.sync.loop import Sidecar
 from ckpt_agent.sync.readiness import Why
-from ckpt_agent.upload.commit import CheckpointChanged, CheckpointId, CommitRequest, commit_checkpoint
-from ckpt_agent.upload.scan import UnsafeEntry, scan_checkpoint
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.upload.scan import scan_checkpoint
 from tests.support.helpers import AGENT, clean_env
 
 SECRET = b"aws_secret_access_key = SECRETSECRETSECRET\n"

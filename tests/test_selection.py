@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ckpt_agent.config.selection import Selection
-from ckpt_agent.config.settings import limits_from_env
+from ckpt_agent.config.settings import max_rate_from_env, selection_from_env
 from ckpt_agent.errors import ConfigError
 
 PATHS = [
@@ -100,14 +100,14 @@ def test_unmatched_includes_point_at_a_likely_typo():
 ])
 def test_bad_patterns_name_the_variable(text, message):
     with pytest.raises(ConfigError, match=rf"^CKPT_AGENT_EXCLUDE: .*{message}"):
-        limits_from_env({"CKPT_AGENT_EXCLUDE": text})
+        selection_from_env({"CKPT_AGENT_EXCLUDE": text})
     with pytest.raises(ConfigError, match=rf"^CKPT_AGENT_INCLUDE: .*{message}"):
-        limits_from_env({"CKPT_AGENT_INCLUDE": text})
+        selection_from_env({"CKPT_AGENT_INCLUDE": text})
 
 
-def test_limits_setting_reads_both_variables():
-    limits = limits_from_env({"CKPT_AGENT_INCLUDE": "*.safetensors", "CKPT_AGENT_EXCLUDE": "global_step*/",
-                              "CKPT_AGENT_MAX_RATE": "1.5GiB"})
-    assert limits.selection == Selection(("*.safetensors",), ("global_step*/",))
-    assert limits.max_rate == 1_610_612_736
-    assert limits_from_env({}).selection.everything and limits_from_env({}).max_rate is None
+def test_the_selection_and_the_rate_cap_are_read_from_their_variables():
+    env = {"CKPT_AGENT_INCLUDE": "*.safetensors", "CKPT_AGENT_EXCLUDE": "global_step*/",
+           "CKPT_AGENT_MAX_RATE": "1.5GiB"}
+    assert selection_from_env(env) == Selection(("*.safetensors",), ("global_step*/",))
+    assert max_rate_from_env(env) == 1_610_612_736
+    assert selection_from_env({}).everything and max_rate_from_env({}) is None

@@ -14,7 +14,7 @@ import pytest
 
 from ckpt_agent.config.selection import Selection
 from ckpt_agent.config.settings import selection_from_env
-from ckpt_agent.disk.safefs import Folder
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.errors import EXIT_CONFIG, ConfigError, IntegrityError
 from ckpt_agent.load.plan import check_selection
 from ckpt_agent.load.record import read_load_record, recorded_selection

@@ -300,8 +300,8 @@ def test_a_file_changed_during_upload_is_not_committed_in_that_state(tmp_path):
 
 
 def test_commit_checkpoint_refuses_to_write_the_manifest_when_a_file_changes_during_upload(tmp_path):
+    from ckpt_agent.errors import CheckpointChanged
     from ckpt_agent.runtime.cancel import Cancel
-    from ckpt_agent.upload.commit import CheckpointChanged
 
     store = RecordingStore(tmp_path / "store")
     make_checkpoint(tmp_path / "checkpoint-10", 10)

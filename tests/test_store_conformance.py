@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from ckpt_agent.disk.safefs import temp_name
 from ckpt_agent.errors import IntegrityError, NotFoundError, StoreError
 from ckpt_agent.stores.base import Listing, Store
 from ckpt_agent.stores.local import LocalStore
@@ -334,7 +335,7 @@ class TestLocalStore(StoreContract, CopyPartContract, ShortSourceContract, BigUp
 
     def test_list_dir_hides_incomplete_writes(self, store: LocalStore) -> None:
         store.write_bytes("d/done", b"1")
-        (store.root / "d" / ".done.abc.incomplete").write_bytes(b"partial")
+        (store.root / "d" / temp_name()).write_bytes(b"partial")  # the name a write in progress has
         assert store.list_dir("d/") == Listing(("done",), ())
 
 

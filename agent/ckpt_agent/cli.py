@@ -12,13 +12,21 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.sync import SyncFlags
-from ckpt_agent.config.settings import debug, load_spec, log_format, selection_from_env, settings_from_env
+from ckpt_agent.config.settings import (
+    debug,
+    load_spec,
+    log_format,
+    selection_from_env,
+    settings_from_env,
+    sync_options,
+)
 from ckpt_agent.config.spec import check_name
-from ckpt_agent.errors import EXIT_INTERNAL, AgentError, ConfigError
+from ckpt_agent.errors import EXIT_INTERNAL, EXIT_SIGINT, AgentError, ConfigError
 from ckpt_agent.report import Reporter, make_reporter
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.version import __version__
@@ -70,6 +78,12 @@ def _context(env: Mapping[str, str], reporter: Reporter, workers: int | None = N
     return Context(settings, reporter, Cancel(settings.load_timeout if load_timeout else None), env)
 
 
+def _with_sync(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = None) -> Context:
+    """`sync` and `run`: the sidecar's options, parsed once (flags over CKPT_AGENT_* over the defaults)."""
+    options = sync_options(ctx.env, checkpoint_dir or ctx.settings.checkpoint_dir, **asdict(flags))
+    return replace(ctx, sync=options)
+
+
 def _sync_flags(args: argparse.Namespace) -> SyncFlags:
     complete = None if args.complete_file is None else tuple(args.complete_file)
     return SyncFlags(args.quiet_seconds, args.poll_seconds, args.grace_seconds, args.keep_last, complete,
@@ -84,7 +98,8 @@ def _run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     options = RunOptions(tuple(command), args.dry_run, _sync_flags(args),
                          selection_from_env(env, args.include, args.exclude))
-    return run(_context(env, reporter, args.workers, args.chunk_mb, load_timeout=True), options)
+    ctx = _context(env, reporter, args.workers, args.chunk_mb, load_timeout=True)
+    return run(_with_sync(ctx, options.sync), options)
 
 
 def _load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
@@ -106,7 +121,8 @@ def _sync(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) 
     from ckpt_agent.commands.sync import SyncCommandOptions, sync
 
     options = SyncCommandOptions(args.once, args.checkpoint_dir, _sync_flags(args))
-    return sync(_context(env, reporter, args.workers, args.chunk_mb), options)
+    ctx = _context(env, reporter, args.workers, args.chunk_mb)
+    return sync(_with_sync(ctx, options.flags, options.checkpoint_dir), options)
 
 
 def _ls(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
@@ -263,8 +279,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         reporter.error(str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
         return exc.exit_code
     except KeyboardInterrupt:
-        reporter.error("interrupted", exit_code=130)
-        return 130
+        reporter.error("interrupted", exit_code=EXIT_SIGINT)
+        return EXIT_SIGINT
     except Exception as exc:  # noqa: BLE001 - the last line: its text may quote a secret, so only the class
         if debug(env):
             traceback.print_exc()

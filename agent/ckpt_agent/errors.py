@@ -6,7 +6,6 @@ TimeoutError) a class also inherits it, so callers that only know Python's excep
 it sensibly; IntegrityError and Interrupted have no such twin and inherit only AgentError.
 """
 
-EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
 EXIT_NOT_FOUND = 3
@@ -15,8 +14,7 @@ EXIT_INTEGRITY = 5
 EXIT_LOCAL = 6
 EXIT_TIMEOUT = 7
 EXIT_COMMAND_NOT_FOUND = 127
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
+EXIT_SIGINT = 130  # Ctrl-C before our handlers were installed (a signal we catch exits 128 + signum)
 
 
 class AgentError(Exception):
@@ -51,6 +49,10 @@ class ThrottledError(TransientError):
     """The store asked us to slow down (503 SlowDown, 429): retry, and send fewer requests at once."""
 
 
+class ChecksumMismatch(TransientError):
+    """A part did not match its checksum: retried once more in case the wire, not the store, was at fault."""
+
+
 class IntegrityError(AgentError):
     """Data or a manifest does not match what was committed: never hand it to the trainer."""
 
@@ -61,6 +63,22 @@ class LocalError(AgentError, OSError):
     """The local side is unusable: download folder, free space, the folder lock."""
 
     exit_code = EXIT_LOCAL
+
+
+class CheckpointChanged(AgentError):
+    """A file changed while the checkpoint was uploaded; the commit was not written."""
+
+    exit_code = EXIT_LOCAL
+
+
+class UnsafeEntry(ConfigError):
+    """A link or special file the checkpoint cannot be uploaded with (never read through)."""
+
+
+class CommandNotFound(AgentError):
+    """The training command does not exist or cannot be executed (the shell's 127)."""
+
+    exit_code = EXIT_COMMAND_NOT_FOUND
 
 
 class LoadTimeoutError(AgentError, TimeoutError):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from ckpt_agent.config.settings import Settings
+from ckpt_agent.config.sidecar import SyncOptions
 from ckpt_agent.report import Reporter
 from ckpt_agent.runtime.cancel import Cancel
 
@@ -20,7 +21,8 @@ class Context:
     settings: Settings
     reporter: Reporter
     cancel: Cancel  # for `load` and `run` it also carries BT_LOAD_TIMEOUT; `save` is not bounded by it
-    env: Mapping[str, str] = field(repr=False)  # as given: the trainer inherits it, and the sync options read it
+    env: Mapping[str, str] = field(repr=False)  # as given: the trainer inherits it
+    sync: SyncOptions | None = None  # `sync` and `run`: the sidecar's options, parsed once by the cli
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.sync import SyncFlags, open_sidecar
 from ckpt_agent.config.selection import EVERY_FILE, Selection
+from ckpt_agent.config.sidecar import DEFAULT_GRACE_SECONDS
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.trainer.launch import exec_training, runs_through_shell, training_argv
 
@@ -37,7 +38,7 @@ def run(ctx: Context, options: RunOptions) -> int:
     if options.dry_run:
         return _dry_run(ctx, argv, options.selection)
     # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
-    sidecar = open_sidecar(ctx, options.sync) if settings.checkpointing_enabled else None
+    sidecar = open_sidecar(ctx) if settings.checkpointing_enabled else None
     child_env = dict(ctx.env)
     if settings.spec.enabled:
         from ckpt_agent.commands.load import load_now
@@ -74,9 +75,8 @@ def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Cont
 
 def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context) -> int:
     """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
-    from ckpt_agent.config.settings import sync_options
     from ckpt_agent.trainer.procgroup import TrainerGroup
 
-    grace = sync_options(ctx.env, ctx.settings.checkpoint_dir).grace_seconds
+    grace = ctx.sync.grace_seconds if ctx.sync is not None else DEFAULT_GRACE_SECONDS
     with TrainerGroup(argv, env, grace, ctx.reporter) as group:
         return group.exit_code(group.wait())

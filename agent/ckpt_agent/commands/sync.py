@@ -36,22 +36,21 @@ class SyncFlags:
 class SyncCommandOptions:
     once: bool = False
     checkpoint_dir: str | None = None  # None: BT_CHECKPOINT_DIR
-    flags: SyncFlags = SyncFlags()
+    flags: SyncFlags = SyncFlags()  # with checkpoint_dir, parsed by the cli into Context.sync
 
 
 def sync(ctx: Context, options: SyncCommandOptions) -> int:
     from ckpt_agent.sync.standalone import run_standalone
 
-    sidecar = open_sidecar(ctx, options.flags, options.checkpoint_dir)
+    sidecar = open_sidecar(ctx)
     try:
         return run_standalone(sidecar, options.once, ctx.reporter)
     finally:
         sidecar.store.close()
 
 
-def open_sidecar(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = None) -> Sidecar:
-    """The sync loop for `sync` and for `run` in supervise mode; checks the identity first."""
-    from ckpt_agent.config.settings import sync_options
+def open_sidecar(ctx: Context) -> Sidecar:
+    """The sync loop for `sync` and for `run` in supervise mode (`ctx.sync`); checks the identity first."""
     from ckpt_agent.stores import open_store
     from ckpt_agent.sync.loop import Sidecar
     from ckpt_agent.upload.commit import CheckpointId
@@ -64,10 +63,7 @@ def open_sidecar(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = No
     if settings.node_rank >= settings.num_nodes:
         raise ConfigError(f"BT_NODE_RANK={settings.node_rank}: must be below the node count "
                           f"BT_GROUP_SIZE={settings.num_nodes}")
-    options = sync_options(
-        ctx.env, checkpoint_dir or settings.checkpoint_dir, quiet_seconds=flags.quiet_seconds,
-        poll_seconds=flags.poll_seconds, grace_seconds=flags.grace_seconds, keep_last=flags.keep_last,
-        complete_file=flags.complete_file, commit_on_quiet=flags.commit_on_quiet,
-    )
+    if ctx.sync is None:
+        raise ValueError("open_sidecar: the context has no sync options (the cli parses them for sync and run)")
     ident = CheckpointId(settings.project_name, job_id, "", settings.node_rank, settings.num_nodes)
-    return Sidecar(open_store(settings), ident, options, settings.workers, ctx.reporter, max_rate=settings.max_rate)
+    return Sidecar(open_store(settings), ident, ctx.sync, settings.workers, ctx.reporter, max_rate=settings.max_rate)

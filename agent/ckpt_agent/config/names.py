@@ -1,5 +1,9 @@
-"""The one rule for names: a job id, project or checkpoint name must be one store key segment and
-one local folder name, whether a user typed it or a store listed it."""
+"""The one rule for names and the one rule for paths inside a checkpoint.
+
+A job id, project or checkpoint name must be one store key segment and one local folder name,
+whether a user typed it or a store listed it (`name_problem`). A path inside a checkpoint (a
+manifest's file, a complete file, a select pattern, a DeepSpeed tag) must stay inside its folder
+on every OS (`path_problem`, `is_segment`)."""
 
 from __future__ import annotations
 
@@ -24,6 +28,20 @@ def name_problem(name: str) -> str | None:
         return "contains '/', '\\' or '\"'"
     if any(unicodedata.category(c).startswith("C") for c in name):
         return "contains a control or invisible character"
+    return None
+
+
+def is_segment(segment: str) -> bool:
+    """Whether `segment` names an entry inside its folder: not empty, '.' or '..'."""
+    return segment not in ("", ".", "..")
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` can't be a relative path that stays inside its folder on every OS (None when it can)."""
+    if "\\" in path or "\0" in path:
+        return "contains a backslash or NUL"
+    if path.startswith("/") or not all(is_segment(p) for p in path.split("/")):
+        return "is absolute or has '.'/'..' components"
     return None
 
 

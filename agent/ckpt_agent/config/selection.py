@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ckpt_agent.config import names
 from ckpt_agent.errors import ConfigError
 
 INCLUDE_VAR = "CKPT_AGENT_INCLUDE"
@@ -40,7 +41,7 @@ def _check(pattern: str, field: str) -> str:
         raise ConfigError(f"{field}: {pattern!r} is absolute; patterns are relative to the checkpoint folder")
     segments = pattern.removesuffix("/").split("/")
     for segment in segments:
-        if segment in ("", ".", ".."):
+        if not names.is_segment(segment):
             raise ConfigError(f"{field}: {pattern!r} has an empty, '.' or '..' segment; write a path inside "
                               "the checkpoint folder such as 'global_step*/' or '**/optimizer.pt'")
         if "**" in segment and segment != "**":

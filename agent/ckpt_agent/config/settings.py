@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_agent.config import names
 from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
 from ckpt_agent.config.sidecar import (
     DEFAULT_GRACE_SECONDS,
@@ -170,12 +171,6 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
 MAX_RATE_VAR = "CKPT_AGENT_MAX_RATE"
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_rate: int | None  # bytes per second for this agent process, loads and uploads; None: no cap
-    selection: Selection
-
-
 def max_rate_from_env(env: Mapping[str, str]) -> int | None:
     """`200MB`, `200MB/s`, `1.5GiB`, `500M` or a plain number of bytes per second; unset: no cap."""
     raw = env.get(MAX_RATE_VAR, "").strip()
@@ -196,10 +191,6 @@ def selection_from_env(env: Mapping[str, str], include_flags: Sequence[str] | No
     exclude, exclude_field = ((exclude_flags, "--exclude") if exclude_flags is not None
                               else (env.get(EXCLUDE_VAR, ""), EXCLUDE_VAR))
     return Selection.from_patterns(include, exclude, include_field, exclude_field)
-
-
-def limits_from_env(env: Mapping[str, str]) -> Limits:
-    return Limits(max_rate=max_rate_from_env(env), selection=selection_from_env(env))
 
 
 # --- the persistent part cache (issue 12) -------------------------------------------------------
@@ -289,11 +280,11 @@ def _markers(flags: Sequence[str] | None, env: Mapping[str, str]) -> tuple[str, 
         flags = [flags]
     if flags is None:
         flags, where = [env.get("CKPT_AGENT_COMPLETE_FILE", "")], "CKPT_AGENT_COMPLETE_FILE"
-    names = tuple(dict.fromkeys(n.strip() for flag in flags for n in flag.split(",") if n.strip()))
-    for name in names:
-        if name.startswith("/") or ".." in name.split("/") or "\0" in name:
+    found = tuple(dict.fromkeys(n.strip() for flag in flags for n in flag.split(",") if n.strip()))
+    for name in found:
+        if names.path_problem(name) is not None:
             raise ConfigError(f"{where}: {name!r} must be a path inside the checkpoint folder")
-    return names
+    return found
 
 
 def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: float | None = None,

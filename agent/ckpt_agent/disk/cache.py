@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import os
 import re
-import secrets
 import stat
 import threading
 import time
@@ -33,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_agent.disk.fileio import copy_range, read_span
+from ckpt_agent.disk.safefs import TEMP_PREFIX, AtomicFile, open_regular
 from ckpt_agent.errors import LocalError
 
 ENTRIES = "sha256"  # the folder of entries; a later algorithm gets its own
 LOCK = ".lock"  # flock'ed for eviction; its first 8 bytes count the bytes cached
-TMP_PREFIX = ".tmp-"
 STALE_TMP_NS = 3600 * 10**9  # a temporary file this old belonged to an agent that died
 _DIGEST = re.compile(r"[0-9a-f]{64}")
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass
@@ -79,15 +77,17 @@ class PartCache:
         """
         name = _entry_name(digest)
         try:
-            src = os.open(name, _READ, dir_fd=self._dir)
+            opened = open_regular(name, dir_fd=self._dir)
         except FileNotFoundError:
             return self._count(hit=False)
         except OSError:  # ELOOP: a link planted under an entry's name
+            opened = None
+        if opened is None:  # a link or special file under an entry's name
             self._discard(name, None)
             return self._count(hit=False)
+        src, st = opened
         try:
-            st = os.fstat(src)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != length or _sha256_of(src, length) != digest:
+            if st.st_size != length or _sha256_of(src, length) != digest:
                 self._discard(name, st)
                 return self._count(hit=False)
             if not copy_range(src, fd, offset, length):
@@ -107,18 +107,13 @@ class PartCache:
             return False
         if self._touch(name, length):
             return True
-        tmp = f"{TMP_PREFIX}{digest[:16]}-{os.getpid()}-{secrets.token_hex(8)}"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                      dir_fd=self._dir)
-        placed = False
+        entry = AtomicFile(self._dir, name, 0o600, durable=False)
         try:
-            if copy_range(fd, out, 0, length, src_offset=offset):
-                os.rename(tmp, name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
-                placed = True
+            placed = copy_range(fd, entry.fd, 0, length, src_offset=offset)
+            if placed:
+                entry.commit()
         finally:
-            os.close(out)
-            if not placed:
-                _unlink(self._dir, tmp)
+            entry.discard()
         if placed:
             with self._mutex:
                 self.stats.stored += 1
@@ -181,7 +176,7 @@ class PartCache:
                         entries.append((st.st_mtime_ns, st.st_size, item.name))
                     elif not stat.S_ISDIR(st.st_mode):
                         junk.append(item.name)
-                elif item.name.startswith(TMP_PREFIX) and now - st.st_mtime_ns > STALE_TMP_NS:
+                elif item.name.startswith(TEMP_PREFIX) and now - st.st_mtime_ns > STALE_TMP_NS:
                     junk.append(item.name)
         return entries, junk
 
@@ -206,11 +201,11 @@ class PartCache:
 
     @contextmanager
     def _locked(self) -> Iterator[int]:
-        fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
-                     dir_fd=self._dir)
+        opened = open_regular(LOCK, os.O_RDWR | os.O_CREAT, dir_fd=self._dir)
+        if opened is None:
+            raise LocalError(f"{self.root / ENTRIES / LOCK}: not a regular file; remove it")
+        fd = opened[0]
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise LocalError(f"{self.root / ENTRIES / LOCK}: not a regular file; remove it")
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield fd
         finally:

@@ -5,7 +5,6 @@ One read of the bytes gives both, so save hashes once and a load's check costs o
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import mmap
 import os
@@ -73,16 +72,3 @@ def mapped_checksum(fd: int, start: int, end: int) -> str | None:
         return None if sums is None else sums[0]
     with mapped, memoryview(mapped)[start - base:] as view:
         return format_checksum(checksum(view))
-
-
-def file_checksums(path: str | os.PathLike, part_size: int, buffer_size: int = 1 << 20) -> tuple[str, ...]:
-    """Every part checksum of a whole file; FileNotFoundError if it shrank while read."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        sums = read_checksums(fd, 0, os.fstat(fd).st_size, part_size,
-                              memoryview(bytearray(min(buffer_size, part_size))))
-    finally:
-        os.close(fd)
-    if sums is None:
-        raise FileNotFoundError(errno.ENOENT, "shrank while reading", str(path))
-    return tuple(sums)

@@ -1,7 +1,7 @@
 """Byte ranges between open files: chunked reads, complete writes, in-kernel copies.
 
-Shared by the part cache and the local sources, which both move parts between files they
-opened themselves (never by path), so neither keeps a twin of these loops.
+Shared by the part cache, the local sources and the local store, which all move bytes between
+files they opened themselves (never by path): the one byte copy.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 BUFFER = 1 << 20
 
@@ -37,20 +38,34 @@ def write_all(fd: int, data: memoryview, offset: int | None = None) -> None:
             offset += n
 
 
-def copy_range(src: int, dst: int, offset: int, length: int, src_offset: int = 0) -> bool:
+@dataclass
+class KernelCopy:
+    """Whether the kernel may still be asked to copy between the same two files: once it said no, it
+    will say no again, so a copy made of many ranges (an upload's parts) asks it only once."""
+
+    allowed: bool = True
+
+
+def copy_range(src: int, dst: int, offset: int, length: int, src_offset: int = 0,
+               kernel: KernelCopy | None = None) -> bool:
     """`length` bytes of `src` from `src_offset` to `offset` of `dst`, in the kernel where the file
     systems allow it (a reflink on some); False if `src` is shorter."""
     done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src, dst, length - done, src_offset + done, offset + done)
-            if n == 0:
-                return False
-            done += n
-        return True
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
+    if kernel is None or kernel.allowed:
+        try:
+            while done < length:
+                n = os.copy_file_range(src, dst, length - done, src_offset + done, offset + done)
+                if n == 0:
+                    return False
+                done += n
+            return True
+        except OSError as exc:
+            # "not between these two files": across filesystems (EXDEV), or a kernel or filesystem
+            # (FUSE, some network mounts) that lacks it. An ordinary copy works there.
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            if kernel is not None:
+                kernel.allowed = False
     for chunk in read_span(src, src_offset + done, length - done):
         write_all(dst, chunk, offset + done)
         done += len(chunk)

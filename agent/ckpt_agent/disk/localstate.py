@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ckpt_agent.disk.safefs import Folder, open_or_create, remove_tree
+from ckpt_agent.disk.folder import Folder
+from ckpt_agent.disk.safefs import open_or_create, remove_tree
 from ckpt_agent.errors import IntegrityError, LocalError
 
 STATE_DIR = ".ckpt-agent"
-INCOMPLETE_SUFFIX = ".ckpt-incomplete"
 VERIFIED = f"{STATE_DIR}/verified.json"
 
 

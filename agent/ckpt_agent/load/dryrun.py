@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import Settings
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex, check_root, checkpoint_dir
-from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.load.pipeline import bytes_needed, describe_left_out, shown_paths, warn_selection
 from ckpt_agent.load.plan import FileTask, Plan, make_plan
 from ckpt_agent.load.resolve import Resolution, Resolved, resolve

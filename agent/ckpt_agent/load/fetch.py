@@ -12,21 +12,17 @@ import threading
 from collections.abc import Callable, Iterator
 
 from ckpt_agent.disk.digests import checksum, format_checksum
-from ckpt_agent.errors import AgentError, IntegrityError, TransientError
+from ckpt_agent.errors import AgentError, ChecksumMismatch, IntegrityError, TransientError
 from ckpt_agent.load.plan import FileTask
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import NO_LIMITS, Limiter
-from ckpt_agent.runtime.retry import Backoff
+from ckpt_agent.runtime.retry import Backoff, retry
 from ckpt_agent.stores.base import RangeReader, Store
 
 # 0.4 s x 2^n capped at 5 s: a range rides out at least 5.5 s without a byte (docs/reliability.md).
 DOWNLOAD_BACKOFF = Backoff(attempts=6, base=0.4, cap=5.0)
 
 Sink = Callable[[memoryview], None]
-
-
-class ChecksumMismatch(TransientError):
-    """A part did not match: retried once more in case the wire, not the store, was at fault."""
 
 
 def part_bounds(task: FileTask, part: int) -> tuple[int, int]:
@@ -59,29 +55,34 @@ class Fetcher:
     def resuming(self, key: str, first: int, last: int, step: Callable[[int, int], int]) -> None:
         """Run `step(first, last) -> next position` to the end, retrying transient failures.
 
-        Progress (a failure's `next_part` past `first`) starts the attempt budget again; a second
-        checksum mismatch at the same place is the store's fault, not the wire's. An attempt holds
-        a slot at the gate, the backoff after it does not.
+        Progress (a failure's `next_part` past the position) starts the attempt budget again; a
+        second checksum mismatch at the same place is the store's fault, not the wire's. An attempt
+        holds a slot at the gate, the backoff after it does not.
         """
-        attempt = mismatches = 0
-        while first < last:
-            try:
+        at, mismatches = first, 0
+
+        def attempt() -> None:
+            nonlocal at
+            while at < last:
                 with self.limiter.slot():
-                    first = step(first, last)
-            except TransientError as exc:
-                resumed_at = getattr(exc, "next_part", first)
-                if resumed_at > first:
-                    first, attempt, mismatches = resumed_at, 0, 0
-                attempt += 1
-                mismatches += isinstance(exc, ChecksumMismatch)
-                if mismatches >= 2:
-                    raise IntegrityError(
-                        f"{key}: {exc}; the object changed in the store or is corrupt"
-                    ) from None
-                if attempt >= self.backoff.attempts:
-                    where = "" if key in str(exc) else f"{key}: "
-                    raise TransientError(f"{where}{exc} (gave up after {attempt} attempts)") from None
-                self.cancel.sleep(self.backoff.delay(attempt))
+                    at = step(at, last)
+
+        def progressed(exc: TransientError) -> bool:
+            nonlocal at, mismatches
+            resumed_at = getattr(exc, "next_part", at)
+            moved = resumed_at > at
+            if moved:
+                at, mismatches = resumed_at, 0
+            mismatches += isinstance(exc, ChecksumMismatch)
+            if mismatches >= 2:
+                raise IntegrityError(f"{key}: {exc}; the object changed in the store or is corrupt") from None
+            return moved
+
+        try:
+            retry(attempt, self.backoff, sleep=self.cancel.sleep, progressed=progressed)
+        except TransientError as exc:
+            where = "" if key in str(exc) else f"{key}: "
+            raise TransientError(f"{where}{exc} (gave up after {self.backoff.attempts} attempts)") from None
 
     def parts(self, fd: int, task: FileTask, first: int, last: int) -> int:
         """Parts [first, last) of `task` into `fd` at their offsets, as one ranged GET.

@@ -7,8 +7,8 @@ person or JSON for a machine, so both always show the same thing.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from ckpt_agent.errors import NotFoundError
 from ckpt_agent.load.resolve import (
@@ -21,11 +21,10 @@ from ckpt_agent.load.resolve import (
     valid_names,
 )
 from ckpt_agent.report import human_bytes
+from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.manifest import natural_key
-
-_READ_WORKERS = 16
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,7 @@ def list_jobs(store: Store, project: str | None = None, warn: Warn = no_warnings
         ids = valid_names(store.list_dir(layout.jobs_prefix()).dirs, layout.jobs_prefix(), warn)
     else:
         ids = [job_id for _, job_id in project_jobs(store, project, warn)]
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        rows = list(pool.map(lambda j: _job_row(store, j), ids))
+    rows = map_tasks(partial(_job_row, store), ids)
     rows.sort(key=lambda r: (r.created_at or "", natural_key(r.job_id)), reverse=True)
     return JobListing(tuple(rows), project)
 
@@ -105,8 +103,7 @@ def list_job_checkpoints(store: Store, job_id: str, project: str | None = None,
         return CheckpointRow(info.name, info.committed_at, info.ranks.manifests, info.ranks.nothing,
                              info.num_nodes, info.complete, files, size)
 
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        rows = tuple(pool.map(row, infos))
+    rows = tuple(map_tasks(row, infos))
     return CheckpointListing(JobRow(job.job_id, job.project_name, job.created_at, job.num_nodes), rows)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import Settings
 from ckpt_agent.disk.digests import checksum, format_checksum
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import (
-    INCOMPLETE_SUFFIX,
     VerifiedIndex,
     checkpoint_dir,
     folder_lock,
@@ -23,7 +23,7 @@ from ckpt_agent.disk.localstate import (
     prune_checkpoint,
     state_dir,
 )
-from ckpt_agent.disk.safefs import Folder, write_atomic
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, write_atomic
 from ckpt_agent.errors import LocalError
 from ckpt_agent.load.plan import Plan, check_selection, make_plan
 from ckpt_agent.load.record import (

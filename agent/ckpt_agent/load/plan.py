@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.disk.digests import checksum
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX, VerifiedIndex, checkpoint_dir
-from ckpt_agent.disk.safefs import Folder, refuse_hardlink
+from ckpt_agent.disk.folder import Folder
+from ckpt_agent.disk.localstate import VerifiedIndex, checkpoint_dir
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, refuse_hardlink
 from ckpt_agent.errors import ConfigError, IntegrityError
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.manifest import FileEntry, Manifest

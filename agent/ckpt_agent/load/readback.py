@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ckpt_agent.config.selection import Selection
 from ckpt_agent.disk.digests import read_checksums
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX, STATE_DIR, loaded_record
-from ckpt_agent.disk.safefs import Folder, open_file
+from ckpt_agent.disk.folder import Folder
+from ckpt_agent.disk.localstate import STATE_DIR, loaded_record
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, open_file
 from ckpt_agent.errors import IntegrityError, NotFoundError
 from ckpt_agent.load.record import read_load_record, read_recorded_manifest, record_names, recorded_selection
+from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores.manifest import FileEntry, Manifest, check_relative_path
 
 OK, MISSING, CHANGED, EXTRA, EXCLUDED = "ok", "missing", "changed", "extra", "excluded"
@@ -109,8 +110,7 @@ def verify_folder(root: Path, workers: int = 8) -> VerifyReport:
                     continue
                 assert manifest is not None
                 checks.extend(_check_listing(folder, folder_rel, manifest, selection, jobs))
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # crc32c releases the GIL
-            checks.extend(pool.map(lambda j: _check_file(*j), jobs))
+        checks.extend(map_tasks(lambda j: _check_file(*j), jobs, max(1, workers)))  # crc32c releases the GIL
     checks.sort(key=lambda c: c.path)
     return VerifyReport(root, tuple(folders), tuple(checks))
 

@@ -18,11 +18,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ckpt_agent.config import names
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import loaded_folder_from_env
 from ckpt_agent.disk.digests import checksum, format_checksum
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, manifests_dir, rank_dir, state_dir
-from ckpt_agent.disk.safefs import Folder
 from ckpt_agent.errors import AgentError, IntegrityError, LocalError
 from ckpt_agent.stores.manifest import FILE_KIND, Manifest, check_relative_path, parse_manifest
 
@@ -167,7 +168,7 @@ def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | No
             prefix = rank_dir(where.node_rank) + "/"
             mine = [e for e in (read_load_record(folder, name) or {}).get("checkpoints", []) if isinstance(e, dict)
                     and isinstance(e.get("path"), str) and e["path"].startswith(prefix)
-                    and e["path"].count("/") == 1 and e["path"][len(prefix):] not in ("", ".", "..")]
+                    and e["path"].count("/") == 1 and names.is_segment(e["path"][len(prefix):])]
             for entry in sorted(mine, key=lambda e: e.get("order", 0)):
                 with contextlib.suppress(IntegrityError):
                     if folder.dir(entry["path"]) is not None:

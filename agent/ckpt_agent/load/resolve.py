@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from ckpt_agent.config import names
 from ckpt_agent.config.spec import LatestRef, NamedRef, Reference
 from ckpt_agent.errors import ConfigError, IntegrityError, NotFoundError
+from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.manifest import (
@@ -28,7 +28,6 @@ from ckpt_agent.stores.manifest import (
     parse_manifest,
 )
 
-_READ_WORKERS = 16
 Warn = Callable[[str], None]
 
 
@@ -139,8 +138,7 @@ def committed_checkpoints(store: Store, job_id: str, rank: int, warn: Warn = no_
             warn(f"{exc}; left out")
             return None
 
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        found = [m for m in pool.map(manifest, names) if m is not None]
+    found = [m for m in map_tasks(manifest, names) if m is not None]
     return sorted(found, key=lambda m: latest_order(m.committed_at, m.checkpoint_name), reverse=True)
 
 
@@ -163,8 +161,7 @@ def list_checkpoints(store: Store, job_id: str, num_nodes: int, warn: Warn = no_
             committed_at = read_manifest(store, job_id, name, 0).committed_at
         return CheckpointInfo(name, ranks, num_nodes, committed_at)
 
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        infos = list(pool.map(info, names))
+    infos = map_tasks(info, names)
     infos.sort(key=lambda c: latest_order(c.committed_at, c.name), reverse=True)
     return infos
 
@@ -192,8 +189,7 @@ def project_jobs(store: Store, project: str, warn: Warn = no_warnings) -> list[t
             return None
         return (created, job_id)
 
-    with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        entries = [e for e in pool.map(entry, ids) if e is not None]
+    entries = [e for e in map_tasks(entry, ids) if e is not None]
     return sorted(entries, key=lambda e: (e[0], natural_key(e[1])), reverse=True)
 
 

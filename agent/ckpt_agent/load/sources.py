@@ -37,8 +37,9 @@ from ckpt_agent.config.settings import Settings
 from ckpt_agent.disk.cache import PartCache
 from ckpt_agent.disk.digests import mapped_checksum
 from ckpt_agent.disk.fileio import copy_range
+from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import rank_dir
-from ckpt_agent.disk.safefs import Folder, open_file
+from ckpt_agent.disk.safefs import open_file
 from ckpt_agent.errors import AgentError
 from ckpt_agent.load.fetch import part_bounds
 from ckpt_agent.load.plan import FileTask

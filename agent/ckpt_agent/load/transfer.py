@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ckpt_agent.disk.digests import read_checksums
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX, VerifiedIndex
-from ckpt_agent.disk.safefs import Folder, open_file, open_or_create
+from ckpt_agent.disk.folder import Folder
+from ckpt_agent.disk.localstate import VerifiedIndex
+from ckpt_agent.disk.safefs import open_file, open_or_create, partial_name, place
 from ckpt_agent.errors import IntegrityError, LoadTimeoutError
 from ckpt_agent.load.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
 from ckpt_agent.load.plan import FileTask, Plan
@@ -149,7 +150,7 @@ class _Engine:
         existing = open_file(dfd, name, task.dest, write=True)
         if existing is not None:
             os.close(existing)
-            os.replace(name, name + INCOMPLETE_SUFFIX, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.replace(name, partial_name(name), src_dir_fd=dfd, dst_dir_fd=dfd)
         fd, state.resumed = self._open_temp(task)
         try:
             if os.fstat(fd).st_size != task.entry.size:
@@ -206,21 +207,16 @@ class _Engine:
     def _open_temp(self, task: FileTask) -> tuple[int, bool]:
         """(fd, existed) of the file's temporary twin, created in its folder if need be."""
         dfd, name = self.folder.parent(task.rel, create=True)
-        return open_or_create(dfd, name + INCOMPLETE_SUFFIX, f"{task.dest}{INCOMPLETE_SUFFIX}")
+        return open_or_create(dfd, partial_name(name), partial_name(str(task.dest)))
 
     def _place(self, task: FileTask) -> None:
-        """Rename into place and record the stat of the inode we wrote (fstat after the rename, which
-        moves ctime), so a file swapped in by someone else never matches the record."""
+        """Rename into place and record the stat of the inode we wrote."""
         dfd, name = self.folder.parent(task.rel)
-        tmp = name + INCOMPLETE_SUFFIX
-        fd = None if dfd is None else open_file(dfd, tmp, f"{task.dest}{INCOMPLETE_SUFFIX}", write=True)
-        if fd is None:
-            raise IntegrityError(f"{task.dest}{INCOMPLETE_SUFFIX}: removed while it was being downloaded")
-        try:
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            self.index.record(task.rel, task.fingerprint, os.fstat(fd))
-        finally:
-            os.close(fd)
+        shown = partial_name(str(task.dest))
+        placed = None if dfd is None else place(dfd, partial_name(name), name, shown)
+        if placed is None:
+            raise IntegrityError(f"{shown}: removed while it was being downloaded")
+        self.index.record(task.rel, task.fingerprint, placed)
         with self._stats_lock:
             self.stats.files_fetched += 1
             self.placed.add(task.rel)

@@ -30,23 +30,29 @@ def retry(
     fn: Callable[[], T],
     backoff: Backoff,
     *,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] = time.sleep,
     before_retry: Callable[[], None] | None = None,
     retry_on: type[TransientError] = TransientError,
+    progressed: Callable[[TransientError], bool] | None = None,
 ) -> T:
     """Call `fn` until it returns, retrying `retry_on` up to `backoff.attempts` times in all.
 
     `sleep` is `Cancel.sleep` where a signal or deadline must end the wait; `before_retry` rewinds
     whatever the failed attempt consumed (an upload body, say); `retry_on` narrows the retried
-    failures where a lower layer has already retried the others.
+    failures where a lower layer has already retried the others. `progressed(error)` says whether
+    the failed attempt got further than the one before (a resumed download): then the budget starts
+    again, so a long transfer on a flaky link is not given up while it advances. It may raise to stop.
     """
-    for attempt in range(1, backoff.attempts + 1):
+    if backoff.attempts < 1:
+        raise ValueError(f"Backoff.attempts must be at least 1, not {backoff.attempts}")
+    attempt = 0
+    while True:
         try:
             return fn()
-        except retry_on:
-            if attempt == backoff.attempts:
+        except retry_on as exc:
+            attempt = 1 if progressed is not None and progressed(exc) else attempt + 1
+            if attempt >= backoff.attempts:
                 raise
             sleep(backoff.delay(attempt))
             if before_retry is not None:
                 before_retry()
-    raise ValueError(f"Backoff.attempts must be at least 1, not {backoff.attempts}")

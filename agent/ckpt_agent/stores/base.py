@@ -19,6 +19,11 @@ from typing import BinaryIO, Protocol
 from ckpt_agent.errors import IntegrityError, StoreError
 
 MAX_LISTING_ENTRIES = 1_000_000
+# S3's rules for a multipart object, which every store keeps: every part but the last at least
+# 5 MiB, at most 10,000 parts, at most 5 GiB copied inside the store by one CopyObject or UploadPartCopy.
+MIN_PART = 5 << 20
+MAX_PARTS = 10_000
+MAX_COPY = 5 << 30
 
 
 class RangeReader(Protocol):

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import BinaryIO
 
-from ckpt_agent.disk.safefs import TEMP_SUFFIX, AtomicFile, write_atomic
+from ckpt_agent.disk.fileio import KernelCopy, copy_range, write_all
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, AtomicFile, write_atomic
 from ckpt_agent.errors import IntegrityError, NotFoundError, StoreError
 from ckpt_agent.stores.base import Listing, RangeReader, Store, Upload, too_large, upload_in_parts
-
-# copy_file_range's answers for "not between these two files": across filesystems (EXDEV), or a
-# kernel or filesystem (FUSE, some network mounts) that lacks it. An ordinary copy works there.
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
-_COPY_BUFFER = 8 << 20
-
 
 _MODE = 0o666  # less the umask, as open() would: mkstemp's 0600 would lock other users out
 
@@ -27,15 +21,6 @@ def _open_parent(path: Path) -> int:
     return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def _plain_copy(src: int, dst: int, start: int, offset: int, length: int) -> None:
-    while length > 0:
-        data = os.pread(src, min(length, _COPY_BUFFER), start)
-        if not data:
-            raise EOFError
-        os.pwrite(dst, data, offset)
-        start, offset, length = start + len(data), offset + len(data), length - len(data)
-
-
 def _read_copy(source: BinaryIO, dst: int, start: int, offset: int, length: int) -> None:
     """From a file object with no fd to copy from; its reads may come back short."""
     source.seek(start)
@@ -43,7 +28,7 @@ def _read_copy(source: BinaryIO, dst: int, start: int, offset: int, length: int)
         data = source.read(length)
         if not data:
             raise EOFError
-        os.pwrite(dst, data, offset)
+        write_all(dst, memoryview(data), offset)
         offset, length = offset + len(data), length - len(data)
 
 
@@ -68,7 +53,7 @@ class _FileRange:
 class _LocalUpload(Upload):
     """Parts are copied into a hidden temporary file, renamed into place at the end.
 
-    In the kernel (copy_file_range) where it can; by reading and writing where it can't.
+    In the kernel (ckpt_agent.disk.fileio.copy_range) where it can; by reading and writing where it can't.
     """
 
     part_size = 64 << 20
@@ -84,7 +69,7 @@ class _LocalUpload(Upload):
             os.close(self._dfd)
             raise
         self._fd, self._key = self._file.fd, key
-        self._kernel_copy = True
+        self._kernel = KernelCopy()
         try:
             os.ftruncate(self._fd, size)
         except BaseException:
@@ -100,19 +85,8 @@ class _LocalUpload(Upload):
                 src = None
             if src is None:
                 _read_copy(source, self._fd, start, offset, length)
-                return
-            while length > 0 and self._kernel_copy:
-                try:
-                    n = os.copy_file_range(src, self._fd, min(length, 1 << 30), start, offset)
-                except OSError as exc:
-                    if exc.errno not in _NO_KERNEL_COPY:
-                        raise
-                    self._kernel_copy = False
-                    break
-                if n == 0:
-                    raise EOFError
-                start, offset, length = start + n, offset + n, length - n
-            _plain_copy(src, self._fd, start, offset, length)
+            elif not copy_range(src, self._fd, offset, length, src_offset=start, kernel=self._kernel):
+                raise EOFError
         except EOFError:
             raise StoreError(f"{self._key}: source ended early") from None
         except OSError as exc:
@@ -211,7 +185,7 @@ class LocalStore(Store):
             return Listing((), ())
         except OSError as exc:
             raise StoreError(f"{prefix}: cannot list {self.describe()}: {exc.strerror}") from None
-        files = sorted(e.name for e in entries if e.is_file() and not e.name.endswith(TEMP_SUFFIX))
+        files = sorted(e.name for e in entries if e.is_file() and not e.name.endswith(INCOMPLETE_SUFFIX))
         dirs = sorted(e.name for e in entries if e.is_dir())
         return Listing(tuple(files), tuple(dirs))
 

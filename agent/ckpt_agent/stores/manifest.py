@@ -11,9 +11,9 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
 
-from ckpt_agent.disk.localstate import INCOMPLETE_SUFFIX
+from ckpt_agent.config import names
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.errors import IntegrityError
 
 # Format 2 adds a sha256 per part next to its crc32c; a manifest without them is still written
@@ -144,11 +144,8 @@ def check_relative_path(path: object, where: str) -> str:
     """A manifest path must stay inside the checkpoint folder on every OS."""
     if not isinstance(path, str) or not path:
         raise IntegrityError(f"{where}: path must be a non-empty string")
-    if "\\" in path or "\0" in path:
-        raise IntegrityError(f"{where}: path {path!r} contains a backslash or NUL")
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or any(p in ("..", ".", "") for p in path.split("/")):
-        raise IntegrityError(f"{where}: path {path!r} is absolute or has '.'/'..' components")
+    if (problem := names.path_problem(path)) is not None:
+        raise IntegrityError(f"{where}: path {path!r} {problem}")
     if len(path.encode(errors="surrogatepass")) > PATH_MAX or any(
             len(p.encode(errors="surrogatepass")) > NAME_MAX for p in path.split("/")):
         raise IntegrityError(f"{where}: path {path[:80]!r}... is longer than a file system allows "

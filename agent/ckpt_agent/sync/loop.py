@@ -12,18 +12,27 @@ The loop never reads os.environ: SyncOptions come from ckpt_agent.config.setting
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ckpt_agent.config.sidecar import SyncOptions
-from ckpt_agent.errors import AgentError, ConfigError, Interrupted, StoreError
+from ckpt_agent.errors import (
+    AgentError,
+    CheckpointChanged,
+    ConfigError,
+    Interrupted,
+    StoreError,
+    TransientError,
+    UnsafeEntry,
+)
 from ckpt_agent.load.resolve import read_job
 from ckpt_agent.report import Reporter, human_bytes
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
-from ckpt_agent.runtime.retry import Backoff
+from ckpt_agent.runtime.retry import Backoff, retry
 from ckpt_agent.stores.base import Store
 from ckpt_agent.sync import observe
 from ckpt_agent.sync.formats import Candidate, classify
@@ -33,13 +42,16 @@ from ckpt_agent.sync.readiness import NotReady, Trainer, Why, is_quiet, readines
 from ckpt_agent.sync.retention import retain
 from ckpt_agent.sync.summary import SyncResult, announce, summarize
 from ckpt_agent.sync.watch import Seen, Watch
-from ckpt_agent.upload.commit import CheckpointChanged, CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from ckpt_agent.upload.incremental import Transferred, describe
-from ckpt_agent.upload.scan import UnsafeEntry
 
 # In a final flush a checkpoint whose upload (or the store's listing) keeps failing is given up after this many tries.
 FLUSH_ATTEMPTS = 3
 UPLOAD_BACKOFF = Backoff(attempts=FLUSH_ATTEMPTS, base=1.0, cap=60.0)
+
+
+class _Unanswered(TransientError):
+    """The store did not answer a pass while the sidecar may still wait for it: retried."""
 
 
 class Sidecar:
@@ -52,14 +64,10 @@ class Sidecar:
         self.result = SyncResult()
         self._ledger = Ledger(store, ident, reporter)
         self._watch = Watch(options, reporter)
-        self._warned_missing = False
+        self._warned_missing = self._finishing = self._wait_for_writers = self._expired = False
         self._trainer = Trainer.UNSUPERVISED
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._finishing = False
-        self._wait_for_writers = False
+        self._lock, self._wake = threading.Lock(), threading.Event()
         self._deadline: float | None = None
-        self._expired = False
         self._timer: threading.Timer | None = None
         self._cancel: Cancel | None = None
         self._pending: dict[str, NotReady] = {}  # the last pass: name -> why not committed yet
@@ -72,7 +80,7 @@ class Sidecar:
 
     def check_job(self) -> None:
         """Fail early (ConfigError/StoreError) if the job belongs to another project or has another node
-        count, or the store is unreachable. Before the trainer starts (Nodes.start)."""
+        count, or the store is unreachable. Before the trainer starts (Nodes.start, leader_mark)."""
         job, ident = read_job(self.store, self.ident.job_id), self.ident
         if job and ident.project_name and job.project_name not in (None, ident.project_name):
             raise ConfigError(f"BT_TRAINING_PROJECT_NAME={ident.project_name}: job {ident.job_id} "
@@ -147,37 +155,42 @@ class Sidecar:
         return self.result
 
     def _loop(self) -> None:
-        """Passes until finished; a store that does not answer is retried (and, in a flush, given up)."""
-        store_backoff = Backoff(attempts=FLUSH_ATTEMPTS, base=2 * self.options.poll_seconds, cap=60.0)
-        store_failures = 0
         while True:
-            with self._lock:
-                finishing, waiting = self._finishing, self._wait_for_writers
-            try:
-                # looked at before the pass, so the pass sees every commit the leader made before it stopped
-                lingering = (time.monotonic() < self._linger_until and self._nodes is not None
-                             and not self._nodes.leader_stopped())
-                self._pending = self._pass(finishing)
-                store_failures = 0
-            except StoreError as exc:  # listing or looking up the store: the network, not a checkpoint
-                store_failures += 1
-                if finishing and store_failures >= store_backoff.attempts:
-                    raise
-                self.reporter.warn(f"sync: the store did not answer ({exc}); trying again")
-                self._wake.wait(store_backoff.delay(store_failures))
-                continue
+            # before the pass, so the pass sees every commit the leader made before it stopped
+            lingering = self._nodes is not None and self._nodes.lingering(self._linger_until)
+            self._pending, finishing, waiting = self._look()
             if self._expired or (finishing and not (waiting and self._may_still_commit()) and not lingering):
                 return
             self._wake.wait(self.options.poll_seconds)
             self._wake.clear()
 
+    def _look(self) -> tuple[dict[str, NotReady], bool, bool]:
+        """One pass, and whether it was a flush (waiting for writers). A store that does not answer
+        (listing or looking it up: the network, not a checkpoint) is asked again after a backoff
+        for as long as the sidecar watches, and FLUSH_ATTEMPTS times in all once it flushes."""
+        failures = 0
+
+        def attempt() -> tuple[dict[str, NotReady], bool, bool]:
+            nonlocal failures
+            with self._lock:
+                finishing, waiting = self._finishing, self._wait_for_writers
+            try:
+                return self._pass(finishing), finishing, waiting
+            except StoreError as exc:
+                failures += 1
+                if finishing and failures >= FLUSH_ATTEMPTS:
+                    raise
+                self.reporter.warn(f"sync: the store did not answer ({exc}); trying again")
+                raise _Unanswered(str(exc)) from exc
+
+        store_backoff = Backoff(attempts=sys.maxsize, base=2 * self.options.poll_seconds, cap=60.0)
+        return retry(attempt, store_backoff, sleep=self._wake.wait, retry_on=_Unanswered)
+
     def _may_still_commit(self) -> bool:
         """In a flush that waits for writers: is any checkpoint still worth another pass?"""
-        return any(why.may_still_finish(self._trainer) or self._retry(name, why)
+        return any(why.may_still_finish(self._trainer)
+                   or (why.why is Why.FAILED and self._watch.may_retry(name, FLUSH_ATTEMPTS))
                    for name, why in self._pending.items())
-
-    def _retry(self, name: str, why: NotReady) -> bool:
-        return why.why is Why.FAILED and self._watch.may_retry(name, FLUSH_ATTEMPTS)
 
     def _entries(self) -> list[Candidate]:
         """The checkpoints at the top level; every other entry is reported once, when it appears."""

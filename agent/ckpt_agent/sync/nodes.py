@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Mapping
 
-from ckpt_agent.errors import AgentError
+from ckpt_agent.errors import AgentError, StoreError
 from ckpt_agent.load.resolve import rank_commits, valid_names
 from ckpt_agent.report import Reporter
 from ckpt_agent.stores import layout
@@ -69,8 +69,15 @@ class Nodes:
         files of it that are here are still committed the usual way."""
         self._sweep_names(lambda name, leader: self._settled.add(name))
 
-    def leader_stopped(self) -> bool:
-        return self.store.exists(layout.leader_stopped_key(self.ident.job_id))
+    def lingering(self, until: float) -> bool:
+        """In this node's final flush: may the leader still commit? Until `until` (monotonic), and only
+        while its sidecar has not stopped (a store that does not answer only makes us wait longer)."""
+        if time.monotonic() >= until:
+            return False
+        try:
+            return not self.store.exists(layout.leader_stopped_key(self.ident.job_id))
+        except StoreError:
+            return True
 
     def leader_committed(self, name: str) -> bool:
         if name not in self._leader and self.store.exists(layout.manifest_key(self.ident.job_id, name, 0)):

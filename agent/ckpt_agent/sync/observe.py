@@ -12,6 +12,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckpt_agent.config import names
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.sync.formats import DEEPSPEED_LATEST, TAIL_BYTES, TopEntry, file_structure
 from ckpt_agent.upload.scan import LocalFile, open_regular, scan_checkpoint
@@ -62,7 +63,7 @@ def deepspeed_latest(root: Path) -> str | None:
     """The tag DeepSpeed's top-level `latest` file names (it writes it after the tag folder)."""
     data = _read(root / DEEPSPEED_LATEST, 4096)
     tag = data.decode(errors="replace").strip() if data else ""
-    return tag if tag and "/" not in tag and tag not in (".", "..") else None
+    return tag if "/" not in tag and names.is_segment(tag) else None
 
 
 def structure(f: LocalFile) -> str | None:

@@ -13,15 +13,11 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NoReturn
 
-from ckpt_agent.errors import EXIT_COMMAND_NOT_FOUND, AgentError
+from ckpt_agent.errors import CommandNotFound
 
 # Runs each start command through its own `sh -c`; the first failure's status is the exit status.
 _SEQUENCE = 'for c do /bin/sh -c "$c" || exit; done'
 SHELLS = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "busybox"})
-
-
-class CommandNotFound(AgentError):
-    exit_code = EXIT_COMMAND_NOT_FOUND
 
 
 def training_argv(command: Sequence[str], start_commands: Sequence[str]) -> list[str] | None:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from ckpt_agent.config import names
 from ckpt_agent.errors import (
-    EXIT_LOCAL,
-    AgentError,
+    CheckpointChanged,
     ConfigError,
     NotFoundError,
     StoreError,
@@ -53,12 +52,6 @@ from ckpt_agent.upload.scan import LocalFile, checksums, difference, open_regula
 # A throttle that outlived the store's own retries: sent again once the gate has cut the requests
 # at once and its pause has passed (docs/limits.md).
 THROTTLE_BACKOFF = Backoff(attempts=6, base=1.0, cap=10.0)
-
-
-class CheckpointChanged(AgentError):
-    """A file changed while the checkpoint was uploaded; the commit was not written."""
-
-    exit_code = EXIT_LOCAL
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ manifest inside the store (S3 UploadPartCopy) and uploads the rest, so the objec
 ordinary object. Only the strong hash decides that two parts are the same bytes: crc32c catches
 corruption, it does not prove identity. Pure functions: save.py does the I/O.
 
-S3's rules for the assembled multipart upload: every part but the last at least 5 MiB, at most
-10,000 parts, a copied range at most 5 GiB. Segments here are runs of whole manifest parts, so with
+The assembled multipart upload keeps S3's rules (ckpt_agent.stores.base: MIN_PART, MAX_PARTS,
+MAX_COPY). Segments here are runs of whole manifest parts, so with
 manifest parts of at least 5 MiB only the run holding a file's short last part can be smaller,
 and that run is the last.
 """
@@ -16,11 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ckpt_agent.stores.base import MAX_COPY, MAX_PARTS, MIN_PART
 from ckpt_agent.stores.manifest import FileEntry, Manifest
-
-MIN_PART = 5 << 20
-MAX_PARTS = 10_000
-MAX_COPY = 5 << 30
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,10 @@ from ckpt_agent.errors import AgentError
 from ckpt_agent.load.resolve import committed_checkpoints
 from ckpt_agent.report import human_bytes
 from ckpt_agent.stores import layout
-from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.base import MAX_COPY, Store
 from ckpt_agent.stores.manifest import FileEntry, Manifest
 from ckpt_agent.upload.dedup import PartIndex, Segment, index_parts, plan_segments, same_file
 
-# S3 copies at most 5 GiB in one CopyObject; a bigger file that matches whole is copied in parts.
-MAX_STORE_COPY = 5 << 30
 # Uploaded runs of an incremental upload are sent in parts of at most this size, so they go in parallel.
 UPLOAD_SEGMENT = 64 << 20
 
@@ -70,14 +68,14 @@ def _object_size(store: Store, key: str) -> int | None:
 
 
 def plan_reuse(store: Store, previous: Manifest, files: Sequence[FileEntry], part_size: int) -> Reuse:
-    """Whole-file copies (up to MAX_STORE_COPY) and incremental uploads, from sources that are
-    still in the store at their committed size."""
+    """Whole-file copies (up to MAX_COPY: a bigger file that matches whole is copied in parts) and
+    incremental uploads, from sources that are still in the store at their committed size."""
     def key(path: str) -> str:
         return layout.file_key(previous.job_id, previous.checkpoint_name, previous.rank, path)
 
     before = {e.path: e for e in previous.files}
     whole = {f.path: key(f.path) for f in files
-             if (e := before.get(f.path)) is not None and e.size <= MAX_STORE_COPY
+             if (e := before.get(f.path)) is not None and e.size <= MAX_COPY
              and same_file(e, f.size, f.parts, f.strong)}
     index = index_parts(previous) if previous.part_size == part_size else {}
     plans = _plans([f for f in files if f.path not in whole], part_size, index)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from ckpt_agent.disk import safefs
 from ckpt_agent.disk.digests import read_part_digests
-from ckpt_agent.errors import ConfigError, NotFoundError
+from ckpt_agent.errors import ConfigError, NotFoundError, UnsafeEntry
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
 
@@ -42,10 +43,6 @@ def kind_of(mode: int) -> str:
         if test(mode):
             return what
     return "a special file"
-
-
-class UnsafeEntry(ConfigError):
-    """A link or special file the checkpoint cannot be uploaded with (never read through)."""
 
 
 def _entry(root_real: str, path: Path, rel: str) -> LocalFile:
@@ -101,12 +98,12 @@ def scan_checkpoint(path: Path) -> list[LocalFile]:
 def open_regular(f: LocalFile) -> int:
     """A read-only fd of the very file the scan saw: never through a symlink, never blocking on a
     FIFO, and a file replaced since the scan is an OSError (the commit then sees the change)."""
-    fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or (f.dev and (st.st_dev, st.st_ino) != (f.dev, f.ino)):
-        os.close(fd)
+    opened = safefs.open_regular(f.path)
+    if opened is None or (f.dev and (opened[1].st_dev, opened[1].st_ino) != (f.dev, f.ino)):
+        if opened is not None:
+            os.close(opened[0])
         raise OSError(errno.ESTALE, "replaced since it was scanned", str(f.path))
-    return fd
+    return opened[0]
 
 
 Digests = dict[str, tuple[str, ...]]
