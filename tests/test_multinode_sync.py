@@ -18,8 +18,8 @@ import pytest
 
 from ckpt_agent.config.settings import sync_options
 from ckpt_agent.config.sidecar import Rules, SyncOptions
-from ckpt_agent.config.spec import LatestRef
-from ckpt_agent.errors import ConfigError
+from ckpt_agent.config.spec import LatestRef, NamedRef
+from ckpt_agent.errors import ConfigError, NotFoundError
 from ckpt_agent.load.listing import list_job_checkpoints
 from ckpt_agent.load.resolve import resolve
 from ckpt_agent.report import Reporter
@@ -27,7 +27,7 @@ from ckpt_agent.stores import layout
 from ckpt_agent.stores.local import LocalStore
 from ckpt_agent.sync.formats import Format
 from ckpt_agent.sync.loop import Sidecar
-from ckpt_agent.sync.nodes import moved_on, nothing_due
+from ckpt_agent.sync.nodes import leader_mark, moved_on, nothing_due
 from ckpt_agent.sync.readiness import Facts, NotReady, Trainer, Why, readiness
 from ckpt_agent.upload.commit import CheckpointId
 from tests.support.helpers import assert_one_line_failure, commit_files, run_agent, sync_env, wait_for
@@ -200,6 +200,16 @@ def test_a_checkpoint_only_the_leader_writes_is_recorded_nothing_here_after_the_
     assert "node 1 has nothing of ckpt-5.pt, which the leader committed" in out.getvalue()
 
 
+def test_a_named_reference_gives_a_node_that_had_nothing_of_it_an_empty_part(store, tmp_path):
+    leader_commits(store, tmp_path, "ckpt-5.pt", {"ckpt-5.pt": b"PK..."})
+    ref = NamedRef("ckpt-5.pt", JOB)
+    with pytest.raises(NotFoundError, match="not committed for rank 1"):
+        resolve(store, (ref,), 1, None)
+    store.write_bytes(layout.nothing_key(JOB, "ckpt-5.pt", 1), b"{}")
+    [found] = resolve(store, (ref,), 1, None).checkpoints
+    assert (found.manifest.rank, found.manifest.files, found.manifest.checkpoint_name) == (1, (), "ckpt-5.pt")
+
+
 def test_with_node_1s_sidecar_dead_a_checkpoint_the_leader_committed_is_never_latest(store, tmp_path):
     sidecar, _ = node(store, tmp_path / "node-1", quiet_seconds=0)
     leader_commits(store, tmp_path, "checkpoint-5", HF_LEADER)
@@ -280,6 +290,18 @@ def test_keep_last_on_node_1_counts_complete_checkpoints_and_deletes_every_nodes
     sidecar, out = node(store, ckpts, keep_last=1, quiet_seconds=0)
     assert sidecar.run(once=True).committed == ["checkpoint-5", "checkpoint-10", "checkpoint-15"]
     assert [c.name for c in list_job_checkpoints(store, JOB).checkpoints] == ["checkpoint-15"], out.getvalue()
+
+
+def test_keep_last_on_node_1_runs_after_a_nothing_here_record_that_completes_a_checkpoint(store, tmp_path):
+    sidecar, out = node(store, tmp_path / "node-1", keep_last=1)
+    for step in (5, 10):
+        leader_commits(store, tmp_path, f"ckpt-{step}.pt", {f"ckpt-{step}.pt": b"PK..."})
+    thread = in_thread(sidecar)
+    sidecar.finish(None, wait_for_writers=True, trainer_status=0)  # its trainer is gone: records at once
+    leader_mark(store, CheckpointId("proj", JOB, "", 0, 2), stopped=True)
+    thread.join(10)
+    assert sidecar.result.nothing_here == ["ckpt-5.pt", "ckpt-10.pt"], out.getvalue()
+    assert [c.name for c in list_job_checkpoints(store, JOB).checkpoints] == ["ckpt-10.pt"], out.getvalue()
 
 
 def test_a_node_count_other_than_the_jobs_record_is_refused_before_anything_starts(store, tmp_path):

@@ -72,7 +72,7 @@ class Sidecar:
         self._cancel: Cancel | None = None
         self._pending: dict[str, NotReady] = {}  # the last pass: name -> why not committed yet
         # node r > 0 of a multi-node job: the leader's commits, and until when a flush keeps watching them
-        self._nodes = Nodes(store, ident, options.nothing_here_seconds, reporter) if ident.rank > 0 else None
+        self._nodes = Nodes(store, ident, options, reporter) if ident.rank > 0 else None
         self._linger_until = 0.0
         self._leads = ident.rank == 0 and ident.num_nodes > 1  # the leader of a multi-node job
 

@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Mapping
 
+from ckpt_agent.config.sidecar import SyncOptions
 from ckpt_agent.errors import AgentError, StoreError
 from ckpt_agent.load.resolve import rank_commits, valid_names
 from ckpt_agent.report import Reporter
@@ -23,6 +24,7 @@ from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.manifest import natural_key, utc_now
 from ckpt_agent.sync.formats import shape
+from ckpt_agent.sync.retention import retain
 from ckpt_agent.upload.commit import CheckpointId
 
 
@@ -55,8 +57,8 @@ def leader_mark(store: Store, ident: CheckpointId, stopped: bool) -> None:
 class Nodes:
     """The leader's commits as node `ident.rank` (> 0) sees them, and its own "nothing here" records."""
 
-    def __init__(self, store: Store, ident: CheckpointId, grace: float, reporter: Reporter) -> None:
-        self.store, self.ident, self.grace, self.reporter = store, ident, grace, reporter
+    def __init__(self, store: Store, ident: CheckpointId, options: SyncOptions, reporter: Reporter) -> None:
+        self.store, self.ident, self.options, self.reporter = store, ident, options, reporter
         self.recorded: list[str] = []  # this run
         self._leader: set[str] = set()  # the leader committed it (a commit stays)
         self._settled: set[str] = set()  # this node's manifest or record is in the store, or never ours to record
@@ -105,7 +107,7 @@ class Nodes:
                 self._absent.pop(name, None)
                 return
             since = self._absent.setdefault(name, now)
-            if nothing_due(now - since, self.grace, writer_gone, moved_on(name, here)):
+            if nothing_due(now - since, self.options.nothing_here_seconds, writer_gone, moved_on(name, here)):
                 self._record(name)
 
         self._sweep_names(consider)
@@ -142,3 +144,5 @@ class Nodes:
         self.recorded.append(name)
         self.reporter.info(f"sync: node {ident.rank} has nothing of {name}, which the leader committed: recorded, "
                            "so the checkpoint is complete for the job", event="sync_nothing_here", checkpoint=name)
+        if self.options.keep_last:  # the record may be what completes it: older ones may go now
+            retain(self.store, ident.job_id, ident.num_nodes, name, self.options.keep_last, self.reporter)
