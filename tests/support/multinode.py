@@ -9,6 +9,9 @@ checkpoint folder, `view/loaded` its own download folder, and nothing it writes 
 by another node. All nodes share the test's store and talk over torch.distributed with gloo on
 127.0.0.1 (BT_LEADER_ADDR, MASTER_ADDR, MASTER_PORT), one process per node.
 
+A resume: `launch(..., "--resume", "agent", load=[latest(job_id="job-1")])` loads into each
+node's `view/loaded` before its trainer starts; `size=1` is a 1-node job (no process group).
+
 The Popen of each node is the agent (or trainer) itself: `unshare` and `sh` exec into it, so a
 signal sent to it reaches the agent, and the `procs` fixture kills it by its own pid.
 """
