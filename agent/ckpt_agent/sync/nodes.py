@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from ckpt_agent.config.sidecar import SyncOptions
 from ckpt_agent.errors import AgentError, StoreError
@@ -66,9 +66,9 @@ class Nodes:
         self._absent: dict[str, float] = {}  # leader-committed, no files here: since when (monotonic)
 
     def start(self) -> None:
-        """Before the trainer starts: what the leader committed already is never vouched for. This
-        node's files of it may have been lost with an earlier container, so an absence proves nothing;
-        files of it that are here are still committed the usual way."""
+        """Before the trainer starts: a checkpoint already in the store (even in part) is never vouched
+        for. This node's files of it may have been lost with an earlier container, so an absence proves
+        nothing; files of it that are here are still committed the usual way."""
         self._sweep_names(lambda name, leader: self._settled.add(name))
 
     def lingering(self, until: float) -> bool:
@@ -116,7 +116,7 @@ class Nodes:
         """Checkpoints the leader committed that this node is waiting to record (for the summary)."""
         return sorted(self._absent, key=natural_key)
 
-    def _sweep_names(self, consider) -> None:
+    def _sweep_names(self, consider: Callable[[str, bool], None]) -> None:
         """`consider(name, leader_committed)` for each checkpoint of the job this node has not settled."""
         job_id, rank = self.ident.job_id, self.ident.rank
         prefix = layout.checkpoints_prefix(job_id)
