@@ -15,9 +15,10 @@ import pytest
 from ckpt_agent.config.selection import Selection
 from ckpt_agent.config.settings import selection_from_env
 from ckpt_agent.disk.folder import Folder
+from ckpt_agent.disk.resume import read_load_record
 from ckpt_agent.errors import EXIT_CONFIG, ConfigError, IntegrityError
 from ckpt_agent.load.plan import check_selection
-from ckpt_agent.load.record import read_load_record, recorded_selection
+from ckpt_agent.load.record import recorded_selection
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.manifest import FileEntry, Manifest
 from tests.support.faultproxy import LOOPBACK, FaultProxy

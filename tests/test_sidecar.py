@@ -456,7 +456,7 @@ def test_checkpointing_settings_and_sync_flags_are_validated():
 def test_a_single_file_checkpoint_loads_as_that_file_and_latest_local_checkpoint_returns_it(store, tmp_path):
     import zipfile
 
-    from ckpt_agent.load.record import latest_local_checkpoint
+    from ckpt_agent.disk.resume import latest_local_checkpoint
 
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
@@ -473,7 +473,7 @@ def test_a_single_file_checkpoint_loads_as_that_file_and_latest_local_checkpoint
 
 
 def test_a_folder_checkpoint_still_resumes_from_the_folder(local_store, tmp_path):
-    from ckpt_agent.load.record import latest_local_checkpoint
+    from ckpt_agent.disk.resume import latest_local_checkpoint
 
     ckpts = tmp_path / "ckpts"
     make_checkpoint(ckpts / "checkpoint-10", 10)

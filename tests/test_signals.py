@@ -10,6 +10,7 @@ and take the container with it; the trainer's save was cut off.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -121,3 +122,18 @@ def test_a_missing_command_run_as_a_child_is_a_one_line_error_with_exit_127(loca
     assert result.returncode == 127, result.stderr
     assert "training command not found: 'no-such-trainer-binary'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or os.geteuid() != 0, reason="a PID namespace needs unshare and root")
+def test_as_pid_1_the_agent_stays_the_parent_so_sigterm_stops_a_trainer_without_a_handler(tmp_path, procs):
+    """In a container without an init the agent is PID 1; an exec'd trainer in its place would be PID 1
+    too, and the kernel ignores a SIGTERM that PID 1 has no handler for: `docker stop` would hang."""
+    log = tmp_path / "run.log"
+    code = "import os, time; print('TRAINER PID', os.getpid(), flush=True); time.sleep(600)"
+    run = start(procs, ["unshare", "--fork", "--pid", "--kill-child", AGENT, "run", "--", sys.executable, "-c", code],
+                clean_env(), log)
+    wait_for(lambda: "TRAINER PID" in log.read_text(), what="the trainer")
+    assert "TRAINER PID 2" in log.read_text(), log.read_text()  # the agent is PID 1 and its parent
+    agent = int(Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()[0])
+    os.kill(agent, signal.SIGTERM)
+    assert run.wait(30) == 143, log.read_text()

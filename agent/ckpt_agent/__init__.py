@@ -1,4 +1,5 @@
 """ckpt-agent: load verified checkpoints before training starts, upload them as it runs."""
+from __future__ import annotations
 
 __all__ = ["__version__", "latest_local_checkpoint"]
 
@@ -17,6 +18,6 @@ def latest_local_checkpoint(rank: int | None = None) -> str | None:
     BT_NODE_RANK, else 0), newest by the store's order as recorded at load time, or None when nothing
     was loaded: the folder (`.../rank-0/checkpoint-100`), or for a single-file checkpoint the file
     (`.../rank-0/ckpt-5.pt/ckpt-5.pt`), so it goes straight into the framework's resume call."""
-    from ckpt_agent.load.record import latest_local_checkpoint as _latest
+    from ckpt_agent.disk.resume import latest_local_checkpoint as _latest
 
     return _latest(rank)

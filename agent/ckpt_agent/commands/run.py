@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from ckpt_agent.commands.sync import SyncFlags, open_sidecar
 from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.sidecar import DEFAULT_GRACE_SECONDS
 from ckpt_agent.errors import ConfigError
-from ckpt_agent.trainer.launch import exec_training, runs_through_shell, training_argv
+from ckpt_agent.trainer.launch import exec_training, runs_through_shell, trainer_env, training_argv
 
 if TYPE_CHECKING:
     from ckpt_agent.sync.loop import Sidecar
@@ -39,7 +40,7 @@ def run(ctx: Context, options: RunOptions) -> int:
         return _dry_run(ctx, argv, options.selection)
     # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
     sidecar = open_sidecar(ctx) if settings.checkpointing_enabled else None
-    child_env = dict(ctx.env)
+    child_env = trainer_env(ctx.env)
     if settings.spec.enabled:
         from ckpt_agent.commands.load import load_now
 
@@ -47,7 +48,9 @@ def run(ctx: Context, options: RunOptions) -> int:
         child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
     if sidecar is not None:
         return _supervise(argv, child_env, sidecar, ctx)
-    if runs_through_shell(argv, child_env):
+    # As PID 1 (a container without an init) the kernel drops every signal a process has no handler
+    # for: an exec'd trainer without a SIGTERM handler would ignore `docker stop`. We stay its parent.
+    if runs_through_shell(argv, child_env) or os.getpid() == 1:
         return _run_as_child(argv, child_env, ctx)
     exec_training(argv, child_env)
 

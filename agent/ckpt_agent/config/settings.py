@@ -220,24 +220,6 @@ def cache_settings_from_env(env: Mapping[str, str]) -> CacheSettings | None:
     return CacheSettings(root, max_bytes)
 
 
-# --- what training code reads (ckpt_agent.latest_local_checkpoint) -----------------------------------
-
-
-@dataclass(frozen=True)
-class LoadedFolder:
-    download_folder: str | None  # BT_LOAD_CHECKPOINT_DIR; None when the agent loaded nothing
-    node_rank: int
-
-
-def loaded_folder_from_env(env: Mapping[str, str], rank: int | None = None) -> LoadedFolder:
-    """Lenient, as training code calls it in any environment: BT_NODE_RANK is read only when a folder
-    was loaded (and then must be a whole number: ValueError)."""
-    base = env.get("BT_LOAD_CHECKPOINT_DIR") or None
-    if base is None:
-        return LoadedFolder(None, rank or 0)
-    return LoadedFolder(base, int(env.get("BT_NODE_RANK") or 0) if rank is None else rank)
-
-
 # -- the sidecar's options (`sync`, and `run` with BT_CHECKPOINTING_ENABLED=1) -----------------------
 # Flags win over CKPT_AGENT_* variables, which win over the defaults in ckpt_agent.config.sidecar.
 

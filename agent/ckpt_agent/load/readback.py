@@ -16,9 +16,10 @@ from ckpt_agent.config.selection import Selection
 from ckpt_agent.disk.digests import read_checksums
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, loaded_record
+from ckpt_agent.disk.resume import read_load_record
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, open_file
 from ckpt_agent.errors import IntegrityError, NotFoundError
-from ckpt_agent.load.record import read_load_record, read_recorded_manifest, record_names, recorded_selection
+from ckpt_agent.load.record import read_recorded_manifest, record_names, recorded_selection
 from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores.manifest import FileEntry, Manifest, check_relative_path
 

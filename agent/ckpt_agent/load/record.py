@@ -1,4 +1,5 @@
-"""What a completed load leaves for its readers: `ckpt-agent verify` and `ckpt_agent.latest_local_checkpoint`.
+"""What a completed load leaves for its readers: `ckpt-agent verify` (and, through ckpt_agent.disk.resume,
+`ckpt_agent.latest_local_checkpoint`).
 
 `.ckpt-agent/loaded-rank-<r>.json` (one per rank, so ranks sharing a folder keep theirs) names the
 checkpoints the load placed and their place in the store's order; `.ckpt-agent/manifests/rank-<r>/`
@@ -9,23 +10,18 @@ is read through ckpt_agent.disk.safefs (no link followed, no FIFO waited on).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from ckpt_agent.config import names
 from ckpt_agent.config.selection import EVERY_FILE, Selection
-from ckpt_agent.config.settings import loaded_folder_from_env
 from ckpt_agent.disk.digests import checksum, format_checksum
 from ckpt_agent.disk.folder import Folder
-from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, manifests_dir, rank_dir, state_dir
-from ckpt_agent.errors import AgentError, IntegrityError, LocalError
-from ckpt_agent.stores.manifest import FILE_KIND, Manifest, check_relative_path, parse_manifest
+from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, manifests_dir
+from ckpt_agent.errors import IntegrityError
+from ckpt_agent.stores.manifest import Manifest, check_relative_path, parse_manifest
 
 _RECORD_RE = re.compile(r"loaded-rank-\d+\.json")
 
@@ -109,22 +105,6 @@ def record_names(folder: Folder) -> list[str]:
     return sorted(n for n in os.listdir(state) if _RECORD_RE.fullmatch(n)) if state is not None else []
 
 
-def read_load_record(folder: Folder, name: str) -> dict | None:
-    """One rank's record as written (None when there is none); IntegrityError when it is not a record
-    (a FIFO or a link included). Its checkpoint entries are checked by whoever uses them."""
-    path = folder.shown(f"{STATE_DIR}/{name}")
-    try:
-        raw = folder.read(f"{STATE_DIR}/{name}")
-        record = json.loads(raw) if raw is not None else None
-    except (OSError, ValueError, RecursionError) as exc:
-        raise IntegrityError(f"{path}: unreadable ({type(exc).__name__}); run `ckpt-agent load` again") from None
-    if record is None:
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), list):
-        raise IntegrityError(f"{path}: not a load record; run `ckpt-agent load` again")
-    return record
-
-
 def recorded_selection(folder: Folder, name: str, record: dict) -> Selection:
     """The include/exclude patterns the recorded load used; a record from before selective loads took every file."""
     chosen = record.get("selection") or {}
@@ -148,49 +128,3 @@ def read_recorded_manifest(folder: Folder, entry: dict, record: str) -> tuple[Ma
     if format_checksum(checksum(raw)) != entry.get("manifest_crc32c"):
         return None, ManifestProblem(shown, False, f"the recorded manifest does not match its crc32c in {record}")
     return parse_manifest(raw, str(folder.shown(shown))), None
-
-
-# --- the helper for training code (ckpt_agent.latest_local_checkpoint) -------------------------------
-
-
-def latest_local_checkpoint(rank: int | None = None, env: Mapping[str, str] | None = None) -> str | None:
-    """The newest loaded checkpoint under BT_LOAD_CHECKPOINT_DIR/rank-<rank>/, newest by the store's
-    order as the load recorded it (never by file times), or None when nothing was loaded.
-
-    The path each framework's resume call takes: the folder, or for a single-file checkpoint
-    (`ckpt-5.pt`, loaded into `rank-0/ckpt-5.pt/ckpt-5.pt`) the file itself."""
-    where = loaded_folder_from_env(os.environ if env is None else env, rank)
-    if where.download_folder is None:
-        return None
-    base, name = Path(where.download_folder), loaded_record(where.node_rank)
-    try:
-        with Folder(base) as folder:
-            prefix = rank_dir(where.node_rank) + "/"
-            mine = [e for e in (read_load_record(folder, name) or {}).get("checkpoints", []) if isinstance(e, dict)
-                    and isinstance(e.get("path"), str) and e["path"].startswith(prefix)
-                    and e["path"].count("/") == 1 and names.is_segment(e["path"][len(prefix):])]
-            for entry in sorted(mine, key=lambda e: e.get("order", 0)):
-                with contextlib.suppress(IntegrityError):
-                    if folder.dir(entry["path"]) is not None:
-                        return _resume_path(folder, base, entry, name)
-    except LocalError:
-        return None  # no download folder at all
-    except (AgentError, ValueError, KeyError, TypeError, RecursionError):
-        raise ValueError(f"{state_dir(base) / name}: not a load record; run `ckpt-agent load` again") from None
-    return None
-
-
-def _resume_path(folder: Folder, base: Path, entry: dict, record: str) -> str | None:
-    """The folder, or the one file of a single-file checkpoint (its recorded manifest says which)."""
-    path = base / entry["path"]
-    if not isinstance(entry.get("manifest"), str):  # a record from before manifests were kept
-        return str(path)
-    manifest, problem = read_recorded_manifest(folder, entry, record)
-    if problem is not None:
-        raise ValueError(f"{problem.path}: {problem.detail}; run `ckpt-agent load` again")
-    assert manifest is not None
-    if manifest.kind != FILE_KIND:
-        return str(path)
-    rel = f"{entry['path']}/{manifest.files[0].path}"
-    st = folder.lstat(rel)
-    return str(base / rel) if st is not None and stat.S_ISREG(st.st_mode) else None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ckpt_agent.config import names
+from ckpt_agent.disk.resume import FILE_KIND
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.errors import IntegrityError
 
@@ -28,7 +29,7 @@ _STRONG_HEX = re.compile(r"[0-9a-f]{64}")
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 # A checkpoint is a folder of files, or one file saved on its own (`ckpt-5.pt`): the manifest then
 # lists that one file, and a load hands the trainer the file's path instead of the folder's.
-FOLDER_KIND, FILE_KIND = "folder", "file"
+FOLDER_KIND = "folder"
 NAME_MAX = 255 - len(INCOMPLETE_SUFFIX.encode())  # the temporary twin of a file must fit too
 PATH_MAX = 4096 - 256  # room for the download folder and rank-<r>/<checkpoint>/ in front
 

@@ -18,6 +18,8 @@ from ckpt_agent.errors import CommandNotFound
 # Runs each start command through its own `sh -c`; the first failure's status is the exit status.
 _SEQUENCE = 'for c do /bin/sh -c "$c" || exit; done'
 SHELLS = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "busybox"})
+# Set by the self-contained agent's launcher (packaging/ckpt-agent): the folder that holds only ckpt_agent.
+HELPER_PATH_VAR = "CKPT_AGENT_PYTHONPATH"
 
 
 def training_argv(command: Sequence[str], start_commands: Sequence[str]) -> list[str] | None:
@@ -29,6 +31,19 @@ def training_argv(command: Sequence[str], start_commands: Sequence[str]) -> list
     if start_commands:
         return ["/bin/sh", "-c", _SEQUENCE, "sh", *start_commands]
     return None
+
+
+def trainer_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The trainer's environment: ours, except that under the self-contained agent the folder holding
+    only ckpt_agent goes first on PYTHONPATH (the trainer's own Python, 3.9 or newer, then imports the
+    helper with no install step, and none of the agent's dependencies), and the launcher's variable
+    stays with us."""
+    child = dict(env)
+    helper = child.pop(HELPER_PATH_VAR, "")
+    if helper:
+        helper = os.path.realpath(helper)
+        child["PYTHONPATH"] = f"{helper}{os.pathsep}{child['PYTHONPATH']}" if child.get("PYTHONPATH") else helper
+    return child
 
 
 @contextlib.contextmanager
