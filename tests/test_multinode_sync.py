@@ -157,7 +157,7 @@ def test_a_slow_writer_on_node_1_is_committed_with_its_files_and_never_recorded_
     writes it slowly, holding it open. Node 1 must wait for it to be closed and quiet, commit it
     with its file, and never claim it has nothing of checkpoint-5."""
     ckpts = tmp_path / "node-1"
-    sidecar, out = node(store, ckpts, nothing_here_seconds=2.0)
+    sidecar, out = node(store, ckpts, nothing_here_seconds=10)
     thread = in_thread(sidecar)
     leader_commits(store, tmp_path, "checkpoint-5", HF_LEADER)
     wait_for(lambda: "checkpoint-5" in sidecar._nodes.waiting(), what="node 1 seeing the leader's commit")
@@ -235,16 +235,18 @@ def test_the_final_flush_on_node_1_waits_for_the_leaders_last_commit_and_records
     checkpoint-12, and then ckpt-13.pt that only it writes, after node 1's flush started. Node 1
     commits the first and, its trainer being gone, records the second at once (no grace period)."""
     ckpts = tmp_path / "node-1"
-    sidecar, out = node(store, ckpts, nothing_here_seconds=600)
+    sidecar, out = node(store, ckpts, nothing_here_seconds=600, grace_seconds=30)
     (ckpts / "checkpoint-12").mkdir(parents=True)
     (ckpts / "checkpoint-12" / "rng_state_1.pth").write_bytes(b"r1")
     thread = in_thread(sidecar)
-    sidecar.finish(time.monotonic() + 3, wait_for_writers=True, trainer_status=0)
+    sidecar.finish(time.monotonic() + 30, wait_for_writers=True, trainer_status=0)
     time.sleep(0.5)
     assert thread.is_alive(), out.getvalue()  # still watching for the leader
     leader_commits(store, tmp_path, "checkpoint-12", HF_LEADER)
     leader_commits(store, tmp_path, "ckpt-13.pt", {"ckpt-13.pt": b"PK..."})
-    thread.join(10)
+    leader_mark(store, CheckpointId("proj", JOB, "", 0, 2), stopped=True)  # the leader's sidecar stops
+    thread.join(20)
+    assert not thread.is_alive()
     assert sidecar.result.committed == ["checkpoint-12"], out.getvalue()
     assert sidecar.result.nothing_here == ["ckpt-13.pt"], out.getvalue()
     assert latest_for(store, 1) == ("ckpt-13.pt", [])
