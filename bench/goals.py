@@ -38,7 +38,7 @@ def _fetched(workload: str, row: dict, expected: int, goal: str) -> dict:
     """Worst run: checkpoint data from the store, against `expected` bytes (within allowance)."""
     worst = max((data_bytes(row, run) for run in row["runs"]), key=lambda n: abs(n - expected))
     own = [n for n in _agent(row, "bytes_fetched") if n is not None]
-    shown = human(worst) + (f" (loaded.json: {human(max(own))})" if own else "")
+    shown = human(worst) + (f" (loaded-rank-<r>.json: {human(max(own))})" if own else "")
     return _goal(workload, f"{row['contender']}: checkpoint data from the store", shown,
                  goal, abs(worst - expected) <= allowance(expected), measured_bytes=worst,
                  expected_bytes=expected, allowance_bytes=allowance(expected),

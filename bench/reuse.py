@@ -10,7 +10,7 @@ cache-fill         the price of the cache being on by default: a cold load with 
 Every S3 contender here talks to the store through the relay; the row's store bytes are what
 crossed it in the direction that matters (received for loads, sent for uploads). Loads also get
 `metadata_bytes`: what the same command with `--dry-run` received (listings and manifests), so
-checkpoint data bytes = store bytes - metadata bytes. The agent's own count (loaded.json, or
+checkpoint data bytes = store bytes - metadata bytes. The agent's own count (loaded-rank-<r>.json, or
 the JSON log's summary) is kept next to it as a cross-check, never as the measurement.
 """
 
@@ -76,7 +76,7 @@ def received_by(h: Harness, argv: list[str], env: dict[str, str], what: str) -> 
 
 
 def loaded_record(dest: Path) -> dict:
-    """The agent's own account of the load: loaded.json's byte counts."""
+    """The agent's own account of the load: loaded-rank-<r>.json's byte counts."""
     record = json.loads((dest / ".ckpt-agent" / "loaded-rank-0.json").read_text())
     return {k: record[k] for k in ("bytes_fetched", "bytes_from", "files_fetched") if k in record}
 

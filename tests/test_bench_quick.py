@@ -131,7 +131,7 @@ def check_store_bytes(rows: dict, goals: list[dict]) -> None:
     assert all(ok for (_, what), ok in met.items() if what.endswith("peak RSS"))
 
     # restart and warm cache: nothing of the checkpoint comes from the store, by the relay's
-    # count and by loaded.json's
+    # count and by loaded-rank-<r>.json's
     for workload, source in (("restart", "checkpoint_dir"), ("warm-cache", "cache")):
         row = rows[workload, "ckpt-agent"]
         assert _agent(row)["bytes_fetched"] == 0 and abs(_data(row)) <= slack, workload

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ckpt_agent.config.spec import NamedRef
 from ckpt_agent.load.pipeline import store_order
-from ckpt_agent.load.resolve import Resolved, committed_checkpoints
+from ckpt_agent.load.resolve import Resolved
 from ckpt_agent.stores import layout
+from ckpt_agent.stores.catalog import committed_checkpoints
 from ckpt_agent.stores.local import LocalStore
 from ckpt_agent.stores.manifest import FileEntry, Manifest
 

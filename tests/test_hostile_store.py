@@ -166,7 +166,7 @@ def s3_store(engine: str, endpoint: str, monkeypatch: pytest.MonkeyPatch, **extr
             monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return open_store(settings_from_env(env))
+    return open_store(settings_from_env(env).store_config)
 
 
 # ---- item 3: names from listings and from the user -----------------------------------------------
@@ -541,12 +541,12 @@ def test_default_local_store_that_another_user_could_have_planted_is_refused(pla
                 pytest.skip("only root can give a folder to another user")
             os.chown(default, 65534, 65534)
     with pytest.raises(StoreError, match="the default local store is"):
-        open_store(settings_from_env({}))
+        open_store(settings_from_env({}).store_config)
 
 
 def test_default_local_store_of_this_user_is_used(monkeypatch, tmp_path):
     default = tmp_path / "ckpt-store"
     monkeypatch.setattr(settings_module, "DEFAULT_STORE", str(default))
-    assert isinstance(open_store(settings_from_env({})), LocalStore)  # not there yet: save creates it
+    assert isinstance(open_store(settings_from_env({}).store_config), LocalStore)  # not there yet: save creates it
     default.mkdir(mode=0o755)
-    assert isinstance(open_store(settings_from_env({})), LocalStore)
+    assert isinstance(open_store(settings_from_env({}).store_config), LocalStore)

@@ -87,7 +87,7 @@ def saved(rig: Rig) -> tuple[Path, dict[str, bytes]]:
 
 
 def commit(rig: Rig, path: Path, name: str) -> None:
-    store = open_store(settings_from_env(rig.env))
+    store = open_store(settings_from_env(rig.env).store_config)
     try:
         commit_checkpoint(store, CommitRequest(path, CheckpointId("proj", JOB, name), 2, part_size=PART),
                           lambda n: None, Cancel())
@@ -308,7 +308,7 @@ def test_two_agents_filling_one_cache_at_once_both_end_byte_exact(rig):
 def test_a_format_1_manifest_loads_without_the_cache(rig):
     _, files = saved(rig)
     key = layout.manifest_key(JOB, NAME, 0)
-    store = open_store(settings_from_env(rig.env))
+    store = open_store(settings_from_env(rig.env).store_config)
     try:
         body = json.loads(store.read_bytes(key))
     finally:

@@ -1,4 +1,4 @@
-"""What the agent tells people and programs: JSON logs, progress, loaded.json, the ready file,
+"""What the agent tells people and programs: JSON logs, progress, loaded-rank-<r>.json, the ready file,
 dry runs, `ckpt_agent.latest_local_checkpoint`, and --help/--version. Local store: fast."""
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_json_reporter_never_draws_a_bar_even_on_a_terminal():
     assert not isinstance(make_reporter(None, Terminal()).progress(10, "download"), _LineSink)
 
 
-# --- loaded.json and the ready file -------------------------------------------------------------
+# --- loaded-rank-<r>.json and the ready file -------------------------------------------------------------
 
 
 def test_loaded_json_records_resolution_manifest_checksums_bytes_duration_and_version(env, job, tmp_path):

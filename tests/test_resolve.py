@@ -9,8 +9,9 @@ import pytest
 
 from ckpt_agent.config.spec import LatestRef, NamedRef
 from ckpt_agent.errors import ConfigError, IntegrityError, NotFoundError
-from ckpt_agent.load.resolve import list_checkpoints, project_jobs, read_job, resolve
+from ckpt_agent.load.resolve import resolve
 from ckpt_agent.stores import layout
+from ckpt_agent.stores.catalog import list_checkpoints, project_jobs, read_job
 from ckpt_agent.stores.local import LocalStore
 from ckpt_agent.stores.manifest import FileEntry, JobRecord, Manifest
 from ckpt_agent.upload.commit import CheckpointId, ensure_job

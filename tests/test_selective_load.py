@@ -39,7 +39,7 @@ class Store:
     """The store as the agent sees it, and the bytes of checkpoint files the agent fetched from it."""
 
     env: dict[str, str]
-    proxy: FaultProxy | None  # SeaweedFS is read through it; None: the local store, counted by loaded.json
+    proxy: FaultProxy | None  # SeaweedFS is read through it; None: the local store, counted by loaded-rank-<r>.json
 
     def fetched(self, download_folder: Path) -> int:
         if self.proxy is None:

@@ -1,8 +1,9 @@
-"""The command line: the only module that reads argv and os.environ, and the one place errors are printed.
+"""The command line: the one place the commands get argv and os.environ, and the one place errors are printed.
 
 Each command's flags become its options dataclass here, the environment becomes a Context
-(ckpt_agent.commands), and every AgentError is caught once and printed as one line; its class picks
-the exit code.
+(ckpt_agent.commands) through the parsers of ckpt_agent.config.settings (the sidecar's options, flags
+over variables, when a command needs them), and every AgentError is caught once and printed as one line; its class
+picks the exit code. (Training code's ckpt_agent.latest_local_checkpoint reads os.environ for itself.)
 """
 
 from __future__ import annotations
@@ -12,19 +13,18 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ckpt_agent.commands.context import Context
-from ckpt_agent.commands.sync import SyncFlags
 from ckpt_agent.config.settings import (
     debug,
     load_spec,
     log_format,
     selection_from_env,
     settings_from_env,
-    sync_options,
 )
+from ckpt_agent.config.sidecar import SyncFlags
 from ckpt_agent.config.spec import check_name
 from ckpt_agent.errors import EXIT_INTERNAL, EXIT_SIGINT, AgentError, ConfigError
 from ckpt_agent.report import Reporter, make_reporter
@@ -79,9 +79,8 @@ def _context(env: Mapping[str, str], reporter: Reporter, workers: int | None = N
 
 
 def _with_sync(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = None) -> Context:
-    """`sync` and `run`: the sidecar's options, parsed once (flags over CKPT_AGENT_* over the defaults)."""
-    options = sync_options(ctx.env, checkpoint_dir or ctx.settings.checkpoint_dir, **asdict(flags))
-    return replace(ctx, sync=options)
+    """`sync` and `run`: the upload flags, which Context.sync parses with the variables when needed."""
+    return replace(ctx, sync_flags=flags, sync_dir=checkpoint_dir)
 
 
 def _sync_flags(args: argparse.Namespace) -> SyncFlags:

@@ -3,7 +3,8 @@
 Every failure a user can act on is one of these; the CLI prints `str(error)` as a single line and
 exits with `error.exit_code`. Where a built-in fits (ValueError, FileNotFoundError, OSError,
 TimeoutError) a class also inherits it, so callers that only know Python's exceptions still catch
-it sensibly; IntegrityError and Interrupted have no such twin and inherit only AgentError.
+it sensibly; IntegrityError, CheckpointChanged, CommandNotFound and Interrupted have no such twin
+and inherit only AgentError. Every public error class of the agent is here, with its exit code.
 """
 
 EXIT_INTERNAL = 1

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TextIO
 
 PROGRESS_INTERVAL = 5.0
@@ -33,6 +34,13 @@ def source_summary(bytes_from: dict[str, int]) -> str:
     shown = [f"{SOURCE_NAMES.get(k, k)} {human_bytes(n)}" for k, n in bytes_from.items() if n]
     return "from " + ", ".join(shown) if shown else "no bytes to place"
 
+
+
+def utc_now() -> str:
+    """The one timestamp format, for log lines and every record the agent writes (manifests, job
+    records, the load record, the ready file): ISO 8601 in UTC to the microsecond, which also
+    orders two commits of the same second."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 class Reporter:
     def __init__(self, stream: TextIO | None = None, interval: float = PROGRESS_INTERVAL) -> None:
@@ -68,9 +76,7 @@ class JsonReporter(Reporter):
     for every line the human Reporter would print, progress and errors included. Never a tqdm bar."""
 
     def _emit(self, level: str, event: str, message: str, fields: dict[str, object]) -> None:
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-        line = json.dumps({"timestamp": stamp, "level": level, "event": event, "message": message,
+        line = json.dumps({"timestamp": utc_now(), "level": level, "event": event, "message": message,
                            "fields": fields}, default=str)
         self._write_line(line)
 
@@ -90,6 +96,9 @@ class JsonReporter(Reporter):
 def make_reporter(log_format: str | None, stream: TextIO | None = None) -> Reporter:
     """The Reporter for a format ckpt_agent.config.settings.log_format accepted: `json`, else the human one."""
     return JsonReporter(stream) if log_format == "json" else Reporter(stream)
+
+
+Progress = Callable[[int], None]  # told of every byte moved, from many threads (a ProgressSink, say)
 
 
 class ProgressSink:

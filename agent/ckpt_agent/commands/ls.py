@@ -17,7 +17,7 @@ class ListOptions:
 
 
 def ls(ctx: Context, options: ListOptions) -> int:
-    store = open_store(ctx.settings)
+    store = open_store(ctx.settings.store_config)
     try:
         data = (listing.list_job_checkpoints(store, options.job_id, options.project, ctx.reporter.warn)
                 if options.job_id else listing.list_jobs(store, options.project, ctx.reporter.warn))

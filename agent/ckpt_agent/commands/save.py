@@ -42,7 +42,7 @@ def save(ctx: Context, options: SaveOptions) -> int:
     folder = Path(os.path.realpath(options.folder))  # the path given is the user's choice; links inside are not
     total = sum(f.size for f in scan_checkpoint(folder))
     with cancelled_by_signals(ctx.cancel):
-        store = open_store(settings)
+        store = open_store(settings.store_config)
         moved = Transferred()
         sink = ctx.reporter.progress(total, "upload")
         try:

@@ -138,7 +138,7 @@ class Selection:
         return " ".join(parts) if parts else "no patterns"
 
     def record(self) -> dict[str, list[str]]:
-        """For loaded.json, so `verify` knows what was left out on purpose."""
+        """For loaded-rank-<r>.json, so `verify` knows what was left out on purpose."""
         return {"include": list(self.include), "exclude": list(self.exclude)}
 
 

@@ -1,6 +1,9 @@
-"""Everything the agent is told by its environment, parsed once into a frozen Settings.
+"""Every environment variable the agent reads is parsed here, and only here.
 
-A pure function of a mapping, so tests pass dicts and only cli.py touches os.environ.
+Pure functions of a mapping, so tests pass dicts: settings_from_env into a frozen Settings, and the
+pieces a command needs alone or merged with its flags (log_format, load_spec, selection_from_env,
+sync_options). cli.py hands them os.environ, each once per command; training code's
+latest_local_checkpoint reads loaded_folder_from_env itself.
 """
 
 from __future__ import annotations
@@ -41,12 +44,21 @@ LOG_FORMATS = ("human", "json")
 
 
 def default_workers() -> int:
-    """Enough requests per core to keep the pipe full; more only burn kernel time on a small node.
-
-    Measured on 2 cores against SeaweedFS: 16 streams loaded 16 x 128 MiB in 3.4 s, 32 in 4.5 s
-    (system CPU 2.4 s against 4.7 s); 64 MiB ranges beat 32 MiB ones (1.9 s against 2.5 s).
-    """
+    """Enough requests per core to keep the pipe full; more only burn kernel time on a small node
+    (the measurements: docs/benchmarks.md, "Numbers behind the code")."""
     return min(64, 8 * (os.cpu_count() or 2))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What opening the store needs (ckpt_agent.stores.open_store), and nothing else of Settings."""
+
+    location: StoreLocation
+    engine: str = "http"  # CKPT_AGENT_S3_ENGINE: http (native) or boto3
+    aws_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_connections: int = 32  # boto3's connection pool: one per worker
+    is_default: bool = False  # the default local store in /tmp: trusted only if it is this user's
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,11 @@ class Settings:
     checkpointing_enabled: bool = False
     max_rate: int | None = None  # CKPT_AGENT_MAX_RATE: bytes per second, loads and uploads; None: no cap
     cache: CacheSettings | None = None
+
+    @property
+    def store_config(self) -> StoreConfig:
+        return StoreConfig(self.store, self.s3_engine, self.aws_env, self.read_timeout, self.workers,
+                           is_default=self.store.scheme == "file" and self.store.root == DEFAULT_STORE)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:

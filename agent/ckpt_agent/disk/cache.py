@@ -7,8 +7,8 @@ is deleted and reported as a miss: a damaged disk costs a refetch, never a corru
 That check on the way out is the guarantee, so the way in is cheap: a part a load has just
 verified against its manifest is copied in by the kernel under the manifest's sha256, neither
 hashed again nor fsynced (an entry torn by a crash, or put by a store that lied, fails its first
-re-hash). With the hash and the fsync, filling the cache tripled a cold 2 GiB load (9.0-11.5 s
-against 3.5-4.2 s without it, `bench/run.py --workloads cache-fill`).
+re-hash). With the hash and the fsync, filling the cache tripled a cold load (docs/benchmarks.md,
+"Numbers behind the code").
 
 Entries are written to a unique temporary file and renamed into place, so agents sharing the
 cache never see half an entry; eviction runs under an flock, and a reader racing it either
@@ -19,7 +19,6 @@ never read through and never blocks.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_agent.disk.fileio import copy_range, read_span
-from ckpt_agent.disk.safefs import TEMP_PREFIX, AtomicFile, open_regular
+from ckpt_agent.disk.safefs import TEMP_PREFIX, AtomicFile, lock_exclusive, open_regular
 from ckpt_agent.errors import LocalError
 
 ENTRIES = "sha256"  # the folder of entries; a later algorithm gets its own
@@ -206,7 +205,7 @@ class PartCache:
             raise LocalError(f"{self.root / ENTRIES / LOCK}: not a regular file; remove it")
         fd = opened[0]
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_exclusive(fd)
             yield fd
         finally:
             os.close(fd)

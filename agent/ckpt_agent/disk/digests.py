@@ -26,7 +26,7 @@ def read_part_digests(fd: int, start: int, end: int, part_size: int, buf: memory
     """(crc32c, sha256) of each part in [start, end) of an open file, in one read of its bytes.
 
     `start` is a multiple of part_size; None when the file ends before `end`; an empty range is
-    one part, the digests of nothing. strong=False leaves the sha256 "" (crc32c is ~7x cheaper).
+    one part, the digests of nothing. strong=False leaves the sha256 "" (crc32c is much cheaper).
     """
     digests: list[tuple[str, str]] = []
     for p_start in range(start, max(end, start + 1), part_size):
@@ -54,8 +54,8 @@ def read_checksums(fd: int, start: int, end: int, part_size: int, buf: memoryvie
 def mapped_checksum(fd: int, start: int, end: int) -> str | None:
     """crc32c of [start, end) of a file we just wrote, read through a mapping rather than copied out.
 
-    On 2 cores, a kernel copy then this check placed 2 GiB in 0.9-1.3 s; the same check by pread
-    took 1.4-1.5 s, and a copy through a buffer 1.8-1.9 s (`cp` 1.1 s). None if the file ends
+    A kernel copy then this check beats the same check by pread and a copy through a buffer
+    (docs/benchmarks.md, "Numbers behind the code"). None if the file ends
     before `end`. Only for our own files: a mapping of a file truncated while it is read faults
     the process, and only a process that can already write our file can do that. A file system
     that cannot map files is read with pread instead.

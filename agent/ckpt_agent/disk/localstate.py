@@ -11,18 +11,15 @@ ckpt_agent.disk.safefs, so nothing planted in the folder is followed.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ckpt_agent.disk.folder import Folder
-from ckpt_agent.disk.safefs import open_or_create, remove_tree
+from ckpt_agent.disk.safefs import lock_exclusive, open_or_create, record_bytes, remove_tree
 from ckpt_agent.errors import IntegrityError, LocalError
 
 STATE_DIR = ".ckpt-agent"
@@ -82,9 +79,9 @@ class VerifiedIndex:
 
     def save(self) -> None:
         with self._lock:
-            data = json.dumps(self._entries)
+            data = record_bytes(self._entries, compact=True)
         if self._folder is not None:
-            self._folder.write_atomic(VERIFIED, data.encode())
+            self._folder.write_atomic(VERIFIED, data)
 
 
 def check_root(root: Path) -> None:
@@ -140,21 +137,18 @@ def folder_lock(folder: Folder, on_wait: Callable[[str], None], check_cancel: Ca
     """One agent per download folder: a second one waits, so writes never interleave."""
     dfd = folder.dir(STATE_DIR, create=True)
     fd, _ = open_or_create(dfd, "lock", folder.shown(f"{STATE_DIR}/lock"))
+    told = False
+
+    def busy() -> None:
+        nonlocal told
+        if not told:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            on_wait(f"download folder {folder.root} is in use by pid {holder}; waiting for it to finish")
+            told = True
+        check_cancel()
+
     try:
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if not told:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-                on_wait(f"download folder {folder.root} is in use by pid {holder}; waiting for it to finish")
-                told = True
-            check_cancel()
-            time.sleep(0.2)
+        lock_exclusive(fd, busy)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield

@@ -5,21 +5,27 @@ special files planted by someone else, before or during a load. So a file is ope
 fd with O_NOFOLLOW (openat-style) and O_NONBLOCK (`open_regular`, the one safe open): a symlink is
 refused instead of followed, a FIFO never hangs. A file is written only if fstat shows a regular
 file with one link, so a hardlink planted to an outside file is never written through; new files
-are created with O_EXCL. The one atomic write (`AtomicFile`) and the one temporary-name scheme
-(`temp_name`, `partial_name`) live here too. ckpt_agent.disk.folder walks the download folder with these.
+are created with O_EXCL. The one atomic write (`AtomicFile`), the one temporary-name scheme
+(`temp_name`, `partial_name`) and the one lock (`lock_exclusive`) live here too.
+ckpt_agent.disk.folder walks the download folder with these.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import json
 import os
 import secrets
 import stat
+import time
+from collections.abc import Callable
 
 from ckpt_agent.errors import IntegrityError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+LOCK_POLL_SECONDS = 0.2
 _FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -187,11 +193,36 @@ class AtomicFile:
             unlink(self._dfd, self._tmp)
 
 
+def record_bytes(record: object, *, compact: bool = False) -> bytes:
+    """The one JSON encoding of the records the agent keeps on disk (the load record, the ready file,
+    verified.json), each then written by write_atomic: indented for a person to read, compact where
+    a record is large and only the agent reads it."""
+    return json.dumps(record, indent=None if compact else 1).encode()
+
+
 def write_atomic(dfd: int, name: str, data: bytes, mode: int = 0o644) -> None:
     with AtomicFile(dfd, name, mode) as f:
         view = memoryview(data)
         while view:
             view = view[os.write(f.fd, view):]
+
+
+def lock_exclusive(fd: int, busy: Callable[[], None] | None = None) -> None:
+    """Take the exclusive flock of open file `fd`, the one lock style. Without `busy` the kernel
+    queues us (the part cache's short sections); with it, we poll and call `busy()` at every wait,
+    which may say who holds the lock and raise to give up (a signal, a deadline)."""
+    if busy is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        busy()
+        time.sleep(LOCK_POLL_SECONDS)
 
 
 def unlink(dfd: int, name: str) -> None:

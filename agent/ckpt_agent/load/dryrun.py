@@ -11,10 +11,17 @@ from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import Settings
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex, check_root, checkpoint_dir
-from ckpt_agent.load.pipeline import bytes_needed, describe_left_out, shown_paths, warn_selection
+from ckpt_agent.load.pipeline import (
+    bytes_needed,
+    describe_left_out,
+    resolve_references,
+    shown_paths,
+    warn_selection,
+)
 from ckpt_agent.load.plan import FileTask, Plan, make_plan
-from ckpt_agent.load.resolve import Resolution, Resolved, resolve
+from ckpt_agent.load.resolve import Resolution, Resolved
 from ckpt_agent.report import Reporter, human_bytes
+from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.stores import open_store
 
 
@@ -50,14 +57,11 @@ def plan_load(settings: Settings, reporter: Reporter, selection: Selection = EVE
     no lock, creates no folder and writes nothing, here or in the store."""
     root = Path(settings.spec.download_folder)
     check_root(root)
-    store = open_store(settings)
+    store = open_store(settings.store_config)
     try:
-        resolution = resolve(store, settings.spec.checkpoints, settings.node_rank,
-                             settings.project_name, settings.required)
+        resolution = resolve_references(store, settings, reporter, Cancel())
     finally:
         store.close()
-    for warning in resolution.warnings:
-        reporter.warn(warning, event="no_checkpoint")
     warn_selection(resolution, selection, settings.required, reporter)
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(Folder(root)) if root.is_dir() else None

@@ -11,7 +11,11 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 from ckpt_agent.errors import NotFoundError
-from ckpt_agent.load.resolve import (
+from ckpt_agent.report import human_bytes
+from ckpt_agent.runtime.pool import map_tasks
+from ckpt_agent.stores import layout
+from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.catalog import (
     Warn,
     list_checkpoints,
     no_warnings,
@@ -20,10 +24,6 @@ from ckpt_agent.load.resolve import (
     read_manifest,
     valid_names,
 )
-from ckpt_agent.report import human_bytes
-from ckpt_agent.runtime.pool import map_tasks
-from ckpt_agent.stores import layout
-from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.manifest import natural_key
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import time
@@ -23,7 +22,7 @@ from ckpt_agent.disk.localstate import (
     prune_checkpoint,
     state_dir,
 )
-from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, write_atomic
+from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, record_bytes, write_atomic
 from ckpt_agent.errors import LocalError
 from ckpt_agent.load.plan import Plan, check_selection, make_plan
 from ckpt_agent.load.record import (
@@ -33,13 +32,14 @@ from ckpt_agent.load.record import (
     recorded_manifest_path,
     save_load_record,
 )
-from ckpt_agent.load.resolve import Resolution, Resolved, latest_order, resolve
+from ckpt_agent.load.resolve import Resolution, Resolved, resolve
 from ckpt_agent.load.sources import open_sources
 from ckpt_agent.load.transfer import TransferOptions, TransferStats, run_plan
-from ckpt_agent.report import Reporter, human_bytes, source_summary
+from ckpt_agent.report import Reporter, human_bytes, source_summary, utc_now
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
-from ckpt_agent.stores import open_store
+from ckpt_agent.stores import Store, open_store
+from ckpt_agent.stores.catalog import latest_order
 from ckpt_agent.version import __version__
 
 
@@ -121,7 +121,7 @@ def _record(folder: Folder, result: LoadResult, started: float, rank: int) -> No
             manifest=manifest_rel, manifest_crc32c=format_checksum(checksum(m.raw)), order=order[r.key]))
     stats, plan = result.stats, result.plan
     save_load_record(folder, LoadRecord(
-        agent_version=__version__, loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        agent_version=__version__, loaded_at=utc_now(),
         seconds=round(time.monotonic() - started, 3), download_folder=str(folder.root.absolute()),
         node_rank=rank, files_total=plan.total_files, bytes_total=plan.total_bytes,
         files_fetched=stats.files_fetched, bytes_fetched=stats.bytes_fetched, files_reused=stats.files_reused,
@@ -143,15 +143,9 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
     """`selection`: which files of each checkpoint to place (from --include/--exclude or the variables)."""
     started = time.monotonic()
     root = Path(settings.spec.download_folder)
-    store = open_store(settings)
+    store = open_store(settings.store_config)
     try:
-        refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
-        resolution = cancel.call(
-            lambda: resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
-                            settings.required),
-            f"still missing everything: the store did not answer in time to resolve {refs}")
-        for warning in resolution.warnings:
-            reporter.warn(warning, event="no_checkpoint")
+        resolution = resolve_references(store, settings, reporter, cancel)
         for r in resolution.checkpoints:
             m = r.manifest
             reporter.info(f"{r.reference.describe()} -> job {m.job_id} checkpoint {m.checkpoint_name} "
@@ -195,6 +189,19 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
     return result
 
 
+def resolve_references(store: Store, settings: Settings, reporter: Reporter, cancel: Cancel) -> Resolution:
+    """The spec's references -> manifests, the first step of a load and of its dry run; a reference
+    that finds nothing (and is not required) is a warning. A signal or the deadline ends the wait."""
+    refs = ", ".join(ref.describe() for ref in settings.spec.checkpoints)
+    resolution = cancel.call(
+        lambda: resolve(store, settings.spec.checkpoints, settings.node_rank, settings.project_name,
+                        settings.required),
+        f"still missing everything: the store did not answer in time to resolve {refs}")
+    for warning in resolution.warnings:
+        reporter.warn(warning, event="no_checkpoint")
+    return resolution
+
+
 def warn_selection(resolution: Resolution, selection: Selection, required: bool, reporter: Reporter) -> None:
     """Before the download folder is touched: a required load the selection empties stops here."""
     for warning in check_selection(tuple(r.manifest for r in resolution.checkpoints), selection, required):
@@ -218,10 +225,9 @@ def write_ready_file(path: Path, root: Path | None, rank: int) -> None:
     """Written last and atomically (rename from an unpredictable name, created O_EXCL, so a planted link
     is replaced, never followed): it exists only once every file is verified and in place."""
     record = str(state_dir(root).absolute() / loaded_record(rank)) if root is not None else None
-    body = json.dumps({"ready": True, "agent_version": __version__,
-                       "download_folder": str(root.absolute()) if root is not None else None,
-                       "loaded_record": record,
-                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1).encode()
+    body = record_bytes({"ready": True, "agent_version": __version__,
+                         "download_folder": str(root.absolute()) if root is not None else None,
+                         "loaded_record": record, "at": utc_now()})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -10,7 +10,6 @@ is read through ckpt_agent.disk.safefs (no link followed, no FIFO waited on).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.disk.digests import checksum, format_checksum
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, loaded_record, manifests_dir
+from ckpt_agent.disk.safefs import record_bytes
 from ckpt_agent.errors import IntegrityError
 from ckpt_agent.stores.manifest import Manifest, check_relative_path, parse_manifest
 
@@ -96,7 +96,7 @@ def save_load_record(folder: Folder, record: LoadRecord, manifests: Mapping[str,
         if stale.endswith(".json"):
             os.unlink(stale, dir_fd=dfd)
     folder.write_atomic(f"{STATE_DIR}/{loaded_record(record.node_rank)}",
-                        json.dumps(asdict(record), indent=1).encode())
+                        record_bytes(asdict(record)))
 
 
 def record_names(folder: Folder) -> list[str]:

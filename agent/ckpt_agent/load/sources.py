@@ -19,9 +19,8 @@ rank's agent replaces its files, and safefs refuses a hardlinked file in the dow
 
 Local copies are bound by the CPU, not the network, so at most one per core runs at once, however
 many workers the load has. Writes to one file queue on its inode lock however many threads write,
-so more only add contention: on 2 cores, 16 threads copying one 2 GiB file through buffers took
-1.1-2.8 s where 2 took 0.6 s. A kernel copy is cheaper still when memory is cold (the numbers are
-at ckpt_agent.disk.digests.mapped_checksum).
+so more only add contention; a kernel copy is cheaper still when memory is cold (the measurements:
+docs/benchmarks.md, "Numbers behind the code").
 """
 
 from __future__ import annotations

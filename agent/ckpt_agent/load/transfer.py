@@ -28,13 +28,12 @@ from ckpt_agent.errors import IntegrityError, LoadTimeoutError
 from ckpt_agent.load.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
 from ckpt_agent.load.plan import FileTask, Plan
 from ckpt_agent.load.sources import LOCAL_KINDS, LocalSources
+from ckpt_agent.report import Progress
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
 from ckpt_agent.runtime.ratelimit import NO_LIMITS, Limiter
 from ckpt_agent.runtime.retry import Backoff
 from ckpt_agent.stores.base import RangeReader, Store
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class TransferStats:
     bytes_reused: int = 0
 
     def bytes_from(self) -> dict[str, int]:
-        """Every byte of the load by where it came from, as the summary and loaded.json show it."""
+        """Every byte of the load by where it came from, as the summary and loaded-rank-<r>.json show it."""
         return {"store": self.bytes_fetched, **self.bytes_local, "reused": self.bytes_reused}
 
 

@@ -1,4 +1,9 @@
-"""One backoff rule and one retry loop, so every caller waits the same way and a signal ends the wait."""
+"""One backoff rule and one retry loop, so every caller waits the same way and a signal ends the wait.
+
+`retry` is the loop for every blocking retry (a small request, an upload part, a resumed download,
+the sidecar's passes over an unanswering store); callers that schedule instead of waiting (the
+rate limiter's pause, the sidecar's next try at a failed upload) use `Backoff.delay` alone.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1 is the first failure)."""
-        return min(self.cap, self.base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        doublings = min(attempt - 1, 64)  # past the cap long before; an endless retry must not overflow
+        return min(self.cap, self.base * 2 ** doublings) * random.uniform(0.5, 1.0)
 
 
 def retry(

@@ -5,28 +5,27 @@ from __future__ import annotations
 import os
 import stat
 
-from ckpt_agent.config import settings as defaults
-from ckpt_agent.config.settings import Settings
+from ckpt_agent.config.settings import StoreConfig
 from ckpt_agent.errors import StoreError
 from ckpt_agent.stores.base import Listing, RangeReader, Store
 
 __all__ = ["Listing", "RangeReader", "Store", "open_store"]
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(config: StoreConfig) -> Store:
     """The native S3 engine unless CKPT_AGENT_S3_ENGINE=boto3 asks for botocore's."""
-    location = settings.store
-    if location.scheme == "s3" and settings.s3_engine == "boto3":
+    location = config.location
+    if location.scheme == "s3" and config.engine == "boto3":
         from ckpt_agent.stores.s3boto import Boto3Store
 
-        return Boto3Store(location.bucket, location.root, settings.workers, settings.read_timeout)
+        return Boto3Store(location.bucket, location.root, config.max_connections, config.read_timeout)
     if location.scheme == "s3":
         from ckpt_agent.stores.s3native import NativeS3Store
 
-        return NativeS3Store(location.bucket, location.root, settings.aws_env, settings.read_timeout)
+        return NativeS3Store(location.bucket, location.root, config.aws_env, config.read_timeout)
     from ckpt_agent.stores.local import LocalStore
 
-    if location.root == defaults.DEFAULT_STORE:
+    if config.is_default:
         check_owned_folder(location.root)
     return LocalStore(location.root)
 

@@ -1,9 +1,9 @@
 """The small protocol every checkpoint store implements.
 
 Backends write only per-object primitives; everything about layout, manifests and transfers
-lives above them, so a backend is only its protocol's plumbing (the local one is under 200 lines;
-an S3 engine more, for connections, retries and multipart uploads) and the conformance suite in
-tests/test_store_conformance.py holds every backend to the same behaviour.
+lives above them, so a backend is only its protocol's plumbing (an S3 engine also carries its
+connections and retries; the two share their multipart uploads in s3common.py), and the
+conformance suite in tests/test_store_conformance.py holds every backend to the same behaviour.
 """
 
 from __future__ import annotations

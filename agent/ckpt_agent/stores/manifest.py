@@ -10,7 +10,6 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from ckpt_agent.config import names
 from ckpt_agent.disk.resume import FILE_KIND
@@ -22,7 +21,7 @@ from ckpt_agent.errors import IntegrityError
 FORMAT, FORMAT_V1 = 2, 1
 ALGORITHM = "crc32c"
 # Collision-resistant, so equal hashes may stand for equal bytes (cache keys, incremental uploads);
-# sha256 over blake2b because SHA-NI makes it 2-2.5x faster here (bench/hashspeed.py), and hashlib
+# sha256 over blake2b because SHA-NI makes it faster here (bench/hashspeed.py, docs/benchmarks.md), and hashlib
 # releases the GIL for it, so save still hashes regions on every core.
 STRONG_ALGORITHM = "sha256"
 _STRONG_HEX = re.compile(r"[0-9a-f]{64}")
@@ -36,10 +35,6 @@ PATH_MAX = 4096 - 256  # room for the download folder and rank-<r>/<checkpoint>/
 
 def part_count(size: int, part_size: int) -> int:
     return max(1, -(-size // part_size))
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def natural_key(name: str) -> tuple:
@@ -139,6 +134,21 @@ class JobRecord:
             {"job_id": self.job_id, "project_name": self.project_name,
              "created_at": self.created_at, "num_nodes": self.num_nodes}
         )
+
+    def index_entry(self) -> str:
+        """The job's entry in its project's index (projects/<project>/jobs/<job>.json)."""
+        return json.dumps({"job_id": self.job_id, "created_at": self.created_at})
+
+
+def nothing_here_record(job_id: str, name: str, rank: int, recorded_at: str) -> str:
+    """Node `rank` of a multi-node job has no files of checkpoint `name` (layout.nothing_key).
+    Readers count its presence only; the body says who wrote it, and when."""
+    return json.dumps({"job_id": job_id, "checkpoint_name": name, "rank": rank, "recorded_at": recorded_at})
+
+
+def leader_stopped_record(job_id: str, stopped_at: str) -> str:
+    """The leader's sidecar of a multi-node job has stopped (layout.leader_stopped_key); presence only."""
+    return json.dumps({"job_id": job_id, "stopped_at": stopped_at})
 
 
 def check_relative_path(path: object, where: str) -> str:

@@ -1,17 +1,16 @@
 """The boto3 S3 engine (CKPT_AGENT_S3_ENGINE=boto3): the only module that imports boto3.
 
 Uploads go part by part through `upload_part`, each body streamed from disk (FileSlice), never
-through s3transfer, whose `upload_fileobj` reads the parts of a file object into memory: a 2 GiB
-save peaked at 2.1 GiB resident. botocore's own messages can echo request details, so every
-botocore error is turned into one of ours with a message built here from the error code, the
-operation and the key only.
+through s3transfer, whose `upload_fileobj` reads the parts of a file object into memory (a save
+then holds about the whole file resident: docs/benchmarks.md). botocore's own messages can echo
+request details, so every botocore error is turned into one of ours with a message built here
+from the error code, the operation and the key only.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -24,13 +23,11 @@ from botocore.exceptions import (
     ProfileNotFound,
 )
 
-from ckpt_agent.errors import AgentError, TransientError
+from ckpt_agent.errors import TransientError
 from ckpt_agent.runtime.retry import retry
-from ckpt_agent.stores.base import Listing, RangeReader, Upload, check_listing_size, too_large, upload_in_parts
+from ckpt_agent.stores.base import Listing, RangeReader, check_listing_size, too_large
 from ckpt_agent.stores.s3common import (
-    MULTIPART_THRESHOLD,
     REQUEST_BACKOFF,
-    UPLOAD_PART_SIZE,
     EmptyReader,
     FileSlice,
     S3StoreBase,
@@ -110,13 +107,30 @@ class Boto3Store(S3StoreBase):
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("put_object", "PUT", key, Key=self._key(key), Body=data)
 
-    def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
-        upload_in_parts(self.start_upload(key, size), source, size)
+    def _put_object(self, key: str, body: FileSlice, length: int) -> None:
+        self._call("put_object", "PUT", key, Key=self._key(key), Body=body, ContentLength=length)
 
-    def start_upload(self, key: str, size: int, lengths: Sequence[int] | None = None) -> Upload:
-        if lengths is None and size < MULTIPART_THRESHOLD:
-            return _SingleUpload(self, key, size)
-        return _MultipartUpload(self, key)
+    def _create_multipart(self, key: str) -> str:
+        return self._call("create_multipart_upload", "upload", key, Key=self._key(key))["UploadId"]
+
+    def _upload_part(self, key: str, upload_id: str, number: int, body: FileSlice, length: int) -> str:
+        return self._call("upload_part", "upload part", key, Key=self._key(key), UploadId=upload_id,
+                          PartNumber=number, Body=body, ContentLength=length)["ETag"]
+
+    def _upload_part_copy(self, key: str, upload_id: str, number: int, src_key: str, start: int, length: int) -> str:
+        """botocore turns S3's 200-with-an-error answer into a ClientError."""
+        answer = self._call("upload_part_copy", "copy part", src_key, Key=self._key(key), UploadId=upload_id,
+                            PartNumber=number, CopySource={"Bucket": self.bucket, "Key": self._key(src_key)},
+                            CopySourceRange=f"bytes={start}-{start + length - 1}")
+        return answer.get("CopyPartResult", {}).get("ETag") or ""
+
+    def _complete_multipart(self, key: str, upload_id: str, etags: Sequence[tuple[int, str]]) -> None:
+        parts = [{"PartNumber": n, "ETag": e} for n, e in etags]
+        self._call("complete_multipart_upload", "complete upload", key, Key=self._key(key), UploadId=upload_id,
+                   MultipartUpload={"Parts": parts})
+
+    def _abort_multipart(self, key: str, upload_id: str) -> None:
+        self._call("abort_multipart_upload", "abort upload", key, Key=self._key(key), UploadId=upload_id)
 
     def _call(self, operation: str, action: str, key: str, **params: Any) -> Any:
         """One botocore call on this bucket; its errors become ours, named for `key`."""
@@ -164,57 +178,3 @@ class Boto3Store(S3StoreBase):
 
     def close(self) -> None:
         self._client.close()
-
-
-class _SingleUpload(Upload):
-    def __init__(self, store: Boto3Store, key: str, size: int) -> None:
-        self._store, self._key, self.part_size = store, key, max(1, size)
-
-    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
-        self._store._call("put_object", "PUT", self._key, Key=self._store._key(self._key),
-                          Body=FileSlice(source, start, length), ContentLength=length)
-
-    def complete(self) -> None:
-        """The single PUT already made the object visible."""
-
-    def abort(self) -> None:
-        """A failed PUT leaves nothing behind."""
-
-
-class _MultipartUpload(Upload):
-    """S3 multipart upload; parts may be sent from many threads at once, each streamed from disk."""
-
-    part_size = UPLOAD_PART_SIZE
-
-    def __init__(self, store: Boto3Store, key: str) -> None:
-        self._store, self._key, self._full = store, key, store._key(key)
-        created = store._call("create_multipart_upload", "upload", key, Key=self._full)
-        self._upload_id: str = created["UploadId"]
-        self._etags: dict[int, str] = {}
-
-    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
-        answer = self._store._call("upload_part", "upload part", self._key, Key=self._full,
-                                   UploadId=self._upload_id, PartNumber=index + 1,
-                                   Body=FileSlice(source, start, length), ContentLength=length)
-        self._etags[index + 1] = answer["ETag"]
-
-    def copy_part(self, index: int, src_key: str, start: int, length: int) -> None:
-        """UploadPartCopy; botocore turns S3's 200-with-an-error answer into a ClientError."""
-        answer = self._store._call("upload_part_copy", "copy part", src_key, Key=self._full,
-                                   UploadId=self._upload_id, PartNumber=index + 1,
-                                   CopySource={"Bucket": self._store.bucket, "Key": self._store._key(src_key)},
-                                   CopySourceRange=f"bytes={start}-{start + length - 1}")
-        etag = answer.get("CopyPartResult", {}).get("ETag")
-        if not etag:
-            raise TransientError(f"{self._store._where(self._key)}: copying part {index + 1} failed")
-        self._etags[index + 1] = etag
-
-    def complete(self) -> None:
-        parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._etags.items())]
-        self._store._call("complete_multipart_upload", "complete upload", self._key, Key=self._full,
-                          UploadId=self._upload_id, MultipartUpload={"Parts": parts})
-
-    def abort(self) -> None:
-        with contextlib.suppress(AgentError):
-            self._store._call("abort_multipart_upload", "abort upload", self._key, Key=self._full,
-                              UploadId=self._upload_id)

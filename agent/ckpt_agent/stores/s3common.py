@@ -2,18 +2,22 @@
 family, the retry budget of a small request, and part bodies streamed from disk.
 
 The engines differ only in how a request travels (botocore in s3boto.py, signed `http.client`
-requests in s3native.py); everything a user can see of S3 is decided here, once.
+requests in s3native.py); everything a user can see of S3 is decided here, once, uploads included:
+an engine sends the six requests an upload is made of, and the upload classes here use them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from abc import abstractmethod
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from ckpt_agent.config.spec import StoreLocation
 from ckpt_agent.errors import AgentError, IntegrityError, NotFoundError, StoreError, ThrottledError, TransientError
 from ckpt_agent.runtime.retry import Backoff
-from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.base import Store, Upload, upload_in_parts
 
 # Nominal 0.25 s x 2^n capped at 4 s over 6 attempts: a small request rides out about 3.9 s.
 REQUEST_BACKOFF = Backoff(attempts=6, base=0.25, cap=4.0)
@@ -49,6 +53,81 @@ class S3StoreBase(Store):
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
+        upload_in_parts(self.start_upload(key, size), source, size)
+
+    def start_upload(self, key: str, size: int, lengths: Sequence[int] | None = None) -> Upload:
+        if lengths is None and size < MULTIPART_THRESHOLD:
+            return _SingleUpload(self, key, size)
+        return _MultipartUpload(self, key)
+
+    # The requests an upload is made of, each engine's own way; keys are relative to the store.
+
+    @abstractmethod
+    def _put_object(self, key: str, body: FileSlice, length: int) -> None: ...
+
+    @abstractmethod
+    def _create_multipart(self, key: str) -> str:
+        """The new upload's id."""
+
+    @abstractmethod
+    def _upload_part(self, key: str, upload_id: str, number: int, body: FileSlice, length: int) -> str:
+        """The part's ETag."""
+
+    @abstractmethod
+    def _upload_part_copy(self, key: str, upload_id: str, number: int, src_key: str, start: int, length: int) -> str:
+        """The copied part's ETag; "" when S3 answered without one (a 200 with an error in the body)."""
+
+    @abstractmethod
+    def _complete_multipart(self, key: str, upload_id: str, etags: Sequence[tuple[int, str]]) -> None: ...
+
+    @abstractmethod
+    def _abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+
+class _SingleUpload(Upload):
+    def __init__(self, store: S3StoreBase, key: str, size: int) -> None:
+        self._store, self._key, self.part_size = store, key, max(1, size)
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        self._store._put_object(self._key, FileSlice(source, start, length), length)
+
+    def complete(self) -> None:
+        """The single PUT already made the object visible."""
+
+    def abort(self) -> None:
+        """A failed PUT leaves nothing behind."""
+
+
+class _MultipartUpload(Upload):
+    """S3 multipart upload; parts may be sent from many threads at once, each streamed from disk."""
+
+    part_size = UPLOAD_PART_SIZE
+
+    def __init__(self, store: S3StoreBase, key: str) -> None:
+        self._store, self._key = store, key
+        self._upload_id = store._create_multipart(key)
+        self._etags: dict[int, str] = {}
+
+    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
+        body = FileSlice(source, start, length)
+        self._etags[index + 1] = self._store._upload_part(self._key, self._upload_id, index + 1, body, length)
+
+    def copy_part(self, index: int, src_key: str, start: int, length: int) -> None:
+        """UploadPartCopy: only an answer with an ETag counts; the bytes themselves are S3's to copy
+        (the caller checked the source's size)."""
+        etag = self._store._upload_part_copy(self._key, self._upload_id, index + 1, src_key, start, length)
+        if not etag:
+            raise TransientError(f"{self._store._where(self._key)}: copying part {index + 1} failed")
+        self._etags[index + 1] = etag
+
+    def complete(self) -> None:
+        self._store._complete_multipart(self._key, self._upload_id, sorted(self._etags.items()))
+
+    def abort(self) -> None:
+        with contextlib.suppress(AgentError):
+            self._store._abort_multipart(self._key, self._upload_id)
 
 
 def store_error(code: str, status: int, where: str, action: str, bucket: str) -> AgentError:

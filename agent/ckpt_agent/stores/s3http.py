@@ -1,9 +1,9 @@
 """The native S3 engine's transport: SigV4-signed requests over per-thread keep-alive
 `http.client` connections (the store on top of it is s3native.py).
 
-botocore spends milliseconds of CPU per request in its event machinery and copies every body
-through urllib3; on a 2-core node that shares its CPU with the network stack, that halves
-throughput. Here a request is one signature and one `readinto` straight from the socket into
+botocore spends CPU per request in its event machinery and copies every body through urllib3;
+on a small node that shares its CPU with the network stack, that costs throughput (the engines
+compared: docs/benchmarks.md). Here a request is one signature and one `readinto` straight from the socket into
 our buffer. The AWS environment (credentials, region, endpoint, proxies) is read in awsenv.py.
 """
 

@@ -8,14 +8,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping, Sequence
-from typing import BinaryIO
+from collections.abc import Mapping, Sequence
 
-from ckpt_agent.errors import AgentError, NotFoundError, TransientError
-from ckpt_agent.stores.base import Listing, RangeReader, Upload, check_listing_size, upload_in_parts
+from ckpt_agent.errors import NotFoundError, TransientError
+from ckpt_agent.stores.base import Listing, RangeReader, check_listing_size
 from ckpt_agent.stores.s3common import (
-    MULTIPART_THRESHOLD,
-    UPLOAD_PART_SIZE,
     EmptyReader,
     FileSlice,
     S3StoreBase,
@@ -29,66 +26,6 @@ _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 def _text(element: ET.Element, tag: str) -> str:
     found = element.find(_NS + tag)
     return found.text or "" if found is not None else ""
-
-
-class _SingleUpload(Upload):
-    def __init__(self, http: S3Http, key: str, size: int) -> None:
-        self._http, self._key, self.part_size = http, key, max(1, size)
-
-    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
-        self._http.call("PUT", self._key, "PUT", body=FileSlice(source, start, length), length=length)
-
-    def complete(self) -> None:
-        """The single PUT already made the object visible."""
-
-    def abort(self) -> None:
-        """A failed PUT leaves nothing behind."""
-
-
-class _MultipartUpload(Upload):
-    """S3 multipart upload; parts may be sent from many threads at once."""
-
-    part_size = UPLOAD_PART_SIZE
-
-    def __init__(self, http: S3Http, key: str, copy_source: Callable[[str], str]) -> None:
-        self._http, self._key, self._copy_source = http, key, copy_source
-        created = ET.fromstring(http.call("POST", key, "upload", params={"uploads": ""}))
-        self._upload_id = _text(created, "UploadId")
-        self._etags: dict[int, str] = {}
-
-    def put_part(self, index: int, source: BinaryIO, start: int, length: int) -> None:
-        params = {"partNumber": str(index + 1), "uploadId": self._upload_id}
-        _, etag = self._http.call_with_etag("PUT", self._key, "upload part", params=params,
-                                            body=FileSlice(source, start, length), length=length)
-        self._etags[index + 1] = etag
-
-    def copy_part(self, index: int, src_key: str, start: int, length: int) -> None:
-        """UploadPartCopy. S3 may answer 200 with an error in the body: only a CopyPartResult with
-        an ETag counts; the bytes themselves are S3's to copy (the caller checked the source's size)."""
-        params = {"partNumber": str(index + 1), "uploadId": self._upload_id}
-        headers = {"x-amz-copy-source": self._copy_source(src_key),
-                   "x-amz-copy-source-range": f"bytes={start}-{start + length - 1}"}
-        answer = self._http.call("PUT", self._key, "copy part", params=params, headers=headers, body=b"")
-        try:  # with S3's namespace or (SeaweedFS) without
-            etag = next((e.text or "" for e in ET.fromstring(answer).iter() if e.tag.rpartition("}")[2] == "ETag"), "")
-        except ET.ParseError:
-            etag = ""
-        if not etag:
-            raise TransientError(f"{self._http.where(self._key)}: copying part {index + 1} failed")
-        self._etags[index + 1] = etag
-
-    def complete(self) -> None:
-        parts = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>"
-                        for n, e in sorted(self._etags.items()))
-        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
-        answer = self._http.call("POST", self._key, "complete upload", params={"uploadId": self._upload_id},
-                                 body=body)
-        if b"<Error>" in answer:
-            raise TransientError(f"{self._http.where(self._key)}: completing the upload failed")
-
-    def abort(self) -> None:
-        with contextlib.suppress(AgentError):
-            self._http.call("DELETE", self._key, "abort upload", params={"uploadId": self._upload_id})
 
 
 class NativeS3Store(S3StoreBase):
@@ -131,13 +68,38 @@ class NativeS3Store(S3StoreBase):
         return self._http.request("GET", self._key(key), "GET",
                                   headers={"range": f"bytes={start}-{start + length - 1}"})
 
-    def upload_file(self, key: str, source: BinaryIO, size: int) -> None:
-        upload_in_parts(self.start_upload(key, size), source, size)
+    def _put_object(self, key: str, body: FileSlice, length: int) -> None:
+        self._http.call("PUT", self._key(key), "PUT", body=body, length=length)
 
-    def start_upload(self, key: str, size: int, lengths: Sequence[int] | None = None) -> Upload:
-        if lengths is None and size < MULTIPART_THRESHOLD:
-            return _SingleUpload(self._http, self._key(key), size)
-        return _MultipartUpload(self._http, self._key(key), self._copy_source)
+    def _create_multipart(self, key: str) -> str:
+        return _text(ET.fromstring(self._http.call("POST", self._key(key), "upload", params={"uploads": ""})),
+                     "UploadId")
+
+    def _upload_part(self, key: str, upload_id: str, number: int, body: FileSlice, length: int) -> str:
+        params = {"partNumber": str(number), "uploadId": upload_id}
+        _, etag = self._http.call_with_etag("PUT", self._key(key), "upload part", params=params, body=body,
+                                            length=length)
+        return etag
+
+    def _upload_part_copy(self, key: str, upload_id: str, number: int, src_key: str, start: int, length: int) -> str:
+        params = {"partNumber": str(number), "uploadId": upload_id}
+        headers = {"x-amz-copy-source": self._copy_source(src_key),
+                   "x-amz-copy-source-range": f"bytes={start}-{start + length - 1}"}
+        answer = self._http.call("PUT", self._key(key), "copy part", params=params, headers=headers, body=b"")
+        try:  # with S3's namespace or (SeaweedFS) without
+            return next((e.text or "" for e in ET.fromstring(answer).iter() if e.tag.rpartition("}")[2] == "ETag"), "")
+        except ET.ParseError:
+            return ""
+
+    def _complete_multipart(self, key: str, upload_id: str, etags: Sequence[tuple[int, str]]) -> None:
+        parts = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>" for n, e in etags)
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        answer = self._http.call("POST", self._key(key), "complete upload", params={"uploadId": upload_id}, body=body)
+        if b"<Error>" in answer:
+            raise TransientError(f"{self._where(key)}: completing the upload failed")
+
+    def _abort_multipart(self, key: str, upload_id: str) -> None:
+        self._http.call("DELETE", self._key(key), "abort upload", params={"uploadId": upload_id})
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(NotFoundError):

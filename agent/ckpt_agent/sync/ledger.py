@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 
 from ckpt_agent.errors import AgentError
-from ckpt_agent.load.resolve import committed_checkpoints, read_manifest
 from ckpt_agent.report import Reporter
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.catalog import committed_checkpoints, read_manifest
 from ckpt_agent.stores.manifest import FILE_KIND, Manifest, natural_key
 from ckpt_agent.sync.formats import shape
 from ckpt_agent.upload.commit import CheckpointId

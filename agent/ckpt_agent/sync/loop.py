@@ -28,12 +28,12 @@ from ckpt_agent.errors import (
     TransientError,
     UnsafeEntry,
 )
-from ckpt_agent.load.resolve import read_job
 from ckpt_agent.report import Reporter, human_bytes
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.ratelimit import limiter
 from ckpt_agent.runtime.retry import Backoff, retry
 from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.catalog import read_job
 from ckpt_agent.sync import observe
 from ckpt_agent.sync.formats import Candidate, classify
 from ckpt_agent.sync.ledger import REWRITTEN, Ledger

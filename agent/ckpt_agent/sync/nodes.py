@@ -12,17 +12,16 @@ replaces the record.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Mapping
 
 from ckpt_agent.config.sidecar import SyncOptions
 from ckpt_agent.errors import AgentError, StoreError
-from ckpt_agent.load.resolve import rank_commits, valid_names
-from ckpt_agent.report import Reporter
+from ckpt_agent.report import Reporter, utc_now
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
-from ckpt_agent.stores.manifest import natural_key, utc_now
+from ckpt_agent.stores.catalog import rank_commits, valid_names
+from ckpt_agent.stores.manifest import leader_stopped_record, natural_key, nothing_here_record
 from ckpt_agent.sync.formats import shape
 from ckpt_agent.sync.retention import retain
 from ckpt_agent.upload.commit import CheckpointId
@@ -51,7 +50,7 @@ def leader_mark(store: Store, ident: CheckpointId, stopped: bool) -> None:
         store.delete(key)
         return
     with contextlib.suppress(AgentError):
-        store.write_bytes(key, json.dumps({"job_id": ident.job_id, "stopped_at": utc_now()}).encode())
+        store.write_bytes(key, leader_stopped_record(ident.job_id, utc_now()).encode())
 
 
 class Nodes:
@@ -136,8 +135,8 @@ class Nodes:
 
     def _record(self, name: str) -> None:
         ident = self.ident
-        body = {"job_id": ident.job_id, "checkpoint_name": name, "rank": ident.rank, "recorded_at": utc_now()}
-        self.store.write_bytes(layout.nothing_key(ident.job_id, name, ident.rank), json.dumps(body).encode())
+        body = nothing_here_record(ident.job_id, name, ident.rank, utc_now())
+        self.store.write_bytes(layout.nothing_key(ident.job_id, name, ident.rank), body.encode())
         self._settled.add(name)
         self._records.add(name)
         self._absent.pop(name, None)

@@ -1,7 +1,7 @@
 """--keep-last: which of the job's complete checkpoints go, and deleting every node's data of them safely.
 
 Only checkpoints complete for the job count (every node committed them: the leader's manifest, each
-other node's manifest or "nothing here" record), in latest order (ckpt_agent.load.resolve), the order
+other node's manifest or "nothing here" record), in latest order (ckpt_agent.stores.catalog), the order
 a load picks "latest" by: so the checkpoints deleted are never the ones a resume would choose, and a
 checkpoint some node has not committed yet is neither counted nor deleted. Every node runs this after
 each of its commits; deleting what another node already deleted is not an error.
@@ -10,10 +10,10 @@ each of its commits; deleting what another node already deleted is not an error.
 from __future__ import annotations
 
 from ckpt_agent.errors import AgentError
-from ckpt_agent.load.resolve import list_checkpoints, rank_commits
 from ckpt_agent.report import Reporter
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
+from ckpt_agent.stores.catalog import list_checkpoints, rank_commits
 
 
 def beyond_keep(complete_newest_first: list[str], just_committed: str, keep_last: int) -> list[str]:

@@ -9,7 +9,6 @@ never blocking on a FIFO.
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 import threading
@@ -26,14 +25,14 @@ from ckpt_agent.errors import (
     StoreError,
     ThrottledError,
 )
-from ckpt_agent.load.resolve import read_job
-from ckpt_agent.load.transfer import Progress
+from ckpt_agent.report import Progress, utc_now
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
 from ckpt_agent.runtime.ratelimit import NO_LIMITS, Limiter
 from ckpt_agent.runtime.retry import Backoff, retry
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store, upload_in_parts
+from ckpt_agent.stores.catalog import read_job
 from ckpt_agent.stores.manifest import (
     DEFAULT_PART_SIZE,
     FILE_KIND,
@@ -42,7 +41,6 @@ from ckpt_agent.stores.manifest import (
     JobRecord,
     Manifest,
     PackEntry,
-    utc_now,
 )
 from ckpt_agent.upload.dedup import Segment
 from ckpt_agent.upload.incremental import Reuse, Transferred, plan_reuse
@@ -149,8 +147,7 @@ def ensure_job(store: Store, ident: CheckpointId) -> None:
         try:
             store.read_bytes(key, limit=layout.MAX_RECORD_BYTES)
         except NotFoundError:
-            entry = json.dumps({"job_id": ident.job_id, "created_at": job.created_at})
-            store.write_bytes(key, entry.encode())
+            store.write_bytes(key, job.index_entry().encode())
 
 
 def _copies_server_side(store: Store) -> bool:

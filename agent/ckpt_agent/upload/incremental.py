@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ckpt_agent.errors import AgentError
-from ckpt_agent.load.resolve import committed_checkpoints
 from ckpt_agent.report import human_bytes
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import MAX_COPY, Store
+from ckpt_agent.stores.catalog import committed_checkpoints
 from ckpt_agent.stores.manifest import FileEntry, Manifest
 from ckpt_agent.upload.dedup import PartIndex, Segment, index_parts, plan_segments, same_file
 
