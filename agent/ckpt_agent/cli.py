@@ -231,7 +231,7 @@ def _save_parser(sub: Subparsers) -> None:
     save.add_argument("--job-id", help="job id (env BT_TRAINING_JOB_ID)")
     save.add_argument("--name", help="checkpoint name (default: the folder's name)")
     save.add_argument("--rank", type=int, help="node rank (env BT_NODE_RANK, default 0)")
-    save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_NUM_NODES, default 1)")
+    save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_GROUP_SIZE, default 1)")
     save.set_defaults(func=_save)
 
 

@@ -46,7 +46,8 @@ def open_sidecar(ctx: Context) -> Sidecar:
         raise ConfigError("BT_TRAINING_JOB_ID: required to upload checkpoints "
                           "(`ckpt-agent sync`, or `run` with BT_CHECKPOINTING_ENABLED=1); set it to this job's id")
     if settings.node_rank >= settings.num_nodes:
-        raise ConfigError(f"BT_NODE_RANK={settings.node_rank}: must be below BT_NUM_NODES={settings.num_nodes}")
+        raise ConfigError(f"BT_NODE_RANK={settings.node_rank}: must be below the node count "
+                          f"BT_GROUP_SIZE={settings.num_nodes}")
     ident = CheckpointId(settings.project_name, job_id, "", settings.node_rank, settings.num_nodes)
     return Sidecar(open_store(settings.store_config), ident, ctx.sync, settings.workers, ctx.reporter,
                    max_rate=settings.max_rate)

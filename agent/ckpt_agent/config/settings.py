@@ -17,6 +17,7 @@ from ckpt_agent.config import names
 from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection, load_own_rank
 from ckpt_agent.config.sidecar import (
     DEFAULT_GRACE_SECONDS,
+    DEFAULT_NOTHING_HERE_SECONDS,
     DEFAULT_POLL_SECONDS,
     DEFAULT_QUIET_SECONDS,
     Rules,
@@ -111,6 +112,20 @@ def env_flag(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name}: expected 1 or 0, got {raw!r}")
 
 
+NODE_COUNT_VAR = "BT_GROUP_SIZE"  # what the platform sets on every node of a multi-node job
+NODE_COUNT_ALIAS = "BT_NUM_NODES"  # what earlier agents read; still honoured
+
+
+def node_count(env: Mapping[str, str]) -> int:
+    """BT_GROUP_SIZE, or its alias BT_NUM_NODES; both set to different counts is an error, not a guess
+    (the count decides when a checkpoint is complete for the whole job)."""
+    size, alias = _int(env, NODE_COUNT_VAR, 0, 1), _int(env, NODE_COUNT_ALIAS, 0, 1)
+    if size and alias and size != alias:
+        raise ConfigError(f"{NODE_COUNT_VAR}={size} and {NODE_COUNT_ALIAS}={alias} disagree on the node count; "
+                          f"unset {NODE_COUNT_ALIAS} (the platform sets {NODE_COUNT_VAR})")
+    return size or alias or 1
+
+
 def log_format(env: Mapping[str, str]) -> str:
     """BT_LOG_FORMAT, read before everything else so that every later error comes out in it."""
     raw = env.get("BT_LOG_FORMAT")
@@ -151,7 +166,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         project_name=check_name(project, "BT_TRAINING_PROJECT_NAME", nullable=True),
         job_id=check_name(job_id, "BT_TRAINING_JOB_ID", nullable=True),
         node_rank=_int(env, "BT_NODE_RANK", 0, 0),
-        num_nodes=_int(env, "BT_NUM_NODES", 1, 1),
+        num_nodes=node_count(env),
         required=env_flag(env, "BT_LOAD_CHECKPOINT_REQUIRED"),
         start_commands=parse_start_commands(env.get("BT_START_COMMANDS")),
         workers=workers or _int(env, "CKPT_AGENT_WORKERS", default_workers(), 1),
@@ -285,4 +300,5 @@ def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: 
         _seconds(grace_seconds, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS),
         _keep_last(keep_last, env),
         Rules(_markers(complete_file, env), bool(commit_on_quiet) or env_flag(env, "CKPT_AGENT_COMMIT_ON_QUIET")),
+        _seconds(None, "", env, "CKPT_AGENT_NOTHING_HERE_SECONDS", DEFAULT_NOTHING_HERE_SECONDS),
     )

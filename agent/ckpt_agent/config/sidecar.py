@@ -12,6 +12,11 @@ from pathlib import Path
 DEFAULT_QUIET_SECONDS = 5.0
 DEFAULT_POLL_SECONDS = 2.0
 DEFAULT_GRACE_SECONDS = 25.0
+# Node r > 0 of a multi-node job: how long a checkpoint the leader committed may stay absent here
+# before this node records that it has nothing of it (docs/sidecar.md, multi-node column). Long
+# against any collective save's spread between nodes; the trainer's exit, or a later checkpoint of
+# the same shape on this node, settle it at once.
+DEFAULT_NOTHING_HERE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class SyncOptions:
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     keep_last: int | None = None
     rules: Rules = Rules()
+    nothing_here_seconds: float = DEFAULT_NOTHING_HERE_SECONDS
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,36 @@
 """References -> manifests: reads the store (through ckpt_agent.stores.catalog), never writes.
 
-"Latest" means the newest checkpoint that every rank of its job has committed, so that all
-nodes of a multi-node job resume from the same step; order is the rank-0 manifest's
-committed_at, ties broken by the natural order of names. Of a multi-node checkpoint a node reads
-the manifests of the ranks ckpt_agent.load.merge.NodeChoice names (by default every node's).
+"Latest" means the newest checkpoint that every node of its job has committed, so that all
+nodes of a multi-node job resume from the same step: the leader (rank 0) with its manifest, each
+other node with its manifest or with a "nothing here" record (it had no files of that
+checkpoint, docs/sidecar.md). Order is the rank-0 manifest's committed_at, ties broken by the
+natural order of names. Of a multi-node checkpoint a node reads the manifests of the ranks
+ckpt_agent.load.merge.NodeChoice names (by default every node's; a "nothing here" record counts
+as a manifest without files).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ckpt_agent.config.spec import LatestRef, NamedRef, Reference
 from ckpt_agent.errors import ConfigError, NotFoundError
 from ckpt_agent.load.merge import EVERY_NODE, Merged, NodeChoice, merge, single
 from ckpt_agent.runtime.pool import map_tasks
+from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.catalog import (
+    RankCommits,
     Warn,
     committed_checkpoints,
-    committed_ranks,
     project_jobs,
+    rank_commits,
     read_job,
     read_manifest,
 )
-from ckpt_agent.stores.manifest import JobRecord, Manifest
+from ckpt_agent.stores.manifest import FOLDER_KIND, JobRecord, Manifest
 
 
 @dataclass(frozen=True)
@@ -50,16 +56,27 @@ class Resolution:
     warnings: tuple[str, ...]
 
 
+def nothing_here(leader: Manifest, rank: int) -> Manifest:
+    """Node `rank`'s part of a checkpoint it recorded "nothing here" for: no files, the leader's
+    identity and commit time."""
+    return replace(leader, rank=rank, files=(), packs=(), kind=FOLDER_KIND, extra={}, source=b"")
+
+
 Found = tuple[Manifest, Merged | None]  # this node's manifest, and the merge when it loads other nodes' too
 
 
 def _for_node(store: Store, job: JobRecord, name: str, rank: int, nodes: NodeChoice, warn: Warn,
-              have: Manifest | None = None) -> Found:
-    """The manifests of checkpoint `name` that node `rank` loads (`have`: one already read). A rank
-    that `nodes` names but that has not committed is a NotFoundError when it is this node's own
-    rank (or every rank), else a warning: the other nodes' files still load."""
+              have: Manifest | None = None, commits: RankCommits | None = None) -> Found:
+    """The manifests of checkpoint `name` that node `rank` loads (`have`: one already read;
+    `commits`: the checkpoint's listing, if already made). A rank that `nodes` names but that has
+    not committed is a NotFoundError when it is this node's own rank (or every rank), else a
+    warning: the other nodes' files still load. A "nothing here" record is a manifest without files."""
     wanted = nodes.ranks(job.num_nodes, rank)
-    present = set(committed_ranks(store, job.job_id, name)) if len(wanted) > 1 else set(wanted)
+    if len(wanted) == 1:
+        present = set(wanted)
+    else:
+        commits = commits or rank_commits(store, job.job_id, name)
+        present = set(commits.manifests) | set(commits.nothing)
     loadable = sorted(r for r in present if r in wanted)
     if (rank in wanted and rank not in present) or not loadable:
         raise NotFoundError(f"checkpoint {name} of job {job.job_id} is missing or not committed for rank "
@@ -69,29 +86,33 @@ def _for_node(store: Store, job: JobRecord, name: str, rank: int, nodes: NodeCho
         warn(f"checkpoint {name} of job {job.job_id}: {len(wanted) - len(loadable)} of its {job.num_nodes} "
              f"nodes have not committed it (rank {first}); loading the files of the others")
 
+    @functools.cache
     def read(r: int) -> Manifest:
         if have is not None and have.rank == r:
             return have
         try:
             return read_manifest(store, job.job_id, name, r)
         except NotFoundError:
-            raise NotFoundError(f"checkpoint {name} of job {job.job_id} is missing or not committed for "
-                                f"rank {r}") from None
+            if r == 0 or not store.exists(layout.nothing_key(job.job_id, name, r)):
+                raise NotFoundError(f"checkpoint {name} of job {job.job_id} is missing or not committed for "
+                                    f"rank {r}") from None
+        return nothing_here(read(0), r)
 
     if len(wanted) == 1:
         return read(wanted[0]), None
-    manifests = tuple(map_tasks(read, loadable))
-    merged = merge(manifests, rank)
+    merged = merge(tuple(map_tasks(read, loadable)), rank)
     return merged.primary, merged
 
 
 def _latest_of_job(store: Store, job: JobRecord, rank: int, nodes: NodeChoice, warn: Warn) -> Found | None:
-    """In rank 0's latest order, the first checkpoint every rank has committed."""
+    """In rank 0's latest order, the first checkpoint every node has committed (RankCommits.covers)."""
     for manifest in committed_checkpoints(store, job.job_id, 0, warn):
+        if job.num_nodes == 1:
+            return manifest, None
         name = manifest.checkpoint_name
-        ranks = committed_ranks(store, job.job_id, name) if job.num_nodes > 1 else (0,)
-        if all(r in ranks for r in range(job.num_nodes)):
-            return _for_node(store, job, name, rank, nodes, warn, have=manifest)
+        commits = rank_commits(store, job.job_id, name)
+        if commits.covers(job.num_nodes):
+            return _for_node(store, job, name, rank, nodes, warn, have=manifest, commits=commits)
     return None
 
 
