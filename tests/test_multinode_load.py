@@ -20,6 +20,9 @@ import pytest
 
 from bench.seaweed import SeaweedServer
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
+from ckpt_agent.report import utc_now
+from ckpt_agent.stores import layout
+from ckpt_agent.stores.manifest import nothing_here_record
 from ckpt_agent.stores.s3boto import Boto3Store
 from ckpt_agent.upload.commit import CheckpointId
 from tests.support.faultproxy import FaultProxy
@@ -29,6 +32,7 @@ from tests.support.helpers import (
     clean_env,
     commit_files,
     payload,
+    put_object,
     run_agent,
     save,
     start_agent,
@@ -157,6 +161,28 @@ def test_a_one_node_job_gets_every_nodes_files_to_reshard(nodes, load_ranks):
     result = nodes.load(0, dl, CKPT_AGENT_LOAD_RANKS=load_ranks)  # no BT_NUM_NODES: a 1-node job
     assert result.returncode == 0, result.stderr
     assert on_disk(dl / "rank-0" / NAME) == {**LEADER, **NODE1}
+
+
+def test_a_single_file_only_the_leader_saved_is_what_latest_local_checkpoint_gives_node_1(nodes):
+    """torch.save under `if rank == 0`: node 1 records that it has nothing of ckpt-5.pt; its load
+    places the leader's file, and the trainer on node 1 gets the file, not the folder."""
+    weights = payload(5000, "leader-only")
+    src = nodes.tmp / "node-0" / "ckpts"
+    src.mkdir(parents=True)
+    (src / "ckpt-5.pt").write_bytes(weights)
+    env = clean_env(**nodes.server.env(), BT_CHECKPOINT_STORE=f"s3://{nodes.server.bucket}/{nodes.prefix}",
+                    BT_NODE_RANK="0")
+    save(env, src / "ckpt-5.pt", JOB, "ckpt-5.pt", "proj", "--num-nodes", "2")
+    put_object(nodes.server, nodes.prefix, layout.nothing_key(JOB, "ckpt-5.pt", 1),
+               nothing_here_record(JOB, "ckpt-5.pt", 1, utc_now()).encode())
+    dl = nodes.tmp / "node-1" / "dl"
+    result = nodes.load(1, dl)
+    assert result.returncode == 0, result.stderr
+    assert on_disk(dl / "rank-1" / "ckpt-5.pt") == {"ckpt-5.pt": weights}
+    assert latest_local(dl, 1) == str(dl / "rank-1" / "ckpt-5.pt" / "ckpt-5.pt")
+    nodes_record = {n["rank"]: (n["files"], n["bytes"]) for n in record(dl, 1)["checkpoints"][0]["nodes"]}
+    assert nodes_record == {0: (1, len(weights)), 1: (0, 0)}
+    assert run_agent(["verify", str(dl)], clean_env()).returncode == 0
 
 
 def test_two_nodes_paths_that_collide_after_casefold_are_refused_and_training_never_starts(nodes):

@@ -53,18 +53,18 @@ def test_dcp_state_sharded_over_two_nodes_resumes_bit_exact_on_two_nodes_and_res
 
 def test_hf_trainer_ddp_on_two_nodes_resumes_from_the_merged_folder_to_the_weights_of_an_unbroken_run(
         s3_env, s3_prefix, tmp_path, procs):
-    """The leader's checkpoint-10/ holds the weights, optimizer and trainer_state.json, node 1's only
+    """The leader's checkpoint-5/ holds the weights, optimizer and trainer_state.json, node 1's only
     rng_state_1.pth: node 1 resumes only because it loads the leader's files too."""
     store = s3_store(s3_env, s3_prefix)
-    unbroken = launch(procs, tmp_path, store, "job-1", "hf_trainer.py", "--steps", 20, "--every", 10, env=FAST)
+    unbroken = launch(procs, tmp_path, store, "job-1", "hf_trainer.py", "--steps", 10, "--every", 5, env=FAST)
     assert unbroken.wait() == [0, 0], unbroken.text()
-    assert committed_by_all(store, "job-1", "checkpoint-10", 2), unbroken.text()
+    assert committed_by_all(store, "job-1", "checkpoint-5", 2), unbroken.text()
 
-    resumed = launch(procs, tmp_path, store, "job-2", "hf_trainer.py", "--steps", 20, "--every", 10,
-                     "--resume", "agent", load=[named("checkpoint-10", "job-1")], env=FAST)
+    resumed = launch(procs, tmp_path, store, "job-2", "hf_trainer.py", "--steps", 10, "--every", 5,
+                     "--resume", "agent", load=[named("checkpoint-5", "job-1")], env=FAST)
     assert resumed.wait() == [0, 0], resumed.text()
-    assert all("RESUMING checkpoint-10" in n.text() for n in resumed.nodes), resumed.text()
-    node_1 = resumed.nodes[1].loaded / "rank-1" / "checkpoint-10"
+    assert all("RESUMING checkpoint-5" in n.text() for n in resumed.nodes), resumed.text()
+    node_1 = resumed.nodes[1].loaded / "rank-1" / "checkpoint-5"
     assert {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in node_1.iterdir()}
-    assert [n.result()["step"] for n in resumed.nodes] == [20, 20]
+    assert [n.result()["step"] for n in resumed.nodes] == [10, 10]
     assert weights(resumed) == weights(unbroken)

@@ -60,7 +60,9 @@ def main() -> None:
         return f"step-{step}"
 
     step = common.run_loop(args, state.step, train_step, save)
-    common.finish(args, step, {**model.state_dict(), "table": table.to_local()})
+    first = rank * (ROWS // world)  # Shard(0): this node's rows of the table, by their index in the whole
+    common.finish(args, step, {**model.state_dict(),
+                               **{f"table.row{first + i}": row for i, row in enumerate(table.to_local())}})
 
 
 if __name__ == "__main__":
