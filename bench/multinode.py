@@ -78,7 +78,7 @@ def resume(relay: Relay, base: dict[str, str], top: Path, shape: str, scenario: 
     nodes = []
     for rank in (0, 1):
         dl = top / "resume" / shape / scenario / f"node-{rank}"
-        env = {**base, "BT_NODE_RANK": str(rank), "BT_GROUP_SIZE": "2", "BT_NUM_NODES": "2",
+        env = {**base, "BT_NODE_RANK": str(rank), "BT_GROUP_SIZE": "2",
                "BT_CHECKPOINT_DIR": str(top / "trainers" / shape / f"node-{rank}" if scenario == "same nodes"
                                         else top / "no-trainer-folder"),
                "BT_LOAD_CHECKPOINT_CONFIG": json.dumps({"enabled": True, "download_folder": str(dl), "checkpoints": [

@@ -142,7 +142,7 @@ def test_load_ranks_own_gives_each_node_only_its_own_files(nodes):
     nodes.save(1, NODE1)
     for rank, files in ((0, LEADER), (1, NODE1)):
         dl = nodes.tmp / f"node-{rank}" / "dl"
-        result = nodes.load(rank, dl, CKPT_AGENT_LOAD_RANKS="own", BT_NUM_NODES="2")
+        result = nodes.load(rank, dl, CKPT_AGENT_LOAD_RANKS="own", BT_GROUP_SIZE="2")
         assert result.returncode == 0, result.stderr
         assert f"(rank {rank}): {len(files)} files" in result.stderr
         assert on_disk(dl / f"rank-{rank}" / NAME) == files
@@ -158,7 +158,7 @@ def test_a_one_node_job_gets_every_nodes_files_to_reshard(nodes, load_ranks):
     nodes.save(0, LEADER)
     nodes.save(1, NODE1)
     dl = nodes.tmp / "one-node" / "dl"
-    result = nodes.load(0, dl, CKPT_AGENT_LOAD_RANKS=load_ranks)  # no BT_NUM_NODES: a 1-node job
+    result = nodes.load(0, dl, CKPT_AGENT_LOAD_RANKS=load_ranks)  # no BT_GROUP_SIZE: a 1-node job
     assert result.returncode == 0, result.stderr
     assert on_disk(dl / "rank-0" / NAME) == {**LEADER, **NODE1}
 
