@@ -190,7 +190,7 @@ def test_two_nodes_paths_that_collide_after_casefold_are_refused_and_training_ne
     nodes.save(1, {"model.bin": b"node 1"})
     dl, marker = nodes.tmp / "dl", nodes.tmp / "trained"
     result = run_agent(["run", "--", "touch", str(marker)], nodes.env(1, dl))
-    assert_one_line_failure(result, 5, "'Model.bin' and 'model.bin'", "case-insensitive", "ranks 0, 1")
+    assert_one_line_failure(result, 5, "'model.bin' and 'Model.bin'", "case-insensitive", "ranks 0, 1")
     assert not marker.exists() and not dl.exists()
 
 

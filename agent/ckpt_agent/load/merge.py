@@ -123,7 +123,7 @@ def merge(manifests: tuple[Manifest, ...], own_rank: int) -> Merged:
                 chosen[entry.path] = Placed(m, entry)
             elif not _same_bytes(held.entry, entry):
                 differing.setdefault(entry.path, []).append(m.rank)
-    files = tuple(sorted(chosen.values(), key=lambda p: p.entry.path))
+    files = tuple(chosen.values())  # each manifest's order, this node's first: one manifest loads as before
     if len(by_rank) > 1:
         first = by_rank[0]
         check_collisions([p.entry.path for p in files],

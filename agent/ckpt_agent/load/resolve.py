@@ -44,7 +44,7 @@ class Resolved:
     def key(self) -> tuple[str, str]:
         return (self.manifest.job_id, self.manifest.checkpoint_name)
 
-    @property
+    @functools.cached_property
     def checkpoint(self) -> Merged:
         """What this node places: the merge, or its one manifest."""
         return self.merged or single(self.manifest)
