@@ -380,7 +380,7 @@ def test_settings_read_every_variable():
         "BT_TRAINING_PROJECT_NAME": "proj",
         "BT_TRAINING_JOB_ID": "job1",
         "BT_NODE_RANK": "3",
-        "BT_NUM_NODES": "4",
+        "BT_GROUP_SIZE": "4",
         "BT_LOAD_CHECKPOINT_REQUIRED": "1",
         "BT_START_COMMANDS": '["echo hi"]',
         "CKPT_AGENT_WORKERS": "5",
@@ -411,9 +411,21 @@ def test_settings_bad_node_rank_is_refused_naming_the_variable(value):
         settings_from_env({"BT_NODE_RANK": value})
 
 
-def test_settings_zero_num_nodes_is_refused_naming_the_variable():
-    with pytest.raises(ConfigError, match="^BT_NUM_NODES: "):
-        settings_from_env({"BT_NUM_NODES": "0"})
+@pytest.mark.parametrize("var", ["BT_GROUP_SIZE", "BT_NUM_NODES"])
+def test_settings_zero_node_count_is_refused_naming_the_variable(var):
+    with pytest.raises(ConfigError, match=f"^{var}: "):
+        settings_from_env({var: "0"})
+
+
+@pytest.mark.parametrize("env", [{"BT_NUM_NODES": "2"}, {"BT_GROUP_SIZE": "2"},
+                                 {"BT_GROUP_SIZE": "2", "BT_NUM_NODES": "2"}])
+def test_settings_node_count_is_bt_group_size_with_bt_num_nodes_as_its_alias(env):
+    assert settings_from_env(env).num_nodes == 2
+
+
+def test_settings_node_counts_that_disagree_are_refused_naming_both_variables():
+    with pytest.raises(ConfigError, match="^BT_GROUP_SIZE=2 and BT_NUM_NODES=1 disagree"):
+        settings_from_env({"BT_GROUP_SIZE": "2", "BT_NUM_NODES": "1"})
 
 
 def test_settings_project_name_with_a_slash_is_refused_naming_the_variable():

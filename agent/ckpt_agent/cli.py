@@ -2,7 +2,7 @@
 
 Each command's flags become its options dataclass here, the environment becomes a Context
 (ckpt_agent.commands) through the parsers of ckpt_agent.config.settings (the sidecar's options, flags
-over variables, included), and every AgentError is caught once and printed as one line; its class
+over variables, when a command needs them), and every AgentError is caught once and printed as one line; its class
 picks the exit code. (Training code's ckpt_agent.latest_local_checkpoint reads os.environ for itself.)
 """
 
@@ -13,19 +13,18 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ckpt_agent.commands.context import Context
-from ckpt_agent.commands.sync import SyncFlags
 from ckpt_agent.config.settings import (
     debug,
     load_spec,
     log_format,
     selection_from_env,
     settings_from_env,
-    sync_options,
 )
+from ckpt_agent.config.sidecar import SyncFlags
 from ckpt_agent.config.spec import check_name, parse_s3_prefix
 from ckpt_agent.errors import EXIT_INTERNAL, EXIT_SIGINT, AgentError, ConfigError
 from ckpt_agent.report import Reporter, make_reporter
@@ -82,9 +81,8 @@ def _context(env: Mapping[str, str], reporter: Reporter, workers: int | None = N
 
 
 def _with_sync(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = None) -> Context:
-    """`sync` and `run`: the sidecar's options, parsed once (flags over CKPT_AGENT_* over the defaults)."""
-    options = sync_options(ctx.env, checkpoint_dir or ctx.settings.checkpoint_dir, **asdict(flags))
-    return replace(ctx, sync=options)
+    """`sync` and `run`: the upload flags, which Context.sync parses with the variables when needed."""
+    return replace(ctx, sync_flags=flags, sync_dir=checkpoint_dir)
 
 
 def _sync_flags(args: argparse.Namespace) -> SyncFlags:
@@ -239,7 +237,7 @@ def _save_parser(sub: Subparsers) -> None:
     save.add_argument("--job-id", help="job id (env BT_TRAINING_JOB_ID)")
     save.add_argument("--name", help="checkpoint name (default: the folder's name)")
     save.add_argument("--rank", type=int, help="node rank (env BT_NODE_RANK, default 0)")
-    save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_NUM_NODES, default 1)")
+    save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_GROUP_SIZE, default 1)")
     save.set_defaults(func=_save)
 
 

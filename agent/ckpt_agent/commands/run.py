@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt_agent.commands.context import Context
-from ckpt_agent.commands.sync import SyncFlags, open_sidecar
+from ckpt_agent.commands.sync import open_sidecar
 from ckpt_agent.config.selection import EVERY_FILE, Selection
-from ckpt_agent.config.sidecar import DEFAULT_GRACE_SECONDS
+from ckpt_agent.config.sidecar import SyncFlags
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.trainer.launch import exec_training, runs_through_shell, trainer_env, training_argv
 
@@ -80,6 +80,6 @@ def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context) -> int:
     """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
     from ckpt_agent.trainer.procgroup import TrainerGroup
 
-    grace = ctx.sync.grace_seconds if ctx.sync is not None else DEFAULT_GRACE_SECONDS
+    grace = ctx.sync.grace_seconds
     with TrainerGroup(argv, env, grace, ctx.reporter) as group:
         return group.exit_code(group.wait())

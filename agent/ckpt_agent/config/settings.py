@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_agent.config import names
-from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
+from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection, load_own_rank
 from ckpt_agent.config.sidecar import (
     DEFAULT_GRACE_SECONDS,
+    DEFAULT_NOTHING_HERE_SECONDS,
     DEFAULT_POLL_SECONDS,
     DEFAULT_QUIET_SECONDS,
     Rules,
@@ -83,6 +84,7 @@ class Settings:
     max_rate: int | None = None  # CKPT_AGENT_MAX_RATE: bytes per second, loads and uploads; None: no cap
     cache: CacheSettings | None = None
     baseten: BasetenSettings = field(default_factory=lambda: BasetenSettings(DEFAULT_API_URL, None))
+    load_own_rank: bool = False  # CKPT_AGENT_LOAD_RANKS=own: of a multi-node checkpoint, only this node's files
 
     @property
     def store_config(self) -> StoreConfig:
@@ -112,6 +114,20 @@ def env_flag(env: Mapping[str, str], name: str) -> bool:
     if raw in ("1", "true", "yes"):
         return True
     raise ConfigError(f"{name}: expected 1 or 0, got {raw!r}")
+
+
+NODE_COUNT_VAR = "BT_GROUP_SIZE"  # what the platform sets on every node of a multi-node job
+NODE_COUNT_ALIAS = "BT_NUM_NODES"  # what earlier agents read; still honoured
+
+
+def node_count(env: Mapping[str, str]) -> int:
+    """BT_GROUP_SIZE, or its alias BT_NUM_NODES; both set to different counts is an error, not a guess
+    (the count decides when a checkpoint is complete for the whole job)."""
+    size, alias = _int(env, NODE_COUNT_VAR, 0, 1), _int(env, NODE_COUNT_ALIAS, 0, 1)
+    if size and alias and size != alias:
+        raise ConfigError(f"{NODE_COUNT_VAR}={size} and {NODE_COUNT_ALIAS}={alias} disagree on the node count; "
+                          f"unset {NODE_COUNT_ALIAS} (the platform sets {NODE_COUNT_VAR})")
+    return size or alias or 1
 
 
 def log_format(env: Mapping[str, str]) -> str:
@@ -155,7 +171,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         project_name=check_name(project, "BT_TRAINING_PROJECT_NAME", nullable=True),
         job_id=check_name(job_id, "BT_TRAINING_JOB_ID", nullable=True),
         node_rank=_int(env, "BT_NODE_RANK", 0, 0),
-        num_nodes=_int(env, "BT_NUM_NODES", 1, 1),
+        num_nodes=node_count(env),
         required=env_flag(env, "BT_LOAD_CHECKPOINT_REQUIRED"),
         start_commands=parse_start_commands(env.get("BT_START_COMMANDS")),
         workers=workers or _int(env, "CKPT_AGENT_WORKERS", default_workers(), 1),
@@ -169,6 +185,7 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         max_rate=max_rate_from_env(env),
         cache=cache_settings_from_env(env),
         baseten=baseten_settings_from_env(env) if store.scheme == BASETEN else BasetenSettings(DEFAULT_API_URL, None),
+        load_own_rank=load_own_rank(env),
     )
 
 
@@ -309,4 +326,5 @@ def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: 
         _seconds(grace_seconds, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS),
         _keep_last(keep_last, env),
         Rules(_markers(complete_file, env), bool(commit_on_quiet) or env_flag(env, "CKPT_AGENT_COMMIT_ON_QUIET")),
+        _seconds(None, "", env, "CKPT_AGENT_NOTHING_HERE_SECONDS", DEFAULT_NOTHING_HERE_SECONDS),
     )

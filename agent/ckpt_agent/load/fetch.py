@@ -46,11 +46,11 @@ class ForeignFiles(Protocol):
 
 
 class Fetcher:
-    """Ranged reads from one store; `fetched(n)` is told of every verified byte. Every attempt
+    """Ranged reads from one store; `fetched(task, n)` is told of every verified byte. Every attempt
     holds a slot of `limiter`'s gate and reads under its rate cap."""
 
     def __init__(self, store: Store, cancel: Cancel, backoff: Backoff, buffer_size: int,
-                 fetched: Callable[[int], None], limiter: Limiter = NO_LIMITS,
+                 fetched: Callable[[FileTask, int], None], limiter: Limiter = NO_LIMITS,
                  foreign: ForeignFiles | None = None) -> None:
         self.store, self.cancel, self.backoff = store, cancel, backoff
         self.buffer_size, self.fetched, self.limiter, self.foreign = buffer_size, fetched, limiter, foreign
@@ -125,7 +125,7 @@ class Fetcher:
                         _check(crc, task.entry.parts[part], f"part {part} checksum mismatch")
                     elif self.foreign is not None:  # checked whole once in place; noted so a kill resumes here
                         self.foreign.wrote(task, part, format_checksum(crc))
-                    self.fetched(p_end - p_start)
+                    self.fetched(task, p_end - p_start)
                     part += 1
         finally:
             reader.close()
@@ -184,7 +184,7 @@ class Fetcher:
         if reader is not None:
             self.read_exactly(reader, task.pack_key or task.key, task.entry.size, sink)
         _check(crc, task.entry.parts[0], f"{task.rel} checksum mismatch in its pack")
-        self.fetched(task.entry.size)
+        self.fetched(task, task.entry.size)
 
     def read_exactly(self, reader: RangeReader, key: str, count: int, sink: Sink | None) -> None:
         buf = self.buffer()

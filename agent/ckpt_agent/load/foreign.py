@@ -18,7 +18,8 @@ from ckpt_agent.config import names
 from ckpt_agent.config.spec import LatestRef, NamedRef, Reference, S3PrefixRef
 from ckpt_agent.errors import ConfigError, NotFoundError
 from ckpt_agent.load.listing import CheckpointListing, CheckpointRow, JobListing, JobRow
-from ckpt_agent.load.resolve import Finder, find_in_store
+from ckpt_agent.load.merge import NodeChoice
+from ckpt_agent.load.resolve import Finder, Found, find_in_store
 from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores.baseten import BasetenStore, Checkpoint, Job, RemoteFile, file_key
 from ckpt_agent.stores.catalog import Warn
@@ -39,15 +40,17 @@ _RANK = re.compile(r"rank-(\d+)")
 PART_SIZE = 4 << 20
 
 
-def finder(store: Routed, rank: int, project: str | None) -> Finder:
-    """s3_prefix references from S3, Baseten's through the API or our own layout, by BT_CHECKPOINT_STORE."""
+def finder(store: Routed, rank: int, project: str | None, nodes: NodeChoice) -> Finder:
+    """s3_prefix references from S3, Baseten's through the API or our own layout, by BT_CHECKPOINT_STORE.
+    A checkpoint the agent did not write is one node's files: `nodes` applies only to our layout."""
 
-    def find(ref: Reference, warn: Warn) -> tuple[Manifest | None, str]:
+    def find(ref: Reference, warn: Warn) -> tuple[Found | None, str]:
         if isinstance(ref, S3PrefixRef):
-            return s3_prefix_manifest(store, ref, rank), f"every object under {ref.uri}"
+            return (s3_prefix_manifest(store, ref, rank), None), f"every object under {ref.uri}"
         if isinstance(store.main, BasetenStore):
-            return find_in_api(store.main, ref, rank, project, warn)
-        return find_in_store(store, rank, project, ref, warn)
+            manifest, reason = find_in_api(store.main, ref, rank, project, warn)
+            return (None if manifest is None else (manifest, None)), reason
+        return find_in_store(store, rank, project, nodes, ref, warn)
 
     return find
 
@@ -205,6 +208,6 @@ def api_checkpoints(store: BasetenStore, job_id: str, project: str | None, rank:
     rows = []
     for c in checkpoints:
         files = files_of(listed, c.checkpoint_id, rank)
-        rows.append(CheckpointRow(c.checkpoint_id, c.created_at, (rank,), 1, bool(files), len(files),
+        rows.append(CheckpointRow(c.checkpoint_id, c.created_at, (rank,), (), 1, bool(files), len(files),
                                   sum(f.size for _, f in files) if files else c.size_bytes))
     return CheckpointListing(JobRow(job.id, job.project.name, job.created_at, None), tuple(rows))

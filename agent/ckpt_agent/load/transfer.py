@@ -48,10 +48,15 @@ class TransferOptions:
     backoff: Backoff = DOWNLOAD_BACKOFF
 
 
+STORE, REUSED = "store", "reused"
+
+
 @dataclass
 class TransferStats:
     """`bytes_fetched` came from the store; `bytes_local` by ckpt_agent.load.sources kind; `bytes_reused` were
-    already verified in the download folder (intact files, parts of a resumed file)."""
+    already verified in the download folder (intact files, parts of a resumed file). `by_origin`: the
+    same split for the files of each (checkpoint, node manifest) (FileTask.origin), so a merged load
+    can say where each node's files came from."""
 
     files_fetched: int = 0
     files_reused: int = 0
@@ -59,11 +64,27 @@ class TransferStats:
     seconds: float = 0.0
     bytes_local: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOCAL_KINDS, 0))
     bytes_reused: int = 0
+    by_origin: dict[tuple[str, int], dict[str, int]] = field(default_factory=dict)
     checked: dict[str, Checked] = field(default_factory=dict)  # files the agent did not write, by rel
 
     def bytes_from(self) -> dict[str, int]:
         """Every byte of the load by where it came from, as the summary and loaded-rank-<r>.json show it."""
-        return {"store": self.bytes_fetched, **self.bytes_local, "reused": self.bytes_reused}
+        return {STORE: self.bytes_fetched, **self.bytes_local, REUSED: self.bytes_reused}
+
+    def from_node(self, checkpoint: str, rank: int) -> dict[str, int]:
+        """Where the bytes of node `rank`'s files of `checkpoint` came from, as bytes_from() splits them."""
+        return dict(self.by_origin.get((checkpoint, rank), dict.fromkeys((STORE, *LOCAL_KINDS, REUSED), 0)))
+
+    def count(self, origin: tuple[str, int], kind: str, n: int) -> None:
+        """`n` bytes of the files of `origin` (checkpoint, node) placed from `kind`; the caller holds the lock."""
+        if kind == STORE:
+            self.bytes_fetched += n
+        elif kind == REUSED:
+            self.bytes_reused += n
+        else:
+            self.bytes_local[kind] += n
+        per_origin = self.by_origin.setdefault(origin, dict.fromkeys((STORE, *LOCAL_KINDS, REUSED), 0))
+        per_origin[kind] += n
 
 
 @dataclass
@@ -87,15 +108,13 @@ class _Engine:
                                self.checks)
         self.placed: set[str] = set()
 
-    def _fetched(self, count: int) -> None:
-        with self._stats_lock:
-            self.stats.bytes_fetched += count
-        self.progress(count)
+    def _fetched(self, task: FileTask, count: int) -> None:
+        self._placed(task, STORE, count)
 
-    def _placed(self, kind: str, count: int) -> None:
-        """Bytes placed from a local source (ckpt_agent.load.sources)."""
+    def _placed(self, task: FileTask, kind: str, count: int) -> None:
+        """Bytes of `task` placed from `kind`: the store, a local source (ckpt_agent.load.sources), or reused."""
         with self._stats_lock:
-            self.stats.bytes_local[kind] += count
+            self.stats.count(task.origin, kind, count)
         self.progress(count)
 
     def _missing(self, fd: int, task: FileTask, parts: list[int]) -> list[int]:
@@ -103,7 +122,7 @@ class _Engine:
         checksum per part, a local copy could not be checked before it is used)."""
         if self.sources is None or task.entry.foreign is not None:
             return parts
-        return self.sources.fill(fd, task, parts, self._placed)
+        return self.sources.fill(fd, task, parts, partial(self._placed, task))
 
     def units(self) -> Iterator[Callable[[], None]]:
         """Packed small files go as spans of their pack; large files as chunk-sized ranges."""
@@ -212,9 +231,7 @@ class _Engine:
         start, end = part_bounds(task, part)
         expected = task.entry.parts[part]
         if expected and read_checksums(fd, start, end, task.part_size, self.fetcher.buffer()) == [expected]:
-            with self._stats_lock:
-                self.stats.bytes_reused += end - start
-            self.progress(end - start)
+            self._placed(task, REUSED, end - start)
             return True
         return False
 
@@ -295,7 +312,8 @@ def run_plan(store: Store, plan: Plan, folder: Folder, options: TransferOptions,
     engine = _Engine(store, plan, folder, options, progress, cancel, index, limiter,
                      sources if sources is not None and sources.usable else None)
     engine.stats.files_reused = len(plan.intact)
-    engine.stats.bytes_reused = sum(t.entry.size for t in plan.intact)
+    for task in plan.intact:
+        engine.stats.count(task.origin, REUSED, task.entry.size)
     try:
         run_tasks(engine.units(), options.workers, cancel)
         engine.checks.journal.clear()

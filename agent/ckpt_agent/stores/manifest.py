@@ -145,6 +145,17 @@ class JobRecord:
         return json.dumps({"job_id": self.job_id, "created_at": self.created_at})
 
 
+def nothing_here_record(job_id: str, name: str, rank: int, recorded_at: str) -> str:
+    """Node `rank` of a multi-node job has no files of checkpoint `name` (layout.nothing_key).
+    Readers count its presence only; the body says who wrote it, and when."""
+    return json.dumps({"job_id": job_id, "checkpoint_name": name, "rank": rank, "recorded_at": recorded_at})
+
+
+def leader_stopped_record(job_id: str, stopped_at: str) -> str:
+    """The leader's sidecar of a multi-node job has stopped (layout.leader_stopped_key); presence only."""
+    return json.dumps({"job_id": job_id, "stopped_at": stopped_at})
+
+
 def check_relative_path(path: object, where: str) -> str:
     """A manifest path must stay inside the checkpoint folder on every OS."""
     if not isinstance(path, str) or not path:
@@ -170,10 +181,10 @@ def check_paths(paths: list[str], where: str) -> None:
         if path in seen:
             raise IntegrityError(f"{where}: files[{i}]: duplicate path {path!r}")
         seen.add(path)
-    _check_collisions(paths, where)
+    check_collisions(paths, where)
 
 
-def _check_collisions(paths: list[str], where: str) -> None:
+def check_collisions(paths: list[str], where: str) -> None:
     """No path may be another's folder, or its temporary twin, on any file system, even after folding."""
     files: dict[str, str] = {}
     for path in paths:
