@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_agent.config import names
+from ckpt_agent.config.baseten import DEFAULT_API_URL, BasetenSettings, baseten_settings_from_env
 from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection, load_own_rank
 from ckpt_agent.config.sidecar import (
     DEFAULT_GRACE_SECONDS,
@@ -187,26 +188,6 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         baseten=baseten_settings_from_env(env) if store.scheme == BASETEN else BasetenSettings(DEFAULT_API_URL, None),
         load_own_rank=load_own_rank(env),
     )
-
-
-# --- Baseten's training API (BT_CHECKPOINT_STORE=baseten) --------------------------------------
-
-API_KEY_VAR, API_URL_VAR = "BASETEN_API_KEY", "BASETEN_API_URL"
-DEFAULT_API_URL = "https://api.baseten.co"
-
-
-@dataclass(frozen=True)
-class BasetenSettings:
-    api_url: str
-    api_key: str | None = field(repr=False)  # a secret: never in a repr, a message or the record
-
-
-def baseten_settings_from_env(env: Mapping[str, str]) -> BasetenSettings:
-    """Only for BT_CHECKPOINT_STORE=baseten, whose store refuses a missing key before any request."""
-    url = env.get(API_URL_VAR, "").strip().rstrip("/") or DEFAULT_API_URL
-    if not url.startswith(("https://", "http://")) or "@" in url:
-        raise ConfigError(f"{API_URL_VAR}: expected https://host[:port] with no user or password")
-    return BasetenSettings(url, env.get(API_KEY_VAR, "").strip() or None)
 
 
 # --- limits (issue 12): the rate cap and selective loads ---------------------------------------

@@ -26,7 +26,7 @@ from ckpt_agent.stores.catalog import Warn
 from ckpt_agent.stores.manifest import (
     FileEntry,
     Manifest,
-    check_paths,
+    check_collisions,
     check_relative_path,
     natural_key,
     part_count,
@@ -61,9 +61,9 @@ def _entry(path: str, size: int, foreign: ForeignFile) -> FileEntry:
 
 def _manifest(project: str | None, job_id: str, name: str, rank: int, committed_at: str,
               files: list[FileEntry], where: str) -> Manifest:
-    for f in files:
+    for f in files:  # one per object or listed name, so no duplicates; but no unsafe or colliding path
         check_relative_path(f.path, where)
-    check_paths([f.path for f in files], where)
+    check_collisions([f.path for f in files], where)
     return Manifest(project, job_id, name, rank, committed_at, PART_SIZE, tuple(files))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ckpt_agent.disk.digests import checksum, format_checksum
@@ -72,6 +73,18 @@ class StorageChecks:
         assert task.entry.foreign is not None
         with self._lock:
             return self._seen.get(task.rel) or task.entry.foreign.check or StorageCheck(SIZE, "", "")
+
+    def check_whole(self, fd: int, task: FileTask, buffer: memoryview, refetch: Callable[[], None]) -> None:
+        """The whole file in `fd` against its storage's digest; a mismatch is fetched again (`refetch`)
+        once, whole, in case the wire was at fault, and a second one is the storage's: IntegrityError,
+        and the file never gets its name."""
+        for attempt in (1, 2):
+            if self.verify(fd, task, buffer):
+                return
+            if attempt == 2:
+                raise IntegrityError(f"{task.rel}: does not match the {self.expected(task).kind} its storage "
+                                     "reports, fetched twice; the object is corrupt or changed")
+            refetch()
 
     def verify(self, fd: int, task: FileTask, buffer: memoryview) -> bool:
         """Read the whole temporary file once: False when its digest is not the storage's."""

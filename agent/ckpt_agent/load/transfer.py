@@ -118,8 +118,7 @@ class _Engine:
         self.progress(count)
 
     def _missing(self, fd: int, task: FileTask, parts: list[int]) -> list[int]:
-        """The parts no local source could supply, for the store (all of a foreign file's: with no
-        checksum per part, a local copy could not be checked before it is used)."""
+        """The parts no local source could supply, for the store (all of a foreign file's: no part checksums)."""
         if self.sources is None or task.entry.foreign is not None:
             return parts
         return self.sources.fill(fd, task, parts, partial(self._placed, task))
@@ -136,8 +135,7 @@ class _Engine:
         for task in self.plan.fetch:
             if task.pack_key is not None:
                 continue
-            if task.entry.foreign is not None:
-                task = self.checks.resume(task)
+            task = task if task.entry.foreign is None else self.checks.resume(task)
             parts = len(task.entry.parts)
             per_unit = max(1, self.options.chunk_size // task.part_size)
             starts = range(0, parts, per_unit)
@@ -211,18 +209,10 @@ class _Engine:
             self._place(task)
 
     def _check_whole(self, task: FileTask) -> None:
-        """A foreign file against its storage's digest; a mismatch is fetched again once, whole, in case
-        the wire was at fault, and a second one is the storage's: the file never gets its name."""
         fd, _ = self._open_temp(task)
         try:
-            for attempt in (1, 2):
-                if self.checks.verify(fd, task, self.fetcher.buffer()):
-                    return
-                if attempt == 2:
-                    raise IntegrityError(f"{task.rel}: does not match the {self.checks.expected(task).kind} its "
-                                         "storage reports, fetched twice; the object is corrupt or changed")
-                self.fetcher.resuming(task.key, 0, len(task.entry.parts),
-                                      lambda a, b: self.fetcher.parts(fd, task, a, b))
+            self.checks.check_whole(fd, task, self.fetcher.buffer(), lambda: self.fetcher.resuming(
+                task.key, 0, len(task.entry.parts), lambda a, b: self.fetcher.parts(fd, task, a, b)))
         finally:
             os.close(fd)
 

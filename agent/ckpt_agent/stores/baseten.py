@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 from urllib.parse import quote, urlencode
 
-from ckpt_agent.config.settings import API_KEY_VAR, BasetenSettings
+from ckpt_agent.config.baseten import API_KEY_VAR, BasetenSettings
 from ckpt_agent.errors import ConfigError, IntegrityError, NotFoundError, StoreError, TransientError
 from ckpt_agent.runtime.retry import retry
 from ckpt_agent.stores.base import MAX_LISTING_ENTRIES, Listing, RangeReader, Store, check_listing_size

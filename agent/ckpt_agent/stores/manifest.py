@@ -174,16 +174,6 @@ def fold(path: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", path).casefold())
 
 
-def check_paths(paths: list[str], where: str) -> None:
-    """No duplicate, and no path that is another's folder or temporary twin on any file system."""
-    seen: set[str] = set()
-    for i, path in enumerate(paths):
-        if path in seen:
-            raise IntegrityError(f"{where}: files[{i}]: duplicate path {path!r}")
-        seen.add(path)
-    check_collisions(paths, where)
-
-
 def check_collisions(paths: list[str], where: str) -> None:
     """No path may be another's folder, or its temporary twin, on any file system, even after folding."""
     files: dict[str, str] = {}
@@ -233,7 +223,12 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     packs = _parse_packs(obj.get("packs", []), where)
     files = [_parse_file(raw, f"{where}: files[{i}]", part_size, packs, fmt == FORMAT)
              for i, raw in enumerate(raw_files)]
-    check_paths([f.path for f in files], where)
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        if f.path in seen:
+            raise IntegrityError(f"{where}: files[{i}]: duplicate path {f.path!r}")
+        seen.add(f.path)
+    check_collisions([f.path for f in files], where)
     kind = obj.get("kind", FOLDER_KIND)
     if kind not in (FOLDER_KIND, FILE_KIND):
         raise IntegrityError(f"{where}: unknown checkpoint kind {kind!r}; upgrade ckpt-agent")
