@@ -218,6 +218,10 @@ def test_dry_run_and_the_record_say_which_nodes_files_came_from_where(nodes):
     assert "checkpoint step-20 (ranks 0, 1 in one folder)" in dry.stdout
     leader_only = {k: v for k, v in LEADER.items() if k != "config.json"}  # node 1 places its own config.json
     assert "from rank 0:  3 files, " in dry.stdout and "from rank 1:  2 files, " in dry.stdout
+    events = [json.loads(line) for line in nodes.load(1, dl, "--dry-run", BT_LOG_FORMAT="json").stderr.splitlines()]
+    (planned,) = [e["fields"]["checkpoints"][0] for e in events if e["event"] == "dry_run"]
+    assert [(n["rank"], n["files"], n["files_to_fetch"]) for n in planned["nodes"]] == [(0, 3, 3), (1, 2, 2)]
+    assert planned["conflicts"] == []
     assert not dl.exists()
 
     assert nodes.load(0, dl).returncode == 0
