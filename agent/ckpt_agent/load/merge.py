@@ -75,7 +75,7 @@ class Merged:
 
     @property
     def primary(self) -> Manifest:
-        """This node's own manifest, else the lowest rank's: the one logs and `rank` in the record name."""
+        """This node's own manifest, else the lowest rank's: the one the load's log lines name."""
         return next((m for m in self.manifests if m.rank == self.own_rank), self.manifests[0])
 
     @property
