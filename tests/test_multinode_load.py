@@ -99,7 +99,7 @@ def record(dl: Path, rank: int) -> dict:
 
 
 def warnings_about_conflicts(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "hold different bytes on different nodes" in line]
+    return [line for line in stderr.splitlines() if "different bytes on different nodes" in line]
 
 
 def test_each_node_loads_every_nodes_files_into_its_own_rank_folder(nodes):
@@ -153,6 +153,21 @@ def test_load_ranks_own_gives_each_node_only_its_own_files(nodes):
     assert_one_line_failure(bad, 2, "CKPT_AGENT_LOAD_RANKS", "'mine'")
 
 
+def test_loading_own_after_a_merged_load_leaves_only_this_nodes_files_and_manifest(nodes):
+    nodes.save(0, LEADER)
+    nodes.save(1, NODE1)
+    dl = nodes.tmp / "node-1" / "dl"
+    assert nodes.load(1, dl).returncode == 0
+    manifests = dl / ".ckpt-agent" / "manifests" / "rank-1"
+    assert sorted(p.name for p in (manifests / f"{NAME}.nodes").iterdir()) == ["rank-0.json", "rank-1.json"]
+    own = nodes.load(1, dl, CKPT_AGENT_LOAD_RANKS="own", BT_GROUP_SIZE="2")
+    assert own.returncode == 0, own.stderr
+    assert "removed 3 entries" in own.stderr and "that its manifest does not list" in own.stderr
+    assert on_disk(dl / "rank-1" / NAME) == NODE1
+    assert sorted(p.name for p in manifests.iterdir()) == [f"{NAME}.json"]
+    assert run_agent(["verify", str(dl)], clean_env()).returncode == 0
+
+
 @pytest.mark.parametrize("load_ranks", ["", "own"])
 def test_a_one_node_job_gets_every_nodes_files_to_reshard(nodes, load_ranks):
     nodes.save(0, LEADER)
@@ -203,6 +218,10 @@ def test_dry_run_and_the_record_say_which_nodes_files_came_from_where(nodes):
     assert "checkpoint step-20 (ranks 0, 1 in one folder)" in dry.stdout
     leader_only = {k: v for k, v in LEADER.items() if k != "config.json"}  # node 1 places its own config.json
     assert "from rank 0:  3 files, " in dry.stdout and "from rank 1:  2 files, " in dry.stdout
+    events = [json.loads(line) for line in nodes.load(1, dl, "--dry-run", BT_LOG_FORMAT="json").stderr.splitlines()]
+    (planned,) = [e["fields"]["checkpoints"][0] for e in events if e["event"] == "dry_run"]
+    assert [(n["rank"], n["files"], n["files_to_fetch"]) for n in planned["nodes"]] == [(0, 3, 3), (1, 2, 2)]
+    assert planned["conflicts"] == []
     assert not dl.exists()
 
     assert nodes.load(0, dl).returncode == 0

@@ -68,3 +68,4 @@ def test_hf_trainer_ddp_on_two_nodes_resumes_from_the_merged_folder_to_the_weigh
     assert {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in node_1.iterdir()}
     assert [n.result()["step"] for n in resumed.nodes] == [10, 10]
     assert weights(resumed) == weights(unbroken)
+

@@ -340,7 +340,7 @@ def test_named_multi_node_checkpoint_missing_this_rank_is_not_found_and_loads_th
     save("job-m", "checkpoint-1", rank=0, num_nodes=2)
     (found,) = (r := resolve(store, (NamedRef("checkpoint-1", "job-m"),), 0, None)).checkpoints
     assert found.checkpoint.ranks == (0,)
-    assert r.warnings == ("checkpoint checkpoint-1 of job job-m: 1 of its 2 nodes have not committed it (rank 1); "
+    assert r.warnings == ("checkpoint checkpoint-1 of job job-m: 1 of its 2 nodes has not committed it (rank 1); "
                           "loading the files of the others",)
     with pytest.raises(NotFoundError, match="rank 1"):
         resolve(store, (NamedRef("checkpoint-1", "job-m"),), 1, None)

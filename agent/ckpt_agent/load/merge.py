@@ -75,7 +75,7 @@ class Merged:
 
     @property
     def primary(self) -> Manifest:
-        """This node's own manifest, else the lowest rank's: the one logs and `rank` in the record name."""
+        """This node's own manifest, else the lowest rank's: the one the load's log lines name."""
         return next((m for m in self.manifests if m.rank == self.own_rank), self.manifests[0])
 
     @property
@@ -147,5 +147,6 @@ def describe_conflicts(merged: Merged) -> str | None:
     more = f" and {len(merged.conflicts) - 5} more" if len(merged.conflicts) > 5 else ""
     rule = ("this node's own copy" if all(c.kept == merged.own_rank for c in merged.conflicts)
             else "this node's own copy where it has one, else the lowest rank's")
-    return (f"checkpoint {merged.checkpoint_name} of job {merged.job_id}: {len(merged.conflicts)} paths hold "
-            f"different bytes on different nodes; loaded {rule}: {', '.join(shown)}{more}")
+    count = f"{len(merged.conflicts)} paths hold" if len(merged.conflicts) > 1 else "1 path holds"
+    return (f"checkpoint {merged.checkpoint_name} of job {merged.job_id}: {count} different bytes on different "
+            f"nodes; loaded {rule}: {', '.join(shown)}{more}")

@@ -87,8 +87,9 @@ def _for_node(store: Store, job: JobRecord, name: str, rank: int, nodes: NodeCho
                             f"{rank if rank in wanted else wanted[0]}")
     if len(loadable) < len(wanted):
         first = ", ".join(map(str, itertools.islice((r for r in wanted if r not in present), 5)))
-        warn(f"checkpoint {name} of job {job.job_id}: {len(wanted) - len(loadable)} of its {job.num_nodes} "
-             f"nodes have not committed it (rank {first}); loading the files of the others")
+        absent = len(wanted) - len(loadable)
+        warn(f"checkpoint {name} of job {job.job_id}: {absent} of its {job.num_nodes} nodes "
+             f"{'has' if absent == 1 else 'have'} not committed it (rank {first}); loading the files of the others")
 
     @functools.cache
     def read(r: int) -> Manifest:
