@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from ckpt_agent.config.sidecar import SyncOptions
 from ckpt_agent.errors import AgentError, StoreError
 from ckpt_agent.report import Reporter, utc_now
+from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.catalog import rank_commits, valid_names
@@ -120,10 +121,8 @@ class Nodes:
         job_id, rank = self.ident.job_id, self.ident.rank
         prefix = layout.checkpoints_prefix(job_id)
         listed = valid_names(self.store.list_dir(prefix).dirs, prefix, self.reporter.warn)
-        for name in sorted(listed, key=natural_key):
-            if name in self._settled:
-                continue
-            ranks = rank_commits(self.store, job_id, name)
+        todo = sorted((name for name in listed if name not in self._settled), key=natural_key)
+        for name, ranks in zip(todo, map_tasks(lambda n: rank_commits(self.store, job_id, n), todo), strict=True):
             if rank in ranks.nothing:
                 self._records.add(name)
             if rank in ranks.manifests or rank in ranks.nothing:
