@@ -210,8 +210,8 @@ def load_with_hook(box: Box, monkeypatch: pytest.MonkeyPatch, hook) -> None:
     from ckpt_agent.load import pipeline as load
     from ckpt_agent.report import Reporter
 
-    real = load.open_store
-    monkeypatch.setattr(load, "open_store", lambda s: HookedStore(real(s), hook))
+    real = load.open_load_store
+    monkeypatch.setattr(load, "open_load_store", lambda s: HookedStore(real(s), hook))
     with open(os.devnull, "w") as sink:
         load.load_checkpoints(settings_from_env(box.env(), workers=1), Reporter(sink), Cancel())
 

@@ -101,15 +101,19 @@ def test_ls_of_an_empty_store_says_so(tmp_path):
 
 def test_render_table_and_json_show_the_same_listing():
     listing = CheckpointListing(JobRow("j", None, "2026-01-01T00:00:00Z", 2), (
-        CheckpointRow("checkpoint-1000", "2026-01-02T00:00:00Z", (0, 1), 2, True, 4, 2_500_000),
-        CheckpointRow("c-1", None, (1,), 2, False, 2, 10)))
+        CheckpointRow("checkpoint-1000", "2026-01-02T00:00:00Z", (0, 1), (), 2, True, 4, 2_500_000),
+        CheckpointRow("c-1", None, (1,), (), 2, False, 2, 10),
+        CheckpointRow("ckpt-5.pt", "2026-01-01T00:00:00Z", (0,), (1,), 2, True, 1, 10)))
     table = render(listing).splitlines()
     assert table[2].split() == ["checkpoint-1000", "2026-01-02T00:00:00Z", "2/2", "4", "2.5", "MB"]
     assert table[3].split() == ["c-1", "-", "1/2", "partial", "2", "10", "B"]
+    assert table[4].split()[2:] == ["2/2", "(rank", "1:", "nothing", "here)", "1", "10", "B"]
     assert table[2].index("2/2") == table[3].index("1/2")  # columns line up
     data = json.loads(render(listing, as_json=True))
-    assert data["checkpoints"][1] == {"name": "c-1", "committed_at": None, "ranks_committed": [1], "num_nodes": 2,
-                                      "complete": False, "files": 2, "bytes": 10, "state": "partial"}
+    assert data["checkpoints"][1] == {"name": "c-1", "committed_at": None, "ranks_committed": [1],
+                                      "ranks_nothing_here": [], "num_nodes": 2, "complete": False, "files": 2,
+                                      "bytes": 10, "state": "partial"}
+    assert (data["checkpoints"][2]["ranks_nothing_here"], data["checkpoints"][2]["state"]) == ([1], "committed")
 
 
 @pytest.mark.seaweed

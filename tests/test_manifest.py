@@ -266,6 +266,12 @@ def test_manifest_part_checksum_that_is_not_a_string_is_refused():
     assert "checksums" in _refused(_body(_one_file(size=1, parts=[0])))
 
 
+@pytest.mark.parametrize("part", ["", "1234567", "ABCDEF01", "123456789", "zzzzzzzz"])
+def test_manifest_part_checksum_that_is_not_eight_lower_case_hex_digits_is_refused(part):
+    """An empty one above all: it is what a file the agent did not write has, checked whole instead."""
+    assert "8 lower-case hex digits" in _refused(_body(_one_file(size=1, parts=[part])))
+
+
 @pytest.mark.parametrize("size, expected", [(0, 1), (1, 1), (PART, 1), (PART + 1, 2), (3 * PART, 3)])
 def test_part_count_is_one_for_empty_files_and_ceiling_otherwise(size, expected):
     assert part_count(size, PART) == expected
@@ -363,8 +369,8 @@ def test_format_checksum_is_eight_lowercase_hex_digits():
 def test_a_single_file_manifest_round_trips_and_a_bad_kind_is_refused():
     from ckpt_agent.stores.manifest import FILE_KIND, FileEntry, Manifest
 
-    m = Manifest("p", "j", "ckpt-5.pt", 0, "2026-01-01T00:00:00.000000Z", 8, (FileEntry("ckpt-5.pt", 3, ("00",)),),
-                 kind=FILE_KIND)
+    m = Manifest("p", "j", "ckpt-5.pt", 0, "2026-01-01T00:00:00.000000Z", 8,
+                 (FileEntry("ckpt-5.pt", 3, ("00000000",)),), kind=FILE_KIND)
     assert parse_manifest(m.to_json(), "m").kind == FILE_KIND
     body = json.loads(m.to_json())
     one = body["files"][0]

@@ -12,6 +12,7 @@ from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.errors import IntegrityError
+from ckpt_agent.load.merge import single
 from ckpt_agent.load.plan import make_plan
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.manifest import FileEntry, Manifest, PackEntry
@@ -41,7 +42,7 @@ def place(root: Path, rel: str, size: int = 10) -> Path:
 
 def test_nothing_on_disk_fetches_every_file_into_the_node_rank_folder_from_the_manifest_rank_keys(root):
     m = manifest(entry("model.bin", 30), entry("sub/state.json", 5))
-    plan = make_plan(root, None, (m,), 3, VerifiedIndex(None))
+    plan = make_plan(root, None, (single(m),), 3, VerifiedIndex(None))
     assert plan.intact == ()
     assert [t.rel for t in plan.fetch] == ["rank-3/checkpoint-7/model.bin", "rank-3/checkpoint-7/sub/state.json"]
     assert [t.dest for t in plan.fetch] == [root / t.rel for t in plan.fetch]
@@ -52,7 +53,7 @@ def test_nothing_on_disk_fetches_every_file_into_the_node_rank_folder_from_the_m
 
 def test_only_packed_files_carry_their_pack_key(root):
     m = manifest(entry("big.bin"), entry("small.json", pack=0, offset=40))
-    plan = make_plan(root, None, (m,), 0, VerifiedIndex(None))
+    plan = make_plan(root, None, (single(m),), 0, VerifiedIndex(None))
     assert [t.pack_key for t in plan.fetch] == [None, layout.pack_key("job-a", "checkpoint-7", 0, 0)]
 
 
@@ -61,12 +62,12 @@ def test_a_file_recorded_intact_with_the_same_stat_is_trusted_and_any_other_is_f
     for name in ("a.bin", "b.bin"):
         place(root, f"rank-0/checkpoint-7/{name}")
     with Folder(root) as folder:
-        first = make_plan(root, folder, (m,), 0, VerifiedIndex(None))
+        first = make_plan(root, folder, (single(m),), 0, VerifiedIndex(None))
         index = VerifiedIndex(None)
         for task in first.fetch[:2]:
             index.record(task.rel, task.fingerprint, os.stat(task.dest))
         place(root, "rank-0/checkpoint-7/b.bin", 11)  # changed after it was verified
-        plan = make_plan(root, folder, (m,), 0, index)
+        plan = make_plan(root, folder, (single(m),), 0, index)
     assert [t.rel for t in plan.intact] == ["rank-0/checkpoint-7/a.bin"]
     assert [t.rel for t in plan.fetch] == ["rank-0/checkpoint-7/b.bin", "rank-0/checkpoint-7/c.bin"]
     assert (plan.fetch_bytes, plan.total_bytes) == (20, 30)
@@ -75,16 +76,17 @@ def test_a_file_recorded_intact_with_the_same_stat_is_trusted_and_any_other_is_f
 def test_an_unchanged_file_is_fetched_again_when_the_checkpoint_was_recommitted_with_other_content(root):
     place(root, "rank-0/checkpoint-7/a.bin")
     with Folder(root) as folder:
-        (old,) = make_plan(root, folder, (manifest(entry("a.bin", crc="0000000a")),), 0, VerifiedIndex(None)).fetch
+        before = single(manifest(entry("a.bin", crc="0000000a")))
+        (old,) = make_plan(root, folder, (before,), 0, VerifiedIndex(None)).fetch
         index = VerifiedIndex(None)
         index.record(old.rel, old.fingerprint, os.stat(old.dest))
-        plan = make_plan(root, folder, (manifest(entry("a.bin", crc="0000000b")),), 0, index)
+        plan = make_plan(root, folder, (single(manifest(entry("a.bin", crc="0000000b"))),), 0, index)
     assert len(plan.fetch) == 1 and plan.intact == ()
 
 
 def test_a_manifest_path_that_leaves_the_download_folder_is_refused(root):
     with pytest.raises(IntegrityError, match="lands outside the download folder"):
-        make_plan(root, None, (manifest(entry("../../../outside")),), 0, VerifiedIndex(None))
+        make_plan(root, None, (single(manifest(entry("../../../outside"))),), 0, VerifiedIndex(None))
 
 
 @pytest.mark.parametrize("rel", ["rank-0/checkpoint-7/a.bin", "rank-0/checkpoint-7/a.bin" + INCOMPLETE_SUFFIX])
@@ -93,17 +95,17 @@ def test_a_symlink_at_a_file_or_its_temporary_name_is_refused(root, tmp_path, re
     (root / rel).parent.mkdir(parents=True)
     (root / rel).symlink_to(tmp_path / "victim")
     with Folder(root) as folder, pytest.raises(IntegrityError, match="symlink"):
-        make_plan(root, folder, (manifest(entry("a.bin")),), 0, VerifiedIndex(None))
+        make_plan(root, folder, (single(manifest(entry("a.bin"))),), 0, VerifiedIndex(None))
 
 
 def test_a_hardlink_at_a_file_is_refused(root, tmp_path):
     path = place(root, "rank-0/checkpoint-7/a.bin")
     os.link(path, tmp_path / "second-name")
     with Folder(root) as folder, pytest.raises(IntegrityError, match="2 hard links"):
-        make_plan(root, folder, (manifest(entry("a.bin")),), 0, VerifiedIndex(None))
+        make_plan(root, folder, (single(manifest(entry("a.bin"))),), 0, VerifiedIndex(None))
 
 
 def test_a_folder_where_a_file_is_needed_is_refused(root):
     (root / "rank-0" / "checkpoint-7" / "a.bin").mkdir(parents=True)
     with Folder(root) as folder, pytest.raises(IntegrityError, match="is a folder where a file is needed"):
-        make_plan(root, folder, (manifest(entry("a.bin")),), 0, VerifiedIndex(None))
+        make_plan(root, folder, (single(manifest(entry("a.bin"))),), 0, VerifiedIndex(None))

@@ -226,7 +226,7 @@ def test_latest_breaks_committed_at_ties_by_natural_order_of_names(store):
     for name in ("checkpoint-9", "checkpoint-100", "checkpoint-20"):
         write_manifest(store, "job-a", name, same)
     assert one(store, LatestRef(job_id="job-a")).checkpoint_name == "checkpoint-100"
-    listed = [c.name for c in list_checkpoints(store, read_job(store, "job-a"))]
+    listed = [c.name for c in list_checkpoints(store, "job-a", 1)]
     assert listed == ["checkpoint-100", "checkpoint-20", "checkpoint-9"]
 
 
@@ -335,11 +335,25 @@ def test_named_checkpoint_of_a_missing_job_is_not_found_naming_the_job(store):
         resolve(store, (NamedRef("checkpoint-1", "nope"),), 0, None)
 
 
-def test_named_multi_node_checkpoint_missing_this_rank_is_not_found(store, save):
+def test_named_multi_node_checkpoint_missing_this_rank_is_not_found_and_loads_the_others_with_a_warning(
+        store, save):
     save("job-m", "checkpoint-1", rank=0, num_nodes=2)
-    assert one(store, NamedRef("checkpoint-1", "job-m"), rank=0).rank == 0
+    (found,) = (r := resolve(store, (NamedRef("checkpoint-1", "job-m"),), 0, None)).checkpoints
+    assert found.checkpoint.ranks == (0,)
+    assert r.warnings == ("checkpoint checkpoint-1 of job job-m: 1 of its 2 nodes has not committed it (rank 1); "
+                          "loading the files of the others",)
     with pytest.raises(NotFoundError, match="rank 1"):
         resolve(store, (NamedRef("checkpoint-1", "job-m"),), 1, None)
+
+
+def test_a_job_record_claiming_a_huge_node_count_loads_the_committed_nodes_without_enumerating_the_rest(store, save):
+    for rank in (0, 1):
+        save("job-m", "checkpoint-1", rank=rank, num_nodes=2)
+    add_job(store, "job-m", "proj", "2024-01-01T00:00:00.000000Z", num_nodes=10**12)
+    resolution = resolve(store, (NamedRef("checkpoint-1", "job-m"),), 1, None)
+    assert resolution.checkpoints[0].checkpoint.ranks == (0, 1)
+    assert "999999999998 of its 1000000000000 nodes have not committed it (rank 2, 3, 4, 5, 6)" in \
+        resolution.warnings[0]
 
 
 # --- several references -------------------------------------------------------------------------

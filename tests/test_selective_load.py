@@ -17,6 +17,7 @@ from ckpt_agent.config.settings import selection_from_env
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.resume import read_load_record
 from ckpt_agent.errors import EXIT_CONFIG, ConfigError, IntegrityError
+from ckpt_agent.load.merge import single
 from ckpt_agent.load.plan import check_selection
 from ckpt_agent.load.record import recorded_selection
 from ckpt_agent.stores import layout
@@ -235,7 +236,7 @@ def _manifest(paths: list[str]) -> Manifest:
 
 
 def test_a_selection_that_empties_a_checkpoint_is_fatal_only_when_the_load_is_required():
-    manifests = (_manifest(["model.safetensors", "optimizer.pt"]),)
+    manifests = (single(_manifest(["model.safetensors", "optimizer.pt"])),)
     emptying = Selection(("*.bin",), (), include_field="--include")
     with pytest.raises(ConfigError, match=r"^--include: '\*\.bin' matches no file of checkpoint"):
         check_selection(manifests, emptying, required=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -321,8 +320,24 @@ def test_store_location_plain_absolute_path_is_local():
     assert str(loc) == "/srv/ckpt"
 
 
-def test_store_location_plain_relative_path_becomes_absolute():
-    assert parse_store_location("store/here") == StoreLocation("file", "", os.path.abspath("store/here"))
+def test_store_location_baseten_is_the_training_api():
+    assert parse_store_location("baseten") == StoreLocation("baseten", "", "")
+    assert str(parse_store_location("baseten")) == "baseten"
+
+
+@pytest.mark.parametrize("text", ["store/here", "./store", "s3:/typo-bucket", "S3://bucket/x", "bucket/x",
+                                  "Baseten", "baseten/x", "s3:bucket", "file:/srv/x"])
+def test_store_location_that_is_not_one_of_the_accepted_forms_is_refused_showing_them(text):
+    with pytest.raises(ConfigError, match="BT_CHECKPOINT_STORE: .*use s3://bucket\\[/prefix\\], baseten, "
+                                          "file:///absolute/path or an absolute path") as caught:
+        parse_store_location(text)
+    assert "\n" not in str(caught.value)
+
+
+def test_store_location_refusal_never_echoes_a_value_with_a_user_and_password():
+    with pytest.raises(ConfigError) as caught:
+        parse_store_location("s3:/AKIAUSER:SECRETKEY@bucket/x")
+    assert "SECRETKEY" not in str(caught.value) and "AKIAUSER" not in str(caught.value)
 
 
 def test_store_location_empty_is_refused():
@@ -365,7 +380,7 @@ def test_settings_read_every_variable():
         "BT_TRAINING_PROJECT_NAME": "proj",
         "BT_TRAINING_JOB_ID": "job1",
         "BT_NODE_RANK": "3",
-        "BT_NUM_NODES": "4",
+        "BT_GROUP_SIZE": "4",
         "BT_LOAD_CHECKPOINT_REQUIRED": "1",
         "BT_START_COMMANDS": '["echo hi"]',
         "CKPT_AGENT_WORKERS": "5",
@@ -396,9 +411,21 @@ def test_settings_bad_node_rank_is_refused_naming_the_variable(value):
         settings_from_env({"BT_NODE_RANK": value})
 
 
-def test_settings_zero_num_nodes_is_refused_naming_the_variable():
-    with pytest.raises(ConfigError, match="^BT_NUM_NODES: "):
-        settings_from_env({"BT_NUM_NODES": "0"})
+@pytest.mark.parametrize("var", ["BT_GROUP_SIZE", "BT_NUM_NODES"])
+def test_settings_zero_node_count_is_refused_naming_the_variable(var):
+    with pytest.raises(ConfigError, match=f"^{var}: "):
+        settings_from_env({var: "0"})
+
+
+@pytest.mark.parametrize("env", [{"BT_NUM_NODES": "2"}, {"BT_GROUP_SIZE": "2"},
+                                 {"BT_GROUP_SIZE": "2", "BT_NUM_NODES": "2"}])
+def test_settings_node_count_is_bt_group_size_with_bt_num_nodes_as_its_alias(env):
+    assert settings_from_env(env).num_nodes == 2
+
+
+def test_settings_node_counts_that_disagree_are_refused_naming_both_variables():
+    with pytest.raises(ConfigError, match="^BT_GROUP_SIZE=2 and BT_NUM_NODES=1 disagree"):
+        settings_from_env({"BT_GROUP_SIZE": "2", "BT_NUM_NODES": "1"})
 
 
 def test_settings_project_name_with_a_slash_is_refused_naming_the_variable():

@@ -30,17 +30,34 @@ def commit(store: LocalStore, name: str, committed_at: str, rank: int = 0) -> No
     store.write_bytes(layout.manifest_key("job-1", name, rank), manifest.to_json().encode())
 
 
-def test_retain_deletes_this_ranks_oldest_manifests_and_files_and_leaves_other_ranks(tmp_path: Path):
+def test_retain_in_a_single_node_job_deletes_the_oldest_manifests_and_files(tmp_path: Path):
     store = LocalStore(str(tmp_path / "store"))
     for step, at in ((10, "2026-01-01T00:00:01Z"), (20, "2026-01-01T00:00:02Z"), (30, "2026-01-01T00:00:03Z")):
         commit(store, f"checkpoint-{step}", at)
-        commit(store, f"checkpoint-{step}", at, rank=1)
     out = io.StringIO()
-    retain(store, "job-1", 0, "checkpoint-30", 2, Reporter(out))
+    retain(store, "job-1", 1, "checkpoint-30", 2, Reporter(out))
     assert not store.exists(layout.manifest_key("job-1", "checkpoint-10", 0))
-    assert list(store.list_recursive(layout.rank_prefix("job-1", "checkpoint-10", 0))) == []
+    assert store.list_recursive(layout.checkpoint_prefix("job-1", "checkpoint-10")) == []
     for step in (20, 30):
         assert store.exists(layout.manifest_key("job-1", f"checkpoint-{step}", 0))
-    for step in (10, 20, 30):
-        assert store.exists(layout.manifest_key("job-1", f"checkpoint-{step}", 1))
-    assert "keep-last 2: deleted checkpoint-10 (rank 0)" in out.getvalue()
+    assert "keep-last 2: deleted checkpoint-10" in out.getvalue()
+
+
+def test_retain_in_a_multi_node_job_counts_only_complete_checkpoints_and_deletes_every_nodes_data(tmp_path: Path):
+    """checkpoint-40 is committed by the leader only (node 1 is slow or dead): it is neither counted
+    nor deleted, so keep-last 1 keeps checkpoint-30, the newest a resume would choose; checkpoint-20
+    (node 1 had nothing of it) and checkpoint-10 go with every node's manifest, record and files."""
+    store = LocalStore(str(tmp_path / "store"))
+    for step in (10, 20, 30, 40):
+        commit(store, f"checkpoint-{step}", f"2026-01-01T00:00:{step}Z")
+    for step in (10, 30):
+        commit(store, f"checkpoint-{step}", f"2026-01-01T00:00:{step + 1}Z", rank=1)
+    store.write_bytes(layout.nothing_key("job-1", "checkpoint-20", 1), b"{}")
+    out = io.StringIO()
+    retain(store, "job-1", 2, "checkpoint-40", 1, Reporter(out))
+    for step in (10, 20):
+        assert store.list_recursive(layout.checkpoint_prefix("job-1", f"checkpoint-{step}")) == []
+    assert store.exists(layout.manifest_key("job-1", "checkpoint-30", 0))
+    assert store.exists(layout.manifest_key("job-1", "checkpoint-30", 1))
+    assert store.exists(layout.manifest_key("job-1", "checkpoint-40", 0))
+    assert "keep-last 1: deleted checkpoint-20 (every node's files)" in out.getvalue()

@@ -2,7 +2,7 @@
 
 Each command's flags become its options dataclass here, the environment becomes a Context
 (ckpt_agent.commands) through the parsers of ckpt_agent.config.settings (the sidecar's options, flags
-over variables, included), and every AgentError is caught once and printed as one line; its class
+over variables, when a command needs them), and every AgentError is caught once and printed as one line; its class
 picks the exit code. (Training code's ckpt_agent.latest_local_checkpoint reads os.environ for itself.)
 """
 
@@ -12,10 +12,10 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
+from pathlib import Path
 
 from ckpt_agent.commands.context import Context
-from ckpt_agent.commands.sync import SyncFlags
 from ckpt_agent.config.settings import (
     debug,
     env_flag,
@@ -23,9 +23,9 @@ from ckpt_agent.config.settings import (
     log_format,
     selection_from_env,
     settings_from_env,
-    sync_options,
 )
-from ckpt_agent.config.spec import check_name
+from ckpt_agent.config.sidecar import SyncFlags
+from ckpt_agent.config.spec import check_name, parse_s3_prefix
 from ckpt_agent.errors import EXIT_INTERNAL, EXIT_SIGINT, AgentError, ConfigError
 from ckpt_agent.report import Reporter, make_reporter
 from ckpt_agent.runtime.cancel import Cancel
@@ -53,7 +53,9 @@ EPILOG_LOAD = """examples:
   ckpt-agent load
   ckpt-agent load --dry-run                      # which checkpoint each reference picks, and why
   ckpt-agent load --ready-file /shared/ready     # for a neighbour container that waits on it
-  ckpt-agent load --exclude optimizer.pt,scheduler.pt --dry-run   # weights only: what is left out"""
+  ckpt-agent load --exclude optimizer.pt,scheduler.pt --dry-run   # weights only: what is left out
+  ckpt-agent load --from s3://bucket/runs/checkpoint-500/          # objects another tool wrote
+  BT_CHECKPOINT_STORE=baseten BASETEN_API_KEY=... ckpt-agent load  # a Baseten job's checkpoints"""
 EPILOG_LS = """examples:
   ckpt-agent ls                                  # every job: project, job, created, nodes
   ckpt-agent ls --project demo                   # that project's jobs, newest first
@@ -80,9 +82,8 @@ def _context(env: Mapping[str, str], reporter: Reporter, workers: int | None = N
 
 
 def _with_sync(ctx: Context, flags: SyncFlags, checkpoint_dir: str | None = None) -> Context:
-    """`sync` and `run`: the sidecar's options, parsed once (flags over CKPT_AGENT_* over the defaults)."""
-    options = sync_options(ctx.env, checkpoint_dir or ctx.settings.checkpoint_dir, **asdict(flags))
-    return replace(ctx, sync=options)
+    """`sync` and `run`: the upload flags, which Context.sync parses with the variables when needed."""
+    return replace(ctx, sync_flags=flags, sync_dir=checkpoint_dir)
 
 
 def _sync_flags(args: argparse.Namespace) -> SyncFlags:
@@ -105,12 +106,11 @@ def _run(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -
 
 
 def _load(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from pathlib import Path
-
     from ckpt_agent.commands.load import LoadOptions, load
 
+    source = None if args.source is None else parse_s3_prefix(args.source, "--from")
     options = LoadOptions(args.dry_run, Path(args.ready_file) if args.ready_file else None,
-                          selection_from_env(env, args.include, args.exclude))
+                          selection_from_env(env, args.include, args.exclude), source)
     return load(_context(env, reporter, args.workers, args.chunk_mb, load_timeout=True), options)
 
 
@@ -138,8 +138,6 @@ def _ls(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) ->
 
 
 def _verify(args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter) -> int:
-    from pathlib import Path
-
     from ckpt_agent.commands.verify import VerifyOptions, verify
 
     return verify(reporter, VerifyOptions(Path(args.folder or load_spec(env).download_folder), args.json))
@@ -239,6 +237,9 @@ def _load_parser(sub: Subparsers) -> None:
     _add_selection_flags(load)
     load.add_argument("--dry-run", action="store_true",
                       help="resolve every reference and print the plan; download nothing")
+    load.add_argument("--from", dest="source", metavar="S3_URI",
+                      help="load every object under s3://bucket/path/checkpoint-name/ into "
+                           "rank-<r>/checkpoint-name/ instead of the spec's checkpoints (verified by S3's checksums)")
     load.add_argument("--ready-file", metavar="PATH",
                       help="write PATH once every file is verified and in place (removed at start)")
     load.set_defaults(func=_load)
@@ -253,7 +254,7 @@ def _save_parser(sub: Subparsers) -> None:
     save.add_argument("--job-id", help="job id (env BT_TRAINING_JOB_ID)")
     save.add_argument("--name", help="checkpoint name (default: the folder's name)")
     save.add_argument("--rank", type=int, help="node rank (env BT_NODE_RANK, default 0)")
-    save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_NUM_NODES, default 1)")
+    save.add_argument("--num-nodes", type=int, help="nodes in the job (env BT_GROUP_SIZE, default 1)")
     save.set_defaults(func=_save)
 
 

@@ -66,6 +66,30 @@ def resume_from(args: argparse.Namespace) -> str | None:
     return path
 
 
+def init_nodes() -> tuple[int, int]:
+    """(rank, world size): a gloo process group when WORLD_SIZE > 1, one process per node
+    (tests/support/multinode.py sets the env:// rendezvous); (0, 1) and no group otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def average_gradients(model: torch.nn.Module, world: int) -> None:
+    """What DDP does after backward, by hand: every rank steps with the mean of all ranks' gradients."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(FEATURES, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -84,8 +108,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[start:start + BATCH], y[start:start + BATCH]
 
 
-def loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
-    x, y = batch(step)
+def loss_of(model: torch.nn.Module, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The loss on rank `rank`'s batch of a 0-based step (with `world` ranks, each its own batch)."""
+    x, y = batch(step * world + rank)
     return torch.nn.functional.mse_loss(model(x), y)
 
 

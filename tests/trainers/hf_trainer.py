@@ -1,6 +1,10 @@
 """Hugging Face `Trainer` on a tiny regression model: `checkpoint-N/` folders every `--every`
 steps, its own SIGTERM checkpoint (`enable_jit_checkpoint`), resume with `resume_from_checkpoint`.
 
+On several nodes (WORLD_SIZE > 1, tests/support/multinode.py) it trains with DDP over gloo, one
+process per node: the leader's `checkpoint-N/` holds the weights, optimizer and
+trainer_state.json, every other node's only its `rng_state_<rank>.pth`.
+
 `--final` also saves the trained model with `save_model` into that folder of the checkpoint dir
 (a folder with no trainer_state.json: complete only because the trainer exits 0).
 """
@@ -54,6 +58,7 @@ def main() -> None:
         per_device_train_batch_size=common.BATCH, learning_rate=common.LR, lr_scheduler_type="constant",
         seed=0, data_seed=0, use_cpu=True, report_to="none", logging_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, enable_jit_checkpoint=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     trainer = Trainer(model=Regressor(), args=training, train_dataset=Rows())
     if args.hold_at > 0:

@@ -1,6 +1,10 @@
 """A hand-written loop that saves one file per checkpoint with `torch.save` (`ckpt-N.pt`) and
 resumes with `torch.load` of the path ckpt_agent.latest_local_checkpoint() returns.
 
+On several nodes (WORLD_SIZE > 1, tests/support/multinode.py) gradients are averaged over the
+nodes and only the leader saves (`torch.save` under `if rank == 0`): the other nodes have no file
+of any checkpoint.
+
 `--crash-in-save N` leaves the first half of step N's torch.save bytes in `ckpt-N.pt` and dies:
 torch.save writes in place, so that is what a trainer killed mid-save leaves.
 """
@@ -16,6 +20,7 @@ import torch
 
 def main() -> None:
     args = common.parse_args(__doc__)
+    rank, world = common.init_nodes()
     model = common.tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=common.LR)
     start = 0
@@ -27,7 +32,8 @@ def main() -> None:
 
     def train_step(step: int) -> None:
         optimizer.zero_grad()
-        common.loss_of(model, step).backward()
+        common.loss_of(model, step, rank, world).backward()
+        common.average_gradients(model, world)
         optimizer.step()
 
     def save(step: int) -> str:
@@ -37,7 +43,8 @@ def main() -> None:
             data = io.BytesIO()
             torch.save(state, data)
             common.die_mid_write(os.path.join(args.dir, name), data.getvalue())
-        torch.save(state, os.path.join(args.dir, name))
+        if rank == 0:
+            torch.save(state, os.path.join(args.dir, name))
         return name
 
     step = common.run_loop(args, start, train_step, save)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import FrameType
 
-from ckpt_agent.config.settings import Settings
-from ckpt_agent.config.sidecar import SyncOptions
+from ckpt_agent.config.settings import Settings, sync_options
+from ckpt_agent.config.sidecar import SyncFlags, SyncOptions
 from ckpt_agent.report import Reporter
 from ckpt_agent.runtime.cancel import Cancel
 
@@ -22,7 +23,14 @@ class Context:
     reporter: Reporter
     cancel: Cancel  # for `load` and `run` it also carries BT_LOAD_TIMEOUT; `save` is not bounded by it
     env: Mapping[str, str] = field(repr=False)  # as given: the trainer inherits it
-    sync: SyncOptions | None = None  # `sync` and `run`: the sidecar's options, parsed once by the cli
+    sync_flags: SyncFlags = SyncFlags()  # `sync` and `run`: the upload flags as given
+    sync_dir: str | None = None  # `sync --checkpoint-dir`; None: BT_CHECKPOINT_DIR
+
+    @functools.cached_property
+    def sync(self) -> SyncOptions:
+        """The sidecar's options, flags over CKPT_AGENT_* over the defaults: parsed once, when a
+        command first needs them (a plain exec'd `run` never does)."""
+        return sync_options(self.env, self.sync_dir or self.settings.checkpoint_dir, **asdict(self.sync_flags))
 
 
 @contextlib.contextmanager

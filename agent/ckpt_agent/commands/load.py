@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ckpt_agent.commands.context import Context, cancelled_by_signals
 from ckpt_agent.config.selection import EVERY_FILE, Selection
+from ckpt_agent.config.spec import LoadSpec, S3PrefixRef
 from ckpt_agent.load.dryrun import plan_load, render_plan
 from ckpt_agent.load.pipeline import clear_ready_file, load_checkpoints, write_ready_file
 
@@ -16,9 +17,13 @@ class LoadOptions:
     dry_run: bool = False
     ready_file: Path | None = None  # written once every file is verified and in place; removed at the start
     selection: Selection = EVERY_FILE  # which files of each checkpoint to fetch: --include/--exclude or the variables
+    source: S3PrefixRef | None = None  # --from s3://...: this prefix instead of the spec's checkpoints
 
 
 def load(ctx: Context, options: LoadOptions) -> int:
+    if options.source is not None:
+        spec = LoadSpec(True, (options.source,), ctx.settings.spec.download_folder)
+        ctx = replace(ctx, settings=replace(ctx.settings, spec=spec))
     settings = ctx.settings
     ready = None if options.dry_run else options.ready_file
     if ready is not None:

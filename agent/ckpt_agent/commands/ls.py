@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ckpt_agent.commands.context import Context
-from ckpt_agent.load import listing
+from ckpt_agent.load import foreign, listing
 from ckpt_agent.stores import open_store
+from ckpt_agent.stores.baseten import BasetenStore
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,13 @@ class ListOptions:
 def ls(ctx: Context, options: ListOptions) -> int:
     store = open_store(ctx.settings.store_config)
     try:
-        data = (listing.list_job_checkpoints(store, options.job_id, options.project, ctx.reporter.warn)
-                if options.job_id else listing.list_jobs(store, options.project, ctx.reporter.warn))
+        data: listing.JobListing | listing.CheckpointListing
+        if isinstance(store, BasetenStore):  # the training API: its projects' jobs, a job's checkpoints
+            data = (foreign.api_checkpoints(store, options.job_id, options.project, ctx.settings.node_rank)
+                    if options.job_id else foreign.api_jobs(store, options.project))
+        else:
+            data = (listing.list_job_checkpoints(store, options.job_id, options.project, ctx.reporter.warn)
+                    if options.job_id else listing.list_jobs(store, options.project, ctx.reporter.warn))
     finally:
         store.close()
     print(listing.render(data, as_json=options.as_json), flush=True)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckpt_agent.commands.context import Context
-from ckpt_agent.commands.sync import SyncFlags, open_sidecar
+from ckpt_agent.commands.sync import open_sidecar
 from ckpt_agent.config.selection import EVERY_FILE, Selection
-from ckpt_agent.config.sidecar import DEFAULT_GRACE_SECONDS
+from ckpt_agent.config.sidecar import SyncFlags
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.trainer.launch import exec_training, runs_through_shell, trainer_env, training_argv
 
@@ -79,7 +79,7 @@ def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
 
 
 def _grace(ctx: Context) -> float:
-    return ctx.sync.grace_seconds if ctx.sync is not None else DEFAULT_GRACE_SECONDS
+    return ctx.sync.grace_seconds
 
 
 def _early_child(ctx: Context, selection: Selection) -> EarlyChild:

@@ -10,7 +10,7 @@ from ckpt_agent.commands.context import Context, cancelled_by_signals
 from ckpt_agent.config.spec import check_name
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.runtime.ratelimit import limiter
-from ckpt_agent.stores import open_store
+from ckpt_agent.stores import open_store, refuse_read_only
 from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from ckpt_agent.upload.incremental import Transferred, describe, previous_commit
 from ckpt_agent.upload.scan import scan_checkpoint
@@ -30,6 +30,7 @@ class SaveOptions:
 
 def save(ctx: Context, options: SaveOptions) -> int:
     settings = ctx.settings
+    refuse_read_only(settings.store_config)
     ident = CheckpointId(
         project_name=check_name(options.project or settings.project_name, "--project", nullable=True),
         job_id=check_name(options.job_id or settings.job_id, "--job-id"),

@@ -1,4 +1,5 @@
-"""Which files of a checkpoint a load fetches: include and exclude globs, decided by pure functions.
+"""Which files of a checkpoint a load fetches: include and exclude globs, decided by pure functions;
+and which nodes' files of a multi-node checkpoint (CKPT_AGENT_LOAD_RANKS).
 
 Patterns are matched against a file's path relative to its checkpoint folder (the manifest path,
 `/`-separated), and are anchored there: `optimizer.pt` is only the top-level file, `**/optimizer.pt`
@@ -11,7 +12,7 @@ everything; an exclude always wins over an include. Patterns are case-sensitive.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ckpt_agent.config import names
@@ -19,6 +20,15 @@ from ckpt_agent.errors import ConfigError
 
 INCLUDE_VAR = "CKPT_AGENT_INCLUDE"
 EXCLUDE_VAR = "CKPT_AGENT_EXCLUDE"
+LOAD_RANKS_VAR = "CKPT_AGENT_LOAD_RANKS"
+
+
+def load_own_rank(env: Mapping[str, str]) -> bool:
+    """CKPT_AGENT_LOAD_RANKS: `all` (the default: every node's files, ckpt_agent.load.merge) or `own`."""
+    raw = env.get(LOAD_RANKS_VAR, "").strip().lower()
+    if raw not in ("", "all", "own"):
+        raise ConfigError(f"{LOAD_RANKS_VAR}: expected all or own, got {raw!r}")
+    return raw == "own"
 
 
 def split_patterns(texts: str | Sequence[str], field: str) -> tuple[str, ...]:

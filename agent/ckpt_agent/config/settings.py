@@ -11,12 +11,22 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from ckpt_agent.config import names
-from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection
+from ckpt_agent.config.baseten import DEFAULT_API_URL, BasetenSettings, baseten_settings_from_env
+from ckpt_agent.config.selection import EXCLUDE_VAR, INCLUDE_VAR, Selection, load_own_rank
+from ckpt_agent.config.sidecar import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_NOTHING_HERE_SECONDS,
+    DEFAULT_POLL_SECONDS,
+    DEFAULT_QUIET_SECONDS,
+    Rules,
+    SyncOptions,
+)
 from ckpt_agent.config.sizes import parse_size
 from ckpt_agent.config.spec import (
+    BASETEN,
     CONFIG_VAR,
     LoadSpec,
     StoreLocation,
@@ -26,9 +36,6 @@ from ckpt_agent.config.spec import (
     parse_store_location,
 )
 from ckpt_agent.errors import ConfigError
-
-if TYPE_CHECKING:
-    from ckpt_agent.config.sidecar import SyncOptions
 
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy")  # the S3 engines honour them as botocore does
 DEFAULT_STORE = "/tmp/ckpt-store"
@@ -54,6 +61,7 @@ class StoreConfig:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_connections: int = 32  # boto3's connection pool: one per worker
     is_default: bool = False  # the default local store in /tmp: trusted only if it is this user's
+    baseten: BasetenSettings | None = None  # BT_CHECKPOINT_STORE=baseten: the API's address and key
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,14 @@ class Settings:
     checkpointing_enabled: bool = False
     max_rate: int | None = None  # CKPT_AGENT_MAX_RATE: bytes per second, loads and uploads; None: no cap
     cache: CacheSettings | None = None
+    baseten: BasetenSettings = field(default_factory=lambda: BasetenSettings(DEFAULT_API_URL, None))
+    load_own_rank: bool = False  # CKPT_AGENT_LOAD_RANKS=own: of a multi-node checkpoint, only this node's files
 
     @property
     def store_config(self) -> StoreConfig:
         return StoreConfig(self.store, self.s3_engine, self.aws_env, self.read_timeout, self.workers,
-                           is_default=self.store.scheme == "file" and self.store.root == DEFAULT_STORE)
+                           is_default=self.store.scheme == "file" and self.store.root == DEFAULT_STORE,
+                           baseten=self.baseten)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -104,6 +115,20 @@ def env_flag(env: Mapping[str, str], name: str) -> bool:
     if raw in ("1", "true", "yes"):
         return True
     raise ConfigError(f"{name}: expected 1 or 0, got {raw!r}")
+
+
+NODE_COUNT_VAR = "BT_GROUP_SIZE"  # what the platform sets on every node of a multi-node job
+NODE_COUNT_ALIAS = "BT_NUM_NODES"  # what earlier agents read; still honoured
+
+
+def node_count(env: Mapping[str, str]) -> int:
+    """BT_GROUP_SIZE, or its alias BT_NUM_NODES; both set to different counts is an error, not a guess
+    (the count decides when a checkpoint is complete for the whole job)."""
+    size, alias = _int(env, NODE_COUNT_VAR, 0, 1), _int(env, NODE_COUNT_ALIAS, 0, 1)
+    if size and alias and size != alias:
+        raise ConfigError(f"{NODE_COUNT_VAR}={size} and {NODE_COUNT_ALIAS}={alias} disagree on the node count; "
+                          f"unset {NODE_COUNT_ALIAS} (the platform sets {NODE_COUNT_VAR})")
+    return size or alias or 1
 
 
 def log_format(env: Mapping[str, str]) -> str:
@@ -140,13 +165,14 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         raise ConfigError(f"CKPT_AGENT_S3_ENGINE: expected http or boto3, got {engine!r}")
     project = env.get("BT_TRAINING_PROJECT_NAME") or None
     job_id = env.get("BT_TRAINING_JOB_ID") or None
+    store = parse_store_location(env.get("BT_CHECKPOINT_STORE") or DEFAULT_STORE)
     return Settings(
         spec=load_spec(env),
-        store=parse_store_location(env.get("BT_CHECKPOINT_STORE") or DEFAULT_STORE),
+        store=store,
         project_name=check_name(project, "BT_TRAINING_PROJECT_NAME", nullable=True),
         job_id=check_name(job_id, "BT_TRAINING_JOB_ID", nullable=True),
         node_rank=_int(env, "BT_NODE_RANK", 0, 0),
-        num_nodes=_int(env, "BT_NUM_NODES", 1, 1),
+        num_nodes=node_count(env),
         required=env_flag(env, "BT_LOAD_CHECKPOINT_REQUIRED"),
         start_commands=parse_start_commands(env.get("BT_START_COMMANDS")),
         workers=workers or _int(env, "CKPT_AGENT_WORKERS", default_workers(), 1),
@@ -159,6 +185,8 @@ def settings_from_env(env: Mapping[str, str], workers: int | None = None,
         checkpointing_enabled=env_flag(env, "BT_CHECKPOINTING_ENABLED"),
         max_rate=max_rate_from_env(env),
         cache=cache_settings_from_env(env),
+        baseten=baseten_settings_from_env(env) if store.scheme == BASETEN else BasetenSettings(DEFAULT_API_URL, None),
+        load_own_rank=load_own_rank(env),
     )
 
 
@@ -272,16 +300,6 @@ def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: 
                  keep_last: int | None = None, complete_file: Sequence[str] | None = None,
                  commit_on_quiet: bool | None = None) -> SyncOptions:
     """The sidecar's options: flags over CKPT_AGENT_* variables over the defaults."""
-    from pathlib import Path  # here, not at the top: a plain `run` needs neither these nor pathlib
-
-    from ckpt_agent.config.sidecar import (
-        DEFAULT_GRACE_SECONDS,
-        DEFAULT_POLL_SECONDS,
-        DEFAULT_QUIET_SECONDS,
-        Rules,
-        SyncOptions,
-    )
-
     return SyncOptions(
         Path(checkpoint_dir),
         _seconds(quiet_seconds, "--quiet-seconds", env, "CKPT_AGENT_QUIET_SECONDS", DEFAULT_QUIET_SECONDS),
@@ -289,4 +307,5 @@ def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: 
         _seconds(grace_seconds, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS),
         _keep_last(keep_last, env),
         Rules(_markers(complete_file, env), bool(commit_on_quiet) or env_flag(env, "CKPT_AGENT_COMMIT_ON_QUIET")),
+        _seconds(None, "", env, "CKPT_AGENT_NOTHING_HERE_SECONDS", DEFAULT_NOTHING_HERE_SECONDS),
     )

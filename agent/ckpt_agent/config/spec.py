@@ -19,7 +19,9 @@ from ckpt_agent.errors import ConfigError
 DEFAULT_DOWNLOAD_FOLDER = "/tmp/loaded_checkpoints"
 LATEST = "baseten_latest_checkpoint"
 NAMED = "baseten_named_checkpoint"
+S3_PREFIX = "s3_prefix"
 CONFIG_VAR = "BT_LOAD_CHECKPOINT_CONFIG"
+BASETEN = "baseten"  # BT_CHECKPOINT_STORE=baseten: Baseten's training API, not a folder
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
@@ -43,7 +45,20 @@ class NamedRef:
         return f"named(checkpoint_name={self.checkpoint_name}, job_id={self.job_id})"
 
 
-Reference = LatestRef | NamedRef
+@dataclass(frozen=True)
+class S3PrefixRef:
+    """Every object under `s3://bucket/prefix/`, loaded into rank-<r>/<name>/ (name: the prefix's last part)."""
+
+    uri: str
+    bucket: str
+    prefix: str  # ends with '/'
+    name: str
+
+    def describe(self) -> str:
+        return f"s3_prefix(uri={self.uri})"
+
+
+Reference = LatestRef | NamedRef | S3PrefixRef
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,8 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class StoreLocation:
-    """Where checkpoints live: `scheme` is "s3" or "file"; `root` is the prefix or folder."""
+    """Where checkpoints live: `scheme` is "s3", "file" or "baseten" (the training API: no bucket, no
+    root); `root` is the prefix or folder."""
 
     scheme: str
     bucket: str
@@ -64,10 +80,10 @@ class StoreLocation:
     def __str__(self) -> str:
         if self.scheme == "s3":
             return f"s3://{self.bucket}/{self.root}".rstrip("/")
-        return self.root
+        return self.root or self.scheme
 
 
-def _shown(value: object) -> str:
+def _as_json(value: object) -> str:
     """A value as JSON spells it, for messages; json is imported only where it is needed (start-up time)."""
     import json
 
@@ -83,7 +99,7 @@ def check_name(value: object, field: str, *, nullable: bool = False) -> str | No
     if value is None and nullable:
         return None
     if not isinstance(value, str):
-        raise ConfigError(f"{field}: expected a string, got {_shown(value)}")
+        raise ConfigError(f"{field}: expected a string, got {_as_json(value)}")
     if not value.strip():
         raise ConfigError(f"{field}: must not be empty")
     problem = names.name_problem(value)
@@ -100,7 +116,7 @@ def _check_keys(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
 
 def _parse_reference(obj: object, where: str) -> Reference:
     if not isinstance(obj, dict):
-        raise ConfigError(f"{where}: expected an object, got {_shown(obj)}")
+        raise ConfigError(f"{where}: expected an object, got {_as_json(obj)}")
     typ = obj.get("typ")
     if typ == LATEST:
         _check_keys(obj, {"typ", "project_name", "job_id"}, where)
@@ -117,7 +133,24 @@ def _parse_reference(obj: object, where: str) -> Reference:
             checkpoint_name=check_name(obj["checkpoint_name"], f"{where}.checkpoint_name"),
             job_id=check_name(obj["job_id"], f"{where}.job_id"),
         )
-    raise ConfigError(f"{where}.typ: unknown {_shown(typ)} (expected {LATEST!r} or {NAMED!r})")
+    if typ == S3_PREFIX:
+        _check_keys(obj, {"typ", "uri"}, where)
+        return parse_s3_prefix(obj.get("uri"), f"{where}.uri")
+    raise ConfigError(f"{where}.typ: unknown {_as_json(typ)} (expected {LATEST!r}, {NAMED!r} or {S3_PREFIX!r})")
+
+
+def parse_s3_prefix(uri: object, field: str) -> S3PrefixRef:
+    """`s3://bucket/path/checkpoint-500/`: the last path component names the checkpoint's folder."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ConfigError(f"{field}: expected s3://bucket/path/checkpoint-name/")
+    bucket, _, path = uri[len("s3://"):].partition("/")
+    if "@" in bucket:  # not echoed: a user and password
+        raise ConfigError(f"{field}: must not hold a user or password; give credentials through the AWS environment")
+    path = path.strip("/")
+    if not _BUCKET.fullmatch(bucket) or not path:
+        raise ConfigError(f"{field}: {_as_json(uri)} needs a bucket and a path (s3://bucket/path/checkpoint-name/)")
+    name = check_name(path.rsplit("/", 1)[-1], f"{field} (its last path component)")
+    return S3PrefixRef(f"s3://{bucket}/{path}/", bucket, f"{path}/", name)
 
 
 def parse_load_spec(text: str | None) -> LoadSpec:
@@ -135,12 +168,12 @@ def parse_load_spec(text: str | None) -> LoadSpec:
     _check_keys(obj, {"enabled", "checkpoints", "download_folder"}, CONFIG_VAR)
     enabled = obj.get("enabled", False)
     if not isinstance(enabled, bool):
-        raise ConfigError(f"{CONFIG_VAR}.enabled: expected true or false, got {_shown(enabled)}")
+        raise ConfigError(f"{CONFIG_VAR}.enabled: expected true or false, got {_as_json(enabled)}")
     raw_refs = obj.get("checkpoints", [{"typ": LATEST}])
     if raw_refs is None:
         raw_refs = [{"typ": LATEST}]
     if not isinstance(raw_refs, list):
-        raise ConfigError(f"{CONFIG_VAR}.checkpoints: expected a list, got {_shown(raw_refs)}")
+        raise ConfigError(f"{CONFIG_VAR}.checkpoints: expected a list, got {_as_json(raw_refs)}")
     refs = tuple(
         _parse_reference(r, f"{CONFIG_VAR}.checkpoints[{i}]") for i, r in enumerate(raw_refs)
     )
@@ -148,7 +181,7 @@ def parse_load_spec(text: str | None) -> LoadSpec:
     if folder is None:
         folder = DEFAULT_DOWNLOAD_FOLDER
     if not isinstance(folder, str) or not folder.strip() or "\0" in folder:
-        raise ConfigError(f"{CONFIG_VAR}.download_folder: expected a folder path, got {_shown(folder)}")
+        raise ConfigError(f"{CONFIG_VAR}.download_folder: expected a folder path, got {_as_json(folder)}")
     return LoadSpec(enabled=enabled, checkpoints=refs, download_folder=folder)
 
 
@@ -167,12 +200,21 @@ def parse_start_commands(text: str | None) -> tuple[str, ...]:
     return tuple(obj)
 
 
+STORE_FORMS = "s3://bucket[/prefix], baseten, file:///absolute/path or an absolute path"
+
+
 def parse_store_location(text: str) -> StoreLocation:
-    """`s3://bucket[/prefix]`, `file:///abs/path`, or a plain path for the local store."""
-    if "://" not in text:
-        if not text.strip():
-            raise ConfigError("BT_CHECKPOINT_STORE: must not be empty")
+    """One of STORE_FORMS, spelled exactly. Anything else (`s3:/x`, `S3://x`, `bucket/x`, a relative
+    path) is refused: taken as a folder it would be created in the working directory, and a
+    container's working directory disappears with it, checkpoints and all."""
+    if text == BASETEN:
+        return StoreLocation(BASETEN, "", "")
+    if text.startswith("/"):
         return StoreLocation("file", "", os.path.abspath(text))
+    if not text.strip():
+        raise ConfigError(f"BT_CHECKPOINT_STORE: must not be empty (use {STORE_FORMS})")
+    if "://" not in text:
+        raise ConfigError(f"BT_CHECKPOINT_STORE: {_shown(text)} is not a store (use {STORE_FORMS})")
     if "@" in text.split("://", 1)[1].split("/", 1)[0]:
         # Never echoed: what precedes the '@' is a user and often a secret key.
         raise ConfigError("BT_CHECKPOINT_STORE: must not hold a user or password (user:secret@); "
@@ -180,17 +222,21 @@ def parse_store_location(text: str) -> StoreLocation:
     from urllib.parse import unquote, urlparse  # only for a URL: urllib costs start-up time
 
     url = urlparse(text)
-    if url.scheme == "s3":
+    if text.startswith("s3://"):
         if not url.netloc:
             raise ConfigError(f"BT_CHECKPOINT_STORE: {text!r} has no bucket (use s3://bucket/prefix)")
         if not _BUCKET.fullmatch(url.netloc):
             raise ConfigError(f"BT_CHECKPOINT_STORE: {url.netloc!r} is not a bucket name "
                               "(letters, digits, '.', '-' and '_'; use s3://bucket/prefix)")
         return StoreLocation("s3", url.netloc, url.path.strip("/"))
-    if url.scheme == "file":
+    if text.startswith("file://"):
         if url.netloc not in ("", "localhost") or not url.path.startswith("/"):
             raise ConfigError(f"BT_CHECKPOINT_STORE: {text!r} must be file:///absolute/path")
         return StoreLocation("file", "", unquote(url.path))
-    raise ConfigError(
-        f"BT_CHECKPOINT_STORE: unknown scheme {url.scheme!r} in {text!r} (use s3:// or file://)"
-    )
+    scheme = text.split("://", 1)[0]
+    raise ConfigError(f"BT_CHECKPOINT_STORE: unknown scheme {scheme!r} in {_shown(text)} (use {STORE_FORMS})")
+
+
+def _shown(text: str) -> str:
+    """The value quoted, unless an '@' says it may hold a user and password (`s3:/key:secret@bucket`)."""
+    return "the value (not shown: it holds '@')" if "@" in text else repr(text)

@@ -55,7 +55,9 @@ def stat_signature(st: os.stat_result) -> list[int]:
 
 
 class VerifiedIndex:
-    """Relative path -> [size, mtime_ns, ctime_ns, inode, device, fingerprint of the manifest entry]."""
+    """Relative path -> [size, mtime_ns, ctime_ns, inode, device, fingerprint of the manifest entry], and
+    for a file the agent did not write a note: how it was checked and its parts' crc32c, which a
+    later load that finds it intact records again."""
 
     def __init__(self, folder: Folder | None) -> None:
         """A link or special file at verified.json is refused (IntegrityError), like one anywhere else."""
@@ -71,11 +73,15 @@ class VerifiedIndex:
 
     def is_intact(self, rel: str, fingerprint: str, st: os.stat_result) -> bool:
         entry = self._entries.get(rel)
-        return entry is not None and entry == [*stat_signature(st), fingerprint]
+        return isinstance(entry, list) and entry[:6] == [*stat_signature(st), fingerprint]
 
-    def record(self, rel: str, fingerprint: str, st: os.stat_result) -> None:
+    def record(self, rel: str, fingerprint: str, st: os.stat_result, note: list | None = None) -> None:
         with self._lock:
-            self._entries[rel] = [*stat_signature(st), fingerprint]
+            self._entries[rel] = [*stat_signature(st), fingerprint, *([note] if note is not None else [])]
+
+    def note(self, rel: str) -> list | None:
+        entry = self._entries.get(rel)
+        return entry[6] if isinstance(entry, list) and len(entry) > 6 and isinstance(entry[6], list) else None
 
     def save(self) -> None:
         with self._lock:

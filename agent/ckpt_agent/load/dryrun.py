@@ -11,8 +11,10 @@ from ckpt_agent.config.selection import EVERY_FILE, Selection
 from ckpt_agent.config.settings import Settings
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex, check_root, checkpoint_dir
+from ckpt_agent.load.merge import describe_conflicts
 from ckpt_agent.load.pipeline import (
     bytes_needed,
+    checkpoints,
     describe_left_out,
     resolve_references,
     shown_paths,
@@ -22,7 +24,7 @@ from ckpt_agent.load.plan import FileTask, Plan, make_plan
 from ckpt_agent.load.resolve import Resolution, Resolved
 from ckpt_agent.report import Reporter, human_bytes
 from ckpt_agent.runtime.cancel import Cancel
-from ckpt_agent.stores import open_store
+from ckpt_agent.stores import open_load_store
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,20 @@ class CheckpointPlan:
     intact: tuple[FileTask, ...]
     fetch: tuple[FileTask, ...]
     excluded: tuple[FileTask, ...]
+
+    def nodes(self) -> list[dict]:
+        """Of a merged checkpoint, per node: the files placed from its manifest, those already here and
+        those to download (from the store, or a local copy the load finds)."""
+        if self.resolved.merged is None:
+            return []
+        rows = []
+        for m in self.resolved.merged.manifests:
+            mine = [tuple(t for t in tasks if t.origin[1] == m.rank) for tasks in (self.intact, self.fetch)]
+            placed = self.resolved.merged.placed_from(m.rank)
+            rows.append({"rank": m.rank, "files": len(placed), "bytes": sum(p.entry.size for p in placed),
+                         "files_intact": len(mine[0]), "files_to_fetch": len(mine[1]),
+                         "bytes_to_fetch": sum(t.entry.size for t in mine[1])})
+        return rows
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,7 @@ def plan_load(settings: Settings, reporter: Reporter, selection: Selection = EVE
     no lock, creates no folder and writes nothing, here or in the store."""
     root = Path(settings.spec.download_folder)
     check_root(root)
-    store = open_store(settings.store_config)
+    store = open_load_store(settings.store_config)
     try:
         resolution = resolve_references(store, settings, reporter, Cancel())
     finally:
@@ -65,8 +81,7 @@ def plan_load(settings: Settings, reporter: Reporter, selection: Selection = EVE
     warn_selection(resolution, selection, settings.required, reporter)
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(Folder(root)) if root.is_dir() else None
-        plan = make_plan(root, folder, tuple(r.manifest for r in resolution.checkpoints), settings.node_rank,
-                         VerifiedIndex(folder), selection)
+        plan = make_plan(root, folder, checkpoints(resolution), settings.node_rank, VerifiedIndex(folder), selection)
         needed = bytes_needed(plan, folder)
     per_checkpoint = []
     for r in resolution.checkpoints:
@@ -88,7 +103,8 @@ def plan_load(settings: Settings, reporter: Reporter, selection: Selection = EVE
         selection=selection.record(), bytes_needed=dry.needed_bytes, bytes_free=dry.free_bytes,
         checkpoints=[{"reference": c.resolved.reference.describe(), "job_id": c.resolved.manifest.job_id,
                       "checkpoint_name": c.resolved.manifest.checkpoint_name, "reason": c.resolved.reason,
-                      "files": len(c.resolved.manifest.files), "bytes": c.resolved.manifest.total_bytes,
+                      "files": len(c.resolved.checkpoint.files), "bytes": c.resolved.checkpoint.total_bytes,
+                      "nodes": c.nodes(), "conflicts": [x.path for x in c.resolved.checkpoint.conflicts],
                       "files_intact": len(c.intact), "files_to_fetch": len(c.fetch),
                       "bytes_to_fetch": sum(t.entry.size for t in c.fetch),
                       "files_excluded": [t.entry.path for t in c.excluded]} for c in dry.checkpoints],
@@ -101,21 +117,27 @@ def render_plan(dry: DryRun) -> str:
     state = "" if dry.root_exists else " (does not exist yet; a load creates it)"
     lines = [f"download folder: {dry.root.absolute()}{state}"]
     for c in dry.checkpoints:
-        r, m = c.resolved, c.resolved.manifest
+        r, m, merged = c.resolved, c.resolved.manifest, c.resolved.checkpoint
         fetch_bytes = sum(t.entry.size for t in c.fetch)
         excluded_bytes = sum(t.entry.size for t in c.excluded)
+        ranks = f"ranks {', '.join(map(str, merged.ranks))} in one folder" if r.merged else f"rank {m.rank}"
         lines += [
-            f"{r.reference.describe()} -> job {m.job_id}, checkpoint {m.checkpoint_name} (rank {m.rank})",
+            f"{r.reference.describe()} -> job {m.job_id}, checkpoint {m.checkpoint_name} ({ranks})",
             f"  why:          {r.reason}",
             f"  committed at: {m.committed_at}",
             f"  into:         {dry.root.absolute() / c.folder}",
-            f"  files:        {len(m.files)}, {human_bytes(m.total_bytes)}",
+            f"  files:        {len(merged.files)}, {human_bytes(merged.total_bytes)}",
+            *(f"  from rank {n['rank']}:  {n['files']} files, {human_bytes(n['bytes'])}; {n['files_intact']} "
+              f"intact, {n['files_to_fetch']} to download ({human_bytes(n['bytes_to_fetch'])})" for n in c.nodes()),
             f"  present:      {len(c.intact)} files intact, {human_bytes(sum(t.entry.size for t in c.intact))}",
             f"  to download:  {len(c.fetch)} files, {human_bytes(fetch_bytes)}",
         ]
         if c.excluded:
             lines.append(f"  left out:     {len(c.excluded)} files, {human_bytes(excluded_bytes)} by "
                          f"{dry.plan.selection.source()}: {shown_paths([t.entry.path for t in c.excluded])}")
+        conflict = describe_conflicts(merged)
+        if conflict is not None:
+            lines.append(f"  warning:      {conflict}")
     if not dry.checkpoints:
         lines.append("nothing to load")
     lines += [f"warning: {w}" for w in dry.resolution.warnings]

@@ -10,6 +10,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from ckpt_agent.disk.digests import checksum, format_checksum
 from ckpt_agent.errors import AgentError, ChecksumMismatch, IntegrityError, TransientError
@@ -35,14 +36,24 @@ def _check(crc: int, expected: str, message: str) -> None:
         raise ChecksumMismatch(message)
 
 
+class ForeignFiles(Protocol):
+    """Told about files the agent did not write (load/storagecheck.py), whose parts have no checksums
+    of ours: every response (its storage check comes with it), and each part once written."""
+
+    def observe(self, task: FileTask, reader: RangeReader) -> None: ...
+
+    def wrote(self, task: FileTask, part: int, crc: str) -> None: ...
+
+
 class Fetcher:
-    """Ranged reads from one store; `fetched(n)` is told of every verified byte. Every attempt
+    """Ranged reads from one store; `fetched(task, n)` is told of every verified byte. Every attempt
     holds a slot of `limiter`'s gate and reads under its rate cap."""
 
     def __init__(self, store: Store, cancel: Cancel, backoff: Backoff, buffer_size: int,
-                 fetched: Callable[[int], None], limiter: Limiter = NO_LIMITS) -> None:
+                 fetched: Callable[[FileTask, int], None], limiter: Limiter = NO_LIMITS,
+                 foreign: ForeignFiles | None = None) -> None:
         self.store, self.cancel, self.backoff = store, cancel, backoff
-        self.buffer_size, self.fetched, self.limiter = buffer_size, fetched, limiter
+        self.buffer_size, self.fetched, self.limiter, self.foreign = buffer_size, fetched, limiter, foreign
         self._local = threading.local()
 
     def buffer(self) -> memoryview:
@@ -110,8 +121,11 @@ class Fetcher:
                     p_start, p_end = part_bounds(task, part)
                     crc, offset = 0, p_start
                     self.read_exactly(reader, task.key, p_end - p_start, sink)
-                    _check(crc, task.entry.parts[part], f"part {part} checksum mismatch")
-                    self.fetched(p_end - p_start)
+                    if task.entry.foreign is None:
+                        _check(crc, task.entry.parts[part], f"part {part} checksum mismatch")
+                    elif self.foreign is not None:  # checked whole once in place; noted so a kill resumes here
+                        self.foreign.wrote(task, part, format_checksum(crc))
+                    self.fetched(task, p_end - p_start)
                     part += 1
         finally:
             reader.close()
@@ -120,10 +134,17 @@ class Fetcher:
     def _open(self, task: FileTask, start: int, length: int) -> RangeReader:
         reader = self.store.open_range(task.key, start, length)
         size = getattr(reader, "object_size", None)
+        listed = "manifest" if task.entry.foreign is None else "listing"
         if size is not None and size != task.entry.size:
             reader.close()
-            raise IntegrityError(f"{task.key}: is {size} bytes in the store but {task.entry.size} in its manifest; "
-                                 "the object changed after it was committed")
+            raise IntegrityError(f"{task.key}: is {size} bytes in the store but {task.entry.size} in its {listed}; "
+                                 f"the object changed after it was {'committed' if listed == 'manifest' else 'listed'}")
+        if task.entry.foreign is not None and self.foreign is not None:
+            try:
+                self.foreign.observe(task, reader)
+            except BaseException:
+                reader.close()
+                raise
         return reader
 
     def span(self, key: str, members: list[FileTask], first: int,
@@ -163,7 +184,7 @@ class Fetcher:
         if reader is not None:
             self.read_exactly(reader, task.pack_key or task.key, task.entry.size, sink)
         _check(crc, task.entry.parts[0], f"{task.rel} checksum mismatch in its pack")
-        self.fetched(task.entry.size)
+        self.fetched(task, task.entry.size)
 
     def read_exactly(self, reader: RangeReader, key: str, count: int, sink: Sink | None) -> None:
         buf = self.buffer()

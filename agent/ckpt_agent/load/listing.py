@@ -39,9 +39,10 @@ class JobRow:
 class CheckpointRow:
     name: str
     committed_at: str | None  # the rank-0 manifest's, which orders `latest`
-    ranks_committed: tuple[int, ...]
+    ranks_committed: tuple[int, ...]  # with their files (a manifest)
+    ranks_nothing_here: tuple[int, ...]  # with a record that the node has no files of it
     num_nodes: int
-    complete: bool  # every rank committed: what `latest` may choose
+    complete: bool  # every node committed: what `latest` may choose
     files: int | None  # summed over the committed ranks; None when no rank committed
     bytes: int | None
 
@@ -49,7 +50,7 @@ class CheckpointRow:
     def state(self) -> str:
         if self.complete:
             return "committed"
-        return "partial" if self.ranks_committed else "uncommitted"
+        return "partial" if self.ranks_committed or self.ranks_nothing_here else "uncommitted"
 
 
 @dataclass(frozen=True)
@@ -93,17 +94,24 @@ def list_job_checkpoints(store: Store, job_id: str, project: str | None = None,
             f"job {job_id} belongs to project {job.project_name!r}, not {project!r}; "
             f"list the project's jobs with `ckpt-agent ls --project {project}`"
         )
-    infos = list_checkpoints(store, job, warn)
+    infos = list_checkpoints(store, job.job_id, job.num_nodes, warn)
 
     def row(info) -> CheckpointRow:
-        manifests = [read_manifest(store, job.job_id, info.name, rank) for rank in info.ranks_committed]
+        manifests = [read_manifest(store, job.job_id, info.name, rank) for rank in info.ranks.manifests]
         files = sum(len(m.files) for m in manifests) if manifests else None
         size = sum(m.total_bytes for m in manifests) if manifests else None
-        return CheckpointRow(info.name, info.committed_at, info.ranks_committed, info.num_nodes,
-                             info.complete, files, size)
+        return CheckpointRow(info.name, info.committed_at, info.ranks.manifests, info.ranks.nothing,
+                             info.num_nodes, info.complete, files, size)
 
     rows = tuple(map_tasks(row, infos))
     return CheckpointListing(JobRow(job.job_id, job.project_name, job.created_at, job.num_nodes), rows)
+
+
+def _ranks(c: CheckpointRow) -> str:
+    """`2/2` once every node committed (a node with nothing of it counts, and is named)."""
+    done = len(set(c.ranks_committed) | set(c.ranks_nothing_here))
+    nothing = f" (rank {', '.join(map(str, c.ranks_nothing_here))}: nothing here)" if c.ranks_nothing_here else ""
+    return f"{done}/{c.num_nodes}" + ("" if c.complete else f" {c.state}") + nothing
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -116,7 +124,8 @@ def _jsonable(data: JobListing | CheckpointListing) -> dict:
     if isinstance(data, JobListing):
         return {"project_name": data.project_name, "jobs": [asdict(j) for j in data.jobs]}
     return {"job": asdict(data.job),
-            "checkpoints": [{**asdict(c), "ranks_committed": list(c.ranks_committed), "state": c.state}
+            "checkpoints": [{**asdict(c), "ranks_committed": list(c.ranks_committed),
+                             "ranks_nothing_here": list(c.ranks_nothing_here), "state": c.state}
                             for c in data.checkpoints]}
 
 
@@ -132,11 +141,12 @@ def render(data: JobListing | CheckpointListing, as_json: bool = False) -> str:
                       [[j.project_name or "-", j.job_id, j.created_at or "(no job.json)",
                         "-" if j.num_nodes is None else str(j.num_nodes)] for j in data.jobs])
     job = data.job
-    title = f"job {job.job_id} (project {job.project_name or '-'}, {job.num_nodes} node(s), created {job.created_at})"
+    nodes = "" if job.num_nodes is None else f", {job.num_nodes} node(s)"  # the training API does not say
+    title = f"job {job.job_id} (project {job.project_name or '-'}{nodes}, created {job.created_at})"
     if not data.checkpoints:
         return f"{title}\nno checkpoints"
     rows = [[c.name, c.committed_at or "-",
-             f"{len(c.ranks_committed)}/{c.num_nodes}" + ("" if c.complete else f" {c.state}"),
+             _ranks(c),
              "-" if c.files is None else str(c.files),
              "-" if c.bytes is None else human_bytes(c.bytes)] for c in data.checkpoints]
     return f"{title}\n" + _table(["CHECKPOINT", "COMMITTED AT", "RANKS", "FILES", "SIZE"], rows)

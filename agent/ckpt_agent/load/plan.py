@@ -1,4 +1,5 @@
-"""Manifests + what is already on disk -> the work to do; skips are values, not branches.
+"""Checkpoints (ckpt_agent.load.merge: one node's manifest, or every node's in one folder) + what
+is already on disk -> the work to do; skips are values, not branches.
 
 Pure except for stat calls (through ckpt_agent.disk.safefs): nothing is written here, so an unsafe manifest
 path or a planted symlink, hardlink or special file is refused before the first byte lands.
@@ -16,8 +17,9 @@ from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex, checkpoint_dir
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, refuse_hardlink
 from ckpt_agent.errors import ConfigError, IntegrityError
+from ckpt_agent.load.merge import Merged
 from ckpt_agent.stores import layout
-from ckpt_agent.stores.manifest import FileEntry, Manifest
+from ckpt_agent.stores.manifest import FileEntry
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,19 @@ class FileTask:
     entry: FileEntry
     part_size: int
     pack_key: str | None = None
+    origin: tuple[str, int] = ("", 0)  # (checkpoint, the rank whose manifest lists it and whose keys hold it)
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the committed content, so a re-committed checkpoint is not mistaken for intact."""
-        return f"{self.entry.size}:{checksum(','.join(self.entry.parts).encode()):08x}"
+        """Identifies the committed content, so a re-committed checkpoint is not mistaken for intact; a
+        foreign file by its key and what its storage said of it before the load (for a Baseten file,
+        whose storage speaks only in the answer, its key alone)."""
+        foreign = self.entry.foreign
+        if foreign is None:
+            return f"{self.entry.size}:{checksum(','.join(self.entry.parts).encode()):08x}"
+        check = foreign.check
+        identity = f"{foreign.key}|{check.kind}:{check.value}:{check.etag}" if check else foreign.key
+        return f"{self.entry.size}:foreign:{checksum(identity.encode()):08x}"
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class Plan:
     root: Path
     fetch: tuple[FileTask, ...]
     intact: tuple[FileTask, ...]
-    manifests: tuple[Manifest, ...]
+    checkpoints: tuple[Merged, ...]
     excluded: tuple[FileTask, ...] = ()  # listed by a manifest, left out by the selection: never fetched
     selection: Selection = EVERY_FILE
 
@@ -61,16 +71,17 @@ class Plan:
         return len(self.fetch) + len(self.intact)
 
 
-def make_plan(root: Path, folder: Folder | None, manifests: tuple[Manifest, ...], rank: int,
+def make_plan(root: Path, folder: Folder | None, checkpoints: tuple[Merged, ...], rank: int,
               index: VerifiedIndex, selection: Selection = EVERY_FILE) -> Plan:
     """`folder` is None when the download folder does not exist yet (a dry run): nothing is there.
-    A file the selection leaves out is not even looked at: the load removes any copy of it."""
+    A file the selection leaves out is not even looked at: the load removes any copy of it. Every
+    file lands in this node's `rank-<rank>/<name>/`, whichever node's manifest lists it."""
     fetch: list[FileTask] = []
     intact: list[FileTask] = []
     excluded: list[FileTask] = []
-    for m in manifests:
-        folder_rel = checkpoint_dir(rank, m.checkpoint_name)
-        for entry in m.files:
+    for checkpoint in checkpoints:
+        folder_rel = checkpoint_dir(rank, checkpoint.checkpoint_name)
+        for m, entry in ((p.manifest, p.entry) for p in checkpoint.files):
             rel = f"{folder_rel}/{entry.path}"
             dest = root / rel
             if not os.path.normpath(dest).startswith(os.path.normpath(root) + os.sep):
@@ -78,8 +89,9 @@ def make_plan(root: Path, folder: Folder | None, manifests: tuple[Manifest, ...]
                     f"{m.job_id}/{m.checkpoint_name}: path {entry.path!r} lands outside the download folder"
                 )
             pack_key = None if entry.pack is None else layout.pack_key(m.job_id, m.checkpoint_name, m.rank, entry.pack)
-            task = FileTask(layout.file_key(m.job_id, m.checkpoint_name, m.rank, entry.path),
-                            dest, rel, entry, m.part_size, pack_key)
+            key = entry.foreign.key if entry.foreign else layout.file_key(m.job_id, m.checkpoint_name, m.rank,
+                                                                         entry.path)
+            task = FileTask(key, dest, rel, entry, m.part_size, pack_key, (m.checkpoint_name, m.rank))
             if not selection.wants(entry.path):
                 excluded.append(task)
                 continue
@@ -89,17 +101,17 @@ def make_plan(root: Path, folder: Folder | None, manifests: tuple[Manifest, ...]
                 intact.append(task)
             else:
                 fetch.append(task)
-    return Plan(root, tuple(fetch), tuple(intact), manifests, tuple(excluded), selection)
+    return Plan(root, tuple(fetch), tuple(intact), checkpoints, tuple(excluded), selection)
 
 
-def check_selection(manifests: tuple[Manifest, ...], selection: Selection, required: bool) -> tuple[str, ...]:
+def check_selection(checkpoints: tuple[Merged, ...], selection: Selection, required: bool) -> tuple[str, ...]:
     """Before anything is touched: a required load that would place no file of a checkpoint is a
     ConfigError (never train without the weights because of a typo); otherwise warnings to print."""
     warnings: list[str] = []
-    for m in manifests:
-        paths = [f.path for f in m.files]
+    for c in checkpoints:
+        paths = [p.entry.path for p in c.files]
         unmatched = selection.unmatched_includes(paths)
-        shown = f"checkpoint {m.checkpoint_name} of job {m.job_id}"
+        shown = f"checkpoint {c.checkpoint_name} of job {c.job_id}"
         if paths and not any(selection.wants(p) for p in paths):
             listing = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
             why = (f"{selection.include_field}: {', '.join(map(repr, unmatched))} matches no file of {shown}"

@@ -19,9 +19,10 @@ from ckpt_agent.disk.localstate import STATE_DIR, loaded_record
 from ckpt_agent.disk.resume import read_load_record
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, open_file
 from ckpt_agent.errors import IntegrityError, NotFoundError
-from ckpt_agent.load.record import read_recorded_manifest, record_names, recorded_selection
+from ckpt_agent.load.merge import Merged
+from ckpt_agent.load.record import read_recorded_checkpoint, record_names, recorded_selection
 from ckpt_agent.runtime.pool import map_tasks
-from ckpt_agent.stores.manifest import FileEntry, Manifest, check_relative_path
+from ckpt_agent.stores.manifest import FileEntry, check_relative_path
 
 OK, MISSING, CHANGED, EXTRA, EXCLUDED = "ok", "missing", "changed", "extra", "excluded"
 
@@ -54,8 +55,9 @@ def _open(root: Path) -> Folder:
     return Folder(root)
 
 
-def _records(folder: Folder) -> list[tuple[str, list, Selection]]:
-    """(name, checkpoint entries, selection) of every rank's record; each entry names a manifest and a path."""
+def _records(folder: Folder) -> list[tuple[str, list, Selection, int]]:
+    """(name, checkpoint entries, selection, node rank) of every rank's record; each entry names a
+    manifest (or every node's, of a merged checkpoint) and a path."""
     names = record_names(folder)
     if not names:
         raise NotFoundError(
@@ -71,7 +73,11 @@ def _records(folder: Folder) -> list[tuple[str, list, Selection]]:
         if any(not isinstance(c, dict) or "manifest" not in c or "path" not in c for c in entries):
             raise NotFoundError(f"{folder.shown(STATE_DIR + '/' + name)}: not a record this ckpt-agent "
                                 "wrote; run `ckpt-agent load` again to record the manifests")
-        records.append((name, entries, recorded_selection(folder, name, record)))
+        rank = record.get("node_rank", 0)
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise NotFoundError(f"{folder.shown(STATE_DIR + '/' + name)}: its node_rank is not a number; "
+                                "run `ckpt-agent load` again")
+        records.append((name, entries, recorded_selection(folder, name, record), rank))
     return records
 
 
@@ -101,22 +107,22 @@ def verify_folder(root: Path, workers: int = 8) -> VerifyReport:
         checks: list[FileCheck] = []
         jobs: list[tuple[Folder, str, FileEntry, int]] = []
         folders: list[str] = []
-        for name, entries, selection in _records(folder):
+        for name, entries, selection, rank in _records(folder):
             for entry in entries:
                 folder_rel = check_relative_path(entry["path"], f"{name}: path")
                 folders.append(folder_rel)
-                manifest, problem = read_recorded_manifest(folder, entry, name)
+                checkpoint, problem = read_recorded_checkpoint(folder, entry, name, rank)
                 if problem is not None:
                     checks.append(FileCheck(problem.path, MISSING if problem.gone else CHANGED, problem.detail))
                     continue
-                assert manifest is not None
-                checks.extend(_check_listing(folder, folder_rel, manifest, selection, jobs))
+                assert checkpoint is not None
+                checks.extend(_check_listing(folder, folder_rel, checkpoint, selection, jobs))
         checks.extend(map_tasks(lambda j: _check_file(*j), jobs, max(1, workers)))  # crc32c releases the GIL
     checks.sort(key=lambda c: c.path)
     return VerifyReport(root, tuple(folders), tuple(checks))
 
 
-def _check_listing(folder: Folder, folder_rel: str, manifest: Manifest, selection: Selection,
+def _check_listing(folder: Folder, folder_rel: str, checkpoint: Merged, selection: Selection,
                    jobs: list[tuple[Folder, str, FileEntry, int]]) -> list[FileCheck]:
     """Missing, not regular, excluded and extra entries of one checkpoint folder; regular files go to `jobs`."""
     try:
@@ -125,7 +131,8 @@ def _check_listing(folder: Folder, folder_rel: str, manifest: Manifest, selectio
         return [FileCheck(folder_rel, CHANGED, "is not a plain folder (a symlink or a file)")]
     exists = folder.dir(folder_rel) is not None
     checks = []
-    for f in manifest.files:
+    for placed in checkpoint.files:
+        f = placed.entry
         rel = f"{folder_rel}/{f.path}"
         if not selection.wants(f.path):
             checks.append(FileCheck(rel, EXCLUDED, f"left out by the load: {selection.describe()}"
@@ -135,8 +142,8 @@ def _check_listing(folder: Folder, folder_rel: str, manifest: Manifest, selectio
         elif not present[f.path]:
             checks.append(FileCheck(rel, CHANGED, "is not a regular file (a symlink?)"))
         else:
-            jobs.append((folder, rel, f, manifest.part_size))
-    listed = {f.path for f in manifest.files}
+            jobs.append((folder, rel, f, placed.manifest.part_size))
+    listed = {p.entry.path for p in checkpoint.files}
     for path in sorted(set(present) - listed):
         why = ("a partial download" if path.endswith(INCOMPLETE_SUFFIX)
                else "not in the manifest" if present[path] else "a symlink or special file, not in the manifest")

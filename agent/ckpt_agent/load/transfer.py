@@ -26,8 +26,10 @@ from ckpt_agent.disk.localstate import VerifiedIndex
 from ckpt_agent.disk.safefs import open_file, open_or_create, partial_name, place
 from ckpt_agent.errors import IntegrityError, LoadTimeoutError
 from ckpt_agent.load.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
+from ckpt_agent.load.journal import PartJournal
 from ckpt_agent.load.plan import FileTask, Plan
 from ckpt_agent.load.sources import LOCAL_KINDS, LocalSources
+from ckpt_agent.load.storagecheck import Checked, StorageChecks
 from ckpt_agent.report import Progress
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.runtime.pool import run_tasks
@@ -46,10 +48,15 @@ class TransferOptions:
     backoff: Backoff = DOWNLOAD_BACKOFF
 
 
+STORE, REUSED = "store", "reused"
+
+
 @dataclass
 class TransferStats:
     """`bytes_fetched` came from the store; `bytes_local` by ckpt_agent.load.sources kind; `bytes_reused` were
-    already verified in the download folder (intact files, parts of a resumed file)."""
+    already verified in the download folder (intact files, parts of a resumed file). `by_origin`: the
+    same split for the files of each (checkpoint, node manifest) (FileTask.origin), so a merged load
+    can say where each node's files came from."""
 
     files_fetched: int = 0
     files_reused: int = 0
@@ -57,10 +64,27 @@ class TransferStats:
     seconds: float = 0.0
     bytes_local: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOCAL_KINDS, 0))
     bytes_reused: int = 0
+    by_origin: dict[tuple[str, int], dict[str, int]] = field(default_factory=dict)
+    checked: dict[str, Checked] = field(default_factory=dict)  # files the agent did not write, by rel
 
     def bytes_from(self) -> dict[str, int]:
         """Every byte of the load by where it came from, as the summary and loaded-rank-<r>.json show it."""
-        return {"store": self.bytes_fetched, **self.bytes_local, "reused": self.bytes_reused}
+        return {STORE: self.bytes_fetched, **self.bytes_local, REUSED: self.bytes_reused}
+
+    def from_node(self, checkpoint: str, rank: int) -> dict[str, int]:
+        """Where the bytes of node `rank`'s files of `checkpoint` came from, as bytes_from() splits them."""
+        return dict(self.by_origin.get((checkpoint, rank), dict.fromkeys((STORE, *LOCAL_KINDS, REUSED), 0)))
+
+    def count(self, origin: tuple[str, int], kind: str, n: int) -> None:
+        """`n` bytes of the files of `origin` (checkpoint, node) placed from `kind`; the caller holds the lock."""
+        if kind == STORE:
+            self.bytes_fetched += n
+        elif kind == REUSED:
+            self.bytes_reused += n
+        else:
+            self.bytes_local[kind] += n
+        per_origin = self.by_origin.setdefault(origin, dict.fromkeys((STORE, *LOCAL_KINDS, REUSED), 0))
+        per_origin[kind] += n
 
 
 @dataclass
@@ -79,25 +103,25 @@ class _Engine:
         self.progress, self.cancel, self.index, self.sources = progress, cancel, index, sources
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
-        self.fetcher = Fetcher(store, cancel, options.backoff, options.buffer_size, self._fetched, limiter)
+        self.checks = StorageChecks(PartJournal(folder, index.save))
+        self.fetcher = Fetcher(store, cancel, options.backoff, options.buffer_size, self._fetched, limiter,
+                               self.checks)
         self.placed: set[str] = set()
 
-    def _fetched(self, count: int) -> None:
-        with self._stats_lock:
-            self.stats.bytes_fetched += count
-        self.progress(count)
+    def _fetched(self, task: FileTask, count: int) -> None:
+        self._placed(task, STORE, count)
 
-    def _placed(self, kind: str, count: int) -> None:
-        """Bytes placed from a local source (ckpt_agent.load.sources)."""
+    def _placed(self, task: FileTask, kind: str, count: int) -> None:
+        """Bytes of `task` placed from `kind`: the store, a local source (ckpt_agent.load.sources), or reused."""
         with self._stats_lock:
-            self.stats.bytes_local[kind] += count
+            self.stats.count(task.origin, kind, count)
         self.progress(count)
 
     def _missing(self, fd: int, task: FileTask, parts: list[int]) -> list[int]:
-        """The parts no local source could supply, for the store."""
-        if self.sources is None:
+        """The parts no local source could supply, for the store (all of a foreign file's: no part checksums)."""
+        if self.sources is None or task.entry.foreign is not None:
             return parts
-        return self.sources.fill(fd, task, parts, self._placed)
+        return self.sources.fill(fd, task, parts, partial(self._placed, task))
 
     def units(self) -> Iterator[Callable[[], None]]:
         """Packed small files go as spans of their pack; large files as chunk-sized ranges."""
@@ -111,6 +135,7 @@ class _Engine:
         for task in self.plan.fetch:
             if task.pack_key is not None:
                 continue
+            task = task if task.entry.foreign is None else self.checks.resume(task)
             parts = len(task.entry.parts)
             per_unit = max(1, self.options.chunk_size // task.part_size)
             starts = range(0, parts, per_unit)
@@ -179,14 +204,24 @@ class _Engine:
             state.units_left -= 1
             finished = state.units_left == 0
         if finished:
+            if task.entry.foreign is not None:
+                self._check_whole(task)
             self._place(task)
 
+    def _check_whole(self, task: FileTask) -> None:
+        fd, _ = self._open_temp(task)
+        try:
+            self.checks.check_whole(fd, task, self.fetcher.buffer(), lambda: self.fetcher.resuming(
+                task.key, 0, len(task.entry.parts), lambda a, b: self.fetcher.parts(fd, task, a, b)))
+        finally:
+            os.close(fd)
+
     def _part_ok(self, fd: int, task: FileTask, part: int) -> bool:
+        """A part on disk matches its checksum (a foreign file's: one noted as a killed load wrote it)."""
         start, end = part_bounds(task, part)
-        if read_checksums(fd, start, end, task.part_size, self.fetcher.buffer()) == [task.entry.parts[part]]:
-            with self._stats_lock:
-                self.stats.bytes_reused += end - start
-            self.progress(end - start)
+        expected = task.entry.parts[part]
+        if expected and read_checksums(fd, start, end, task.part_size, self.fetcher.buffer()) == [expected]:
+            self._placed(task, REUSED, end - start)
             return True
         return False
 
@@ -215,7 +250,11 @@ class _Engine:
         placed = None if dfd is None else place(dfd, partial_name(name), name, shown)
         if placed is None:
             raise IntegrityError(f"{shown}: removed while it was being downloaded")
-        self.index.record(task.rel, task.fingerprint, placed)
+        checked = self.checks.results.get(task.rel)
+        self.index.record(task.rel, task.fingerprint, placed,
+                          None if checked is None else [checked.kind, list(checked.parts)])
+        if checked is not None:  # saved soon with the index: a killed load can trust only a foreign file recorded
+            self.checks.journal.drop(task.rel)
         with self._stats_lock:
             self.stats.files_fetched += 1
             self.placed.add(task.rel)
@@ -263,14 +302,17 @@ def run_plan(store: Store, plan: Plan, folder: Folder, options: TransferOptions,
     engine = _Engine(store, plan, folder, options, progress, cancel, index, limiter,
                      sources if sources is not None and sources.usable else None)
     engine.stats.files_reused = len(plan.intact)
-    engine.stats.bytes_reused = sum(t.entry.size for t in plan.intact)
+    for task in plan.intact:
+        engine.stats.count(task.origin, REUSED, task.entry.size)
     try:
         run_tasks(engine.units(), options.workers, cancel)
+        engine.checks.journal.clear()
     except LoadTimeoutError as exc:
         missing = [t.rel for t in plan.fetch if t.rel not in engine.placed]
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LoadTimeoutError(f"{exc}; still missing {len(missing)} files: {shown}") from None
     finally:
-        index.save()
+        engine.checks.journal.save()  # and the index
     engine.stats.seconds = time.monotonic() - started
+    engine.stats.checked = dict(engine.checks.results)
     return engine.stats

@@ -28,7 +28,8 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1 is the first failure)."""
-        return min(self.cap, self.base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        doublings = min(attempt - 1, 64)  # past the cap long before; an endless retry must not overflow
+        return min(self.cap, self.base * 2 ** doublings) * random.uniform(0.5, 1.0)
 
 
 def retry(

@@ -217,6 +217,11 @@ class Store(ABC):
             keys.extend(self.list_recursive(f"{prefix}{sub}/"))
         return sorted(keys)
 
+    def head(self, key: str) -> dict[str, str]:
+        """An object's response headers (lower-case names) with S3's checksum mode on: its size, ETag and
+        any checksum it keeps, for objects the agent did not write. Only S3 stores have them."""
+        raise StoreError(f"{self.describe()}: keeps no object checksums; an s3_prefix reference needs S3")
+
     def describe(self) -> str:
         return type(self).__name__
 

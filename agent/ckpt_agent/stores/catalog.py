@@ -39,17 +39,32 @@ def valid_names(listed: Iterable[str], where: str, warn: Warn) -> list[str]:
 
 
 @dataclass(frozen=True)
+class RankCommits:
+    """Which nodes committed one checkpoint: with their files (a manifest), or with none (a "nothing
+    here" record, written only after the leader committed it)."""
+
+    manifests: tuple[int, ...]
+    nothing: tuple[int, ...] = ()
+
+    def covers(self, num_nodes: int) -> bool:
+        """Complete for a job of `num_nodes`: the leader's manifest (it stands for the collective
+        save), and every other node's manifest or record."""
+        done = set(self.manifests) | set(self.nothing)
+        return 0 in self.manifests and all(r in done for r in range(num_nodes))
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     """One checkpoint of a job as the store shows it (used by `latest` and by listings)."""
 
     name: str
-    ranks_committed: tuple[int, ...]
+    ranks: RankCommits
     num_nodes: int
     committed_at: str | None
 
     @property
     def complete(self) -> bool:
-        return all(r in self.ranks_committed for r in range(self.num_nodes))
+        return self.ranks.covers(self.num_nodes)
 
 
 def read_job(store: Store, job_id: str) -> JobRecord | None:
@@ -100,23 +115,24 @@ def committed_checkpoints(store: Store, job_id: str, rank: int, warn: Warn = no_
     return sorted(found, key=lambda m: latest_order(m.committed_at, m.checkpoint_name), reverse=True)
 
 
-def committed_ranks(store: Store, job_id: str, name: str) -> tuple[int, ...]:
-    """The ranks with a manifest for one checkpoint, from one listing."""
+def rank_commits(store: Store, job_id: str, name: str) -> RankCommits:
+    """The ranks with a manifest, and those with a "nothing here" record, from one listing."""
     files = store.list_dir(layout.checkpoint_prefix(job_id, name)).files
-    return tuple(sorted(r for r in map(layout.manifest_rank, files) if r is not None))
+    return RankCommits(tuple(sorted(r for r in map(layout.manifest_rank, files) if r is not None)),
+                       tuple(sorted(r for r in map(layout.nothing_rank, files) if r is not None)))
 
 
-def list_checkpoints(store: Store, job: JobRecord, warn: Warn = no_warnings) -> list[CheckpointInfo]:
-    """Every checkpoint folder of a job with its commit state, newest first."""
-    prefix = layout.checkpoints_prefix(job.job_id)
+def list_checkpoints(store: Store, job_id: str, num_nodes: int, warn: Warn = no_warnings) -> list[CheckpointInfo]:
+    """Every checkpoint folder of a job of `num_nodes` nodes with its commit state, newest first."""
+    prefix = layout.checkpoints_prefix(job_id)
     names = valid_names(store.list_dir(prefix).dirs, prefix, warn)
 
     def info(name: str) -> CheckpointInfo:
-        ranks = committed_ranks(store, job.job_id, name)
+        ranks = rank_commits(store, job_id, name)
         committed_at = None
-        if 0 in ranks:
-            committed_at = read_manifest(store, job.job_id, name, 0).committed_at
-        return CheckpointInfo(name, ranks, job.num_nodes, committed_at)
+        if 0 in ranks.manifests:
+            committed_at = read_manifest(store, job_id, name, 0).committed_at
+        return CheckpointInfo(name, ranks, num_nodes, committed_at)
 
     infos = map_tasks(info, names)
     infos.sort(key=lambda c: latest_order(c.committed_at, c.name), reverse=True)

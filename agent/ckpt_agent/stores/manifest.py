@@ -15,6 +15,7 @@ from ckpt_agent.config import names
 from ckpt_agent.disk.resume import FILE_KIND
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX
 from ckpt_agent.errors import IntegrityError
+from ckpt_agent.stores.objectcheck import ForeignFile
 
 # Format 2 adds a sha256 per part next to its crc32c; a manifest without them is still written
 # (and read) as format 1, so the two differ only in that key.
@@ -25,6 +26,7 @@ ALGORITHM = "crc32c"
 # releases the GIL for it, so save still hashes regions on every core.
 STRONG_ALGORITHM = "sha256"
 _STRONG_HEX = re.compile(r"[0-9a-f]{64}")
+_PART_HEX = re.compile(r"[0-9a-f]{8}")
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 # A checkpoint is a folder of files, or one file saved on its own (`ckpt-5.pt`): the manifest then
 # lists that one file, and a load hands the trainer the file's path instead of the folder's.
@@ -47,6 +49,8 @@ class FileEntry:
     """`pack`/`offset`: where a small file's bytes also sit inside one of the checkpoint's packs.
 
     `strong`: one sha256 per part (format 2), or () from a format-1 manifest.
+    `foreign`: a file the agent did not write (a Baseten job's, an S3 prefix's): its `parts` are ""
+    (unknown), and what is checked is what its storage says (stores/objectcheck.py).
     """
 
     path: str
@@ -55,6 +59,7 @@ class FileEntry:
     pack: int | None = None
     offset: int = 0
     strong: tuple[str, ...] = ()
+    foreign: ForeignFile | None = None
 
     def to_dict(self) -> dict:
         body: dict = {"path": self.path, "size": self.size, "parts": list(self.parts)}
@@ -140,6 +145,17 @@ class JobRecord:
         return json.dumps({"job_id": self.job_id, "created_at": self.created_at})
 
 
+def nothing_here_record(job_id: str, name: str, rank: int, recorded_at: str) -> str:
+    """Node `rank` of a multi-node job has no files of checkpoint `name` (layout.nothing_key).
+    Readers count its presence only; the body says who wrote it, and when."""
+    return json.dumps({"job_id": job_id, "checkpoint_name": name, "rank": rank, "recorded_at": recorded_at})
+
+
+def leader_stopped_record(job_id: str, stopped_at: str) -> str:
+    """The leader's sidecar of a multi-node job has stopped (layout.leader_stopped_key); presence only."""
+    return json.dumps({"job_id": job_id, "stopped_at": stopped_at})
+
+
 def check_relative_path(path: object, where: str) -> str:
     """A manifest path must stay inside the checkpoint folder on every OS."""
     if not isinstance(path, str) or not path:
@@ -158,7 +174,7 @@ def fold(path: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", path).casefold())
 
 
-def _check_collisions(paths: list[str], where: str) -> None:
+def check_collisions(paths: list[str], where: str) -> None:
     """No path may be another's folder, or its temporary twin, on any file system, even after folding."""
     files: dict[str, str] = {}
     for path in paths:
@@ -212,7 +228,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         if f.path in seen:
             raise IntegrityError(f"{where}: files[{i}]: duplicate path {f.path!r}")
         seen.add(f.path)
-    _check_collisions([f.path for f in files], where)
+    check_collisions([f.path for f in files], where)
     kind = obj.get("kind", FOLDER_KIND)
     if kind not in (FOLDER_KIND, FILE_KIND):
         raise IntegrityError(f"{where}: unknown checkpoint kind {kind!r}; upgrade ckpt-agent")
@@ -244,8 +260,10 @@ def _parse_file(raw: object, fw: str, part_size: int, packs: dict[int, int], str
     if size < 0:
         raise IntegrityError(f"{fw}: negative size for {path!r}")
     parts = _require(raw, "parts", list, fw)
-    if len(parts) != part_count(size, part_size) or not all(isinstance(p, str) for p in parts):
+    if len(parts) != part_count(size, part_size):
         raise IntegrityError(f"{fw}: {len(parts)} checksums do not match size {size} of {path!r}")
+    if not all(isinstance(p, str) and _PART_HEX.fullmatch(p) for p in parts):
+        raise IntegrityError(f"{fw}: the part checksums of {path!r} must be 8 lower-case hex digits each")
     pack, offset = raw.get("pack"), raw.get("offset", 0)
     if pack is not None and not _fits_pack(pack, offset, size, len(parts), packs):
         raise IntegrityError(f"{fw}: pack {pack!r} offset {offset!r} does not fit a pack of the manifest")

@@ -169,6 +169,10 @@ class Boto3Store(S3StoreBase):
             raise self._error(exc, "GET", key) from None
         return _Body(response["Body"], response.get("ContentRange"))
 
+    def head(self, key: str) -> dict[str, str]:
+        answer = self._call("head_object", "HEAD", key, Key=self._key(key), ChecksumMode="ENABLED")
+        return {k.lower(): v for k, v in answer["ResponseMetadata"]["HTTPHeaders"].items()}
+
     def delete(self, key: str) -> None:
         self._call("delete_object", "DELETE", key, Key=self._key(key))
 

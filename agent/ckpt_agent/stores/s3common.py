@@ -22,6 +22,7 @@ from ckpt_agent.stores.base import Store, Upload, upload_in_parts
 # Nominal 0.25 s x 2^n capped at 4 s over 6 attempts: a small request rides out about 3.9 s.
 REQUEST_BACKOFF = Backoff(attempts=6, base=0.25, cap=4.0)
 MULTIPART_THRESHOLD = 64 << 20
+CHECKSUM_MODE = {"x-amz-checksum-mode": "ENABLED"}  # HEAD: answer with the checksum S3 keeps, if any
 UPLOAD_PART_SIZE = 64 << 20
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}

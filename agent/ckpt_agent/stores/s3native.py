@@ -11,8 +11,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 
 from ckpt_agent.errors import NotFoundError, TransientError
+from ckpt_agent.runtime.retry import retry
 from ckpt_agent.stores.base import Listing, RangeReader, check_listing_size
 from ckpt_agent.stores.s3common import (
+    CHECKSUM_MODE,
+    REQUEST_BACKOFF,
     EmptyReader,
     FileSlice,
     S3StoreBase,
@@ -67,6 +70,14 @@ class NativeS3Store(S3StoreBase):
             return EmptyReader()
         return self._http.request("GET", self._key(key), "GET",
                                   headers={"range": f"bytes={start}-{start + length - 1}"})
+
+    def head(self, key: str) -> dict[str, str]:
+        def attempt() -> dict[str, str]:
+            answer = self._http.request("HEAD", self._key(key), "HEAD", headers=CHECKSUM_MODE)
+            answer.close()
+            return {k.lower(): v for k, v in answer.response.getheaders()}
+
+        return retry(attempt, REQUEST_BACKOFF)
 
     def _put_object(self, key: str, body: FileSlice, length: int) -> None:
         self._http.call("PUT", self._key(key), "PUT", body=body, length=length)

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ckpt_agent.config.sidecar import SyncOptions
@@ -34,12 +34,13 @@ from ckpt_agent.runtime.ratelimit import limiter
 from ckpt_agent.runtime.retry import Backoff, retry
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.catalog import read_job
-from ckpt_agent.stores.manifest import natural_key
 from ckpt_agent.sync import observe
 from ckpt_agent.sync.formats import Candidate, classify
 from ckpt_agent.sync.ledger import REWRITTEN, Ledger
+from ckpt_agent.sync.nodes import Nodes, leader_mark
 from ckpt_agent.sync.readiness import NotReady, Trainer, Why, is_quiet, readiness
 from ckpt_agent.sync.retention import retain
+from ckpt_agent.sync.summary import SyncResult, announce, summarize
 from ckpt_agent.sync.watch import Seen, Watch
 from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from ckpt_agent.upload.incremental import Transferred, describe
@@ -51,14 +52,6 @@ UPLOAD_BACKOFF = Backoff(attempts=FLUSH_ATTEMPTS, base=1.0, cap=60.0)
 
 class _Unanswered(TransientError):
     """The store did not answer a pass while the sidecar may still wait for it: retried."""
-
-
-@dataclass
-class SyncResult:
-    committed: list[str] = field(default_factory=list)
-    not_committed: dict[str, NotReady] = field(default_factory=dict)
-    left_out: dict[str, str] = field(default_factory=dict)  # top-level entries not uploaded, and why
-    failed: AgentError | None = None
 
 
 class Sidecar:
@@ -78,15 +71,27 @@ class Sidecar:
         self._timer: threading.Timer | None = None
         self._cancel: Cancel | None = None
         self._pending: dict[str, NotReady] = {}  # the last pass: name -> why not committed yet
+        # node r > 0 of a multi-node job: the leader's commits, and until when a flush keeps watching them
+        self._nodes = Nodes(store, ident, options, reporter) if ident.rank > 0 else None
+        self._linger_until = 0.0
+        self._leads = ident.rank == 0 and ident.num_nodes > 1  # the leader of a multi-node job
 
     # -- control, from other threads ------------------------------------------------------
 
     def check_job(self) -> None:
-        """Fail early (ConfigError/StoreError) if the job belongs to another project or the store is unreachable."""
-        job = read_job(self.store, self.ident.job_id)
-        if job and self.ident.project_name and job.project_name not in (None, self.ident.project_name):
-            raise ConfigError(f"BT_TRAINING_PROJECT_NAME={self.ident.project_name}: job {self.ident.job_id} "
+        """Fail early (ConfigError/StoreError) if the job belongs to another project or has another node
+        count, or the store is unreachable. Before the trainer starts (Nodes.start, leader_mark)."""
+        job, ident = read_job(self.store, self.ident.job_id), self.ident
+        if job and ident.project_name and job.project_name not in (None, ident.project_name):
+            raise ConfigError(f"BT_TRAINING_PROJECT_NAME={ident.project_name}: job {ident.job_id} "
                               f"already belongs to project {job.project_name}")
+        if job and job.num_nodes != ident.num_nodes:
+            raise ConfigError(f"BT_GROUP_SIZE={ident.num_nodes}: job {ident.job_id} is recorded as a job of "
+                              f"{job.num_nodes} node(s); give every node of a job the same node count")
+        if self._nodes is not None:
+            self._nodes.start()
+        if self._leads:
+            leader_mark(self.store, ident, stopped=False)
 
     def trainer_started(self, pid: int) -> None:
         """Supervise mode: from now on the trainer's exit status decides folders of no known format.
@@ -108,6 +113,9 @@ class Sidecar:
                 self._trainer = Trainer.EXITED_OK if trainer_status == 0 else Trainer.FAILED
             self._finishing = True
             self._wait_for_writers = self._wait_for_writers or wait_for_writers
+            if self._nodes is not None and (wait_for_writers or deadline is not None) and not self._linger_until:
+                # the leader commits its last checkpoints after its trainer exits, maybe after ours did
+                self._linger_until = time.monotonic() + self.options.grace_seconds
             if deadline is not None and (self._deadline is None or deadline < self._deadline):
                 self._deadline = deadline
                 if self._timer is not None:
@@ -127,7 +135,7 @@ class Sidecar:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, once: bool = False) -> SyncResult:
-        self._announce()
+        announce(self.reporter, self.store.describe(), self.ident, self.options)
         if once:
             self.finish(None, wait_for_writers=False)
         try:
@@ -139,13 +147,19 @@ class Sidecar:
             if self._timer is not None:
                 self._timer.cancel()
             self.result.not_committed = dict(self._pending)
-            self._summary()
+            if self._nodes is not None:
+                self.result.nothing_here, self.result.nothing_waiting = self._nodes.recorded, self._nodes.waiting()
+            summarize(self.reporter, self.result)
+            if self._leads:
+                leader_mark(self.store, self.ident, stopped=True)
         return self.result
 
     def _loop(self) -> None:
         while True:
+            # before the pass, so the pass sees every commit the leader made before it stopped
+            lingering = self._nodes is not None and self._nodes.lingering(self._linger_until)
             self._pending, finishing, waiting = self._look()
-            if self._expired or (finishing and not (waiting and self._may_still_commit())):
+            if self._expired or (finishing and not (waiting and self._may_still_commit()) and not lingering):
                 return
             self._wake.wait(self.options.poll_seconds)
             self._wake.clear()
@@ -178,30 +192,6 @@ class Sidecar:
                    or (why.why is Why.FAILED and self._watch.may_retry(name, FLUSH_ATTEMPTS))
                    for name, why in self._pending.items())
 
-    def _announce(self) -> None:
-        o = self.options
-        marker = (f"folders complete when {' or '.join(o.rules.markers)} is there" if o.rules.markers
-                  else "HF Trainer, DCP, DeepSpeed folders and single files recognised")
-        if o.rules.commit_on_quiet:
-            marker += "; folders of no known format on quiet alone"
-        self.reporter.info(
-            f"sync: watching {o.checkpoint_dir} for job {self.ident.job_id} (project {self.ident.project_name}, "
-            f"rank {self.ident.rank} of {self.ident.num_nodes}) -> {self.store.describe()}; quiet "
-            f"{o.quiet_seconds:g} s, {marker}" + (f", keep last {o.keep_last}" if o.keep_last else ""))
-
-    def _summary(self) -> None:
-        for name, why in sorted(self.result.not_committed.items(), key=lambda kv: natural_key(kv[0])):
-            self.reporter.warn(f"sync: {name} NOT committed: {why}", event="sync_not_committed",
-                               checkpoint=name, reason=str(why), why=why.why.name)
-        done = ", ".join(self.result.committed) or "none"
-        left = self.result.left_out
-        shown = ", ".join(sorted(left, key=natural_key)[:5]) + (" ..." if len(left) > 5 else "")
-        self.reporter.info(f"sync: stopped; committed this run: {done}; "
-                           f"not committed: {len(self.result.not_committed)}; "
-                           f"left out (not uploaded): {len(left)}" + (f" ({shown})" if left else ""),
-                           event="sync_stopped", committed=list(self.result.committed),
-                           not_committed=len(self.result.not_committed), left_out=sorted(left))
-
     def _entries(self) -> list[Candidate]:
         """The checkpoints at the top level; every other entry is reported once, when it appears."""
         root = self.options.checkpoint_dir
@@ -229,10 +219,12 @@ class Sidecar:
     def _pass(self, finishing: bool) -> dict[str, NotReady]:
         """One look at every checkpoint; commits the ready ones. Returns name -> why not yet."""
         pending: dict[str, NotReady] = {}
+        here: dict[str, bool] = {}  # every checkpoint on this node -> whether it holds files
         latest: str | None = None
         looked_for_latest = False
         for entry in self._entries():
             name, path = entry.name, self.options.checkpoint_dir / entry.name
+            here[name] = True
             if self._ledger.done(name):
                 if self._ledger.rewritten(name, path):
                     self._left_out(name, REWRITTEN, "REWRITTEN", again=True)
@@ -248,7 +240,9 @@ class Sidecar:
                 pending[name] = self._watch.unsafe(name, str(exc))
                 continue
             if seen is None:
+                del here[name]
                 continue
+            here[name] = bool(seen.files)
             if not finishing and time.monotonic() < seen.retry_at:
                 pending[name] = NotReady(Why.FAILED, "waiting to retry")
                 continue
@@ -259,6 +253,8 @@ class Sidecar:
                 why = self._commit(name, path, seen)
             if why is not None:
                 pending[name] = why
+        if self._nodes is not None and not self._expired:
+            self._nodes.sweep(here, writer_gone=finishing and self._trainer in (Trainer.EXITED_OK, Trainer.FAILED))
         return pending
 
     def _not_ready(self, entry: Candidate, path: Path, seen: Seen, latest: str | None,
@@ -266,9 +262,11 @@ class Sidecar:
         quiet = is_quiet(seen.since, seen.newest_ctime_ns, time.monotonic(), time.time_ns(),
                          self.options.quiet_seconds)
         facts = self._watch.facts(entry, path, seen, quiet, latest, look=quiet or finishing)
+        if self._nodes is not None and (quiet or finishing):
+            facts = replace(facts, leader_committed=self._nodes.leader_committed(entry.name))
         why = readiness(facts, self.options.rules, self._trainer, flushing=finishing and self._wait_for_writers)
         if (why is not None and quiet and not seen.warned and not finishing
-                and why.why not in (Why.WRITING, Why.OPEN)):
+                and why.why not in (Why.WRITING, Why.OPEN, Why.LEADER)):
             seen.warned = True
             self.reporter.warn(f"sync: {entry.name} has been quiet for {self.options.quiet_seconds:g} s but is "
                                f"not committed yet: {why}", event="sync_waiting", checkpoint=entry.name,
@@ -308,6 +306,8 @@ class Sidecar:
                 self._cancel = None
         seconds = time.monotonic() - started
         self._ledger.committed(name, manifest, seen.files)
+        if self._nodes is not None:
+            self._nodes.committed(name)
         self._watch.seen.pop(name, None)
         self.result.committed.append(name)
         self.reporter.info(f"sync: committed {name}: {len(manifest.files)} files, "
@@ -316,5 +316,5 @@ class Sidecar:
                            bytes=manifest.total_bytes, seconds=round(seconds, 3), copied=len(moved.files_copied),
                            bytes_sent=moved.sent, bytes_copied=moved.copied)
         if self.options.keep_last:
-            retain(self.store, self.ident.job_id, self.ident.rank, name, self.options.keep_last, self.reporter)
+            retain(self.store, self.ident.job_id, self.ident.num_nodes, name, self.options.keep_last, self.reporter)
         return None

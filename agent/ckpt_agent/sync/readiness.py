@@ -4,6 +4,9 @@ Each format has a completion rule that a half-written save cannot meet; the quie
 open-file check come on top, and they are never the only thing that stands between a crashed
 save and a commit (unless the user opted in with --commit-on-quiet, and then only for folders of
 no known format). Every rule in the formats table of docs/sidecar.md is one branch of `readiness`.
+
+On a node other than the leader of a multi-node job, the leader's commit of the same name stands
+for a marker this node never gets (docs/sidecar.md, the multi-node column).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Why(Enum):
     FAILED = "upload failed: {detail}"
     CUT = "grace period ended during the upload"
     NOT_STARTED = "grace period ended before its upload"
+    LEADER = "waiting for the leader (node 0) to commit it ({detail} on this node; the leader's commit stands for it)"
 
 
 _MAY_STILL_FINISH = {Why.WRITING, Why.OPEN, Why.CHANGED, Why.NOT_NAMED, Why.NO_MARKER, Why.BAD_MARKER,
@@ -86,6 +90,16 @@ class Facts:
     deepspeed_latest: str | None = None  # the tag the top-level `latest` file names
     name: str = ""
     unsafe: str | None = None  # a link or special file inside
+    leader_committed: bool | None = None  # node r > 0: the leader committed this name; None on the leader
+
+
+# What the leader's commit completes on another node: a marker only the leader writes (HF's
+# trainer_state.json, DCP's .metadata, DeepSpeed's `latest`, a user's complete file) or, for a
+# folder of no known format, the leader's trainer having finished it. Never a file whose own
+# structure says it is cut short, a marker that is there but does not parse, or a folder the
+# trainer on this node failed in: this node's own evidence against it wins.
+_LEADER_STANDS_FOR = {Why.NO_MARKER, Why.NOT_NAMED, Why.UNKNOWN_WAITING}
+_HERE = {Why.NOT_NAMED: "no DeepSpeed `latest` naming it", Why.UNKNOWN_WAITING: "a folder of no known format"}
 
 
 def _marker_problem(wanted: tuple[str, ...], markers: dict[str, bytes | None]) -> NotReady | None:
@@ -122,6 +136,16 @@ def readiness(facts: Facts, rules: Rules, trainer: Trainer, flushing: bool = Fal
     `flushing`: the final flush after the trainer exited. Then, if no process holds a file open
     and we can see that (not blind), the writer is gone and waiting for quiet adds nothing.
     """
+    why = _own_rule(facts, rules, trainer, flushing)
+    if why is None or facts.leader_committed is None or why.why not in _LEADER_STANDS_FOR:
+        return why
+    if facts.leader_committed:
+        return None
+    return NotReady(Why.LEADER, f"no {why.detail}" if why.why is Why.NO_MARKER else _HERE[why.why])
+
+
+def _own_rule(facts: Facts, rules: Rules, trainer: Trainer, flushing: bool) -> NotReady | None:
+    """This node's own evidence: quiet, not open, unsafe entries, and its format's rule."""
     if facts.unsafe:
         return NotReady(Why.UNSAFE, facts.unsafe)
     settled = flushing and trainer in (Trainer.EXITED_OK, Trainer.FAILED) and not facts.blind

@@ -1,0 +1,71 @@
+"""Real training libraries resuming a 2-node job from the store (issue 17, the load side): each node
+a `ckpt-agent run` in a mount namespace of its own (tests/support/multinode.py), one SeaweedFS,
+torch.distributed over gloo on 127.0.0.1. A node loads every node's files of the checkpoint into
+its own `rank-<r>/<name>/`, and the framework resumes from ckpt_agent.latest_local_checkpoint().
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.helpers import s3_store
+from tests.support.multinode import committed_by_all, launch
+from tests.support.specs import latest, named
+
+pytestmark = pytest.mark.trainers
+
+FAST = {"CKPT_AGENT_GRACE_SECONDS": "4"}  # a non-leader's final flush watches the leader this long
+
+
+def weights(cluster) -> list[dict[str, str]]:
+    """Each node's digest of every tensor it ended with (tests/trainers/common.py: finish)."""
+    return [n.result()["weights"] for n in cluster.nodes]
+
+
+def test_dcp_state_sharded_over_two_nodes_resumes_bit_exact_on_two_nodes_and_reshards_onto_one(
+        s3_env, s3_prefix, tmp_path, procs):
+    """The saving job's nodes each hold one shard file and the leader `.metadata`; no node's own
+    files are the checkpoint. A new 2-node job gets each rank's state back bit for bit; a 1-node job
+    gets the replicated model and every row of the sharded table."""
+    store = s3_store(s3_env, s3_prefix)
+    saving = launch(procs, tmp_path, store, "job-1", "dcp_nodes.py", "--steps", 5, "--every", 5, env=FAST)
+    assert saving.wait() == [0, 0], saving.text()
+    assert committed_by_all(store, "job-1", "step-5", 2), saving.text()
+    saved = weights(saving)
+
+    resumed = launch(procs, tmp_path, store, "job-2", "dcp_nodes.py", "--steps", 5, "--resume", "agent",
+                     load=[latest(job_id="job-1")], env=FAST)
+    assert resumed.wait() == [0, 0], resumed.text()
+    assert [n.result()["step"] for n in resumed.nodes] == [5, 5]
+    assert weights(resumed) == saved
+    for node in resumed.nodes:
+        folder = node.loaded / f"rank-{node.rank}" / "step-5"
+        assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+    resharded = launch(procs, tmp_path, store, "job-3", "dcp_nodes.py", "--steps", 5, "--resume", "agent",
+                       load=[latest(job_id="job-1")], size=1, env=FAST)
+    assert resharded.wait() == [0], resharded.text()
+    (one,) = weights(resharded)
+    assert {k: v for k, v in saved[0].items() if not k.startswith("table.")} == \
+        {k: v for k, v in saved[1].items() if not k.startswith("table.")}  # the replicated model
+    assert one == {**saved[0], **saved[1]}  # the model, and every row from the node that held it
+
+
+def test_hf_trainer_ddp_on_two_nodes_resumes_from_the_merged_folder_to_the_weights_of_an_unbroken_run(
+        s3_env, s3_prefix, tmp_path, procs):
+    """The leader's checkpoint-5/ holds the weights, optimizer and trainer_state.json, node 1's only
+    rng_state_1.pth: node 1 resumes only because it loads the leader's files too."""
+    store = s3_store(s3_env, s3_prefix)
+    unbroken = launch(procs, tmp_path, store, "job-1", "hf_trainer.py", "--steps", 10, "--every", 5, env=FAST)
+    assert unbroken.wait() == [0, 0], unbroken.text()
+    assert committed_by_all(store, "job-1", "checkpoint-5", 2), unbroken.text()
+
+    resumed = launch(procs, tmp_path, store, "job-2", "hf_trainer.py", "--steps", 10, "--every", 5,
+                     "--resume", "agent", load=[named("checkpoint-5", "job-1")], env=FAST)
+    assert resumed.wait() == [0, 0], resumed.text()
+    assert all("RESUMING checkpoint-5" in n.text() for n in resumed.nodes), resumed.text()
+    node_1 = resumed.nodes[1].loaded / "rank-1" / "checkpoint-5"
+    assert {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in node_1.iterdir()}
+    assert [n.result()["step"] for n in resumed.nodes] == [10, 10]
+    assert weights(resumed) == weights(unbroken)
+
