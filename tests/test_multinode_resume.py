@@ -69,3 +69,21 @@ def test_hf_trainer_ddp_on_two_nodes_resumes_from_the_merged_folder_to_the_weigh
     assert [n.result()["step"] for n in resumed.nodes] == [10, 10]
     assert weights(resumed) == weights(unbroken)
 
+
+def test_deepspeed_zero1_on_two_nodes_resumes_from_the_merged_tag_folder_to_the_weights_of_an_unbroken_run(
+        s3_env, s3_prefix, tmp_path, procs):
+    """Node 1's global_step5/ holds only its optimizer partition; the model states are the leader's
+    (with only its own files, DeepSpeed on node 1 finds no model states to load)."""
+    store = s3_store(s3_env, s3_prefix)
+    unbroken = launch(procs, tmp_path, store, "job-1", "deepspeed_loop.py", "--steps", 10, "--every", 5, env=FAST)
+    assert unbroken.wait() == [0, 0], unbroken.text()
+    assert committed_by_all(store, "job-1", "global_step5", 2), unbroken.text()
+
+    resumed = launch(procs, tmp_path, store, "job-2", "deepspeed_loop.py", "--steps", 10, "--every", 5,
+                     "--resume", "agent", load=[named("global_step5", "job-1")], env=FAST)
+    assert resumed.wait() == [0, 0], resumed.text()
+    node_1 = resumed.nodes[1].loaded / "rank-1" / "global_step5"
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= \
+        {p.name for p in node_1.iterdir()}
+    assert [n.result()["step"] for n in resumed.nodes] == [10, 10]
+    assert weights(resumed) == weights(unbroken)
