@@ -137,17 +137,17 @@ def warm(h: Harness, contender: Contender, dest: Path, workload: str, nbytes: in
     return dataclasses.replace(contender, check=checked)
 
 
-def ckpt_save(h: Harness, engine: str = "http") -> Contender:
-    """`ckpt-agent save` of the sharded data set as checkpoint upload-<round> (deleted after)."""
+def ckpt_save(h: Harness, engine: str = "http", dataset: str = "sharded") -> Contender:
+    """`ckpt-agent save` of a data set as a new checkpoint upload-<round> (deleted after)."""
     name, engine_env = engine_row("ckpt-agent save", engine)
-    source = h.sources["sharded"]
-    job_dataset = "upload" if engine == "http" else f"upload-{engine}"
+    source = h.sources[dataset]
+    job_dataset = ("upload" if dataset == "sharded" else dataset) + ("" if engine == "http" else f"-{engine}")
     job = h.job(job_dataset)
 
     def check(r: int) -> dict:
         folder = h.checkpoint_prefix(job_dataset, f"upload-{r}")
         try:
-            result = verify_store(h.client, h.bucket, folder + "rank-0/", h.expected["sharded"],
+            result = verify_store(h.client, h.bucket, folder + "rank-0/", h.expected[dataset],
                                   h.full, f"{name} round {r}")
             h.check_manifest(job_dataset, f"upload-{r}", f"{name} round {r}")
             return result
@@ -160,13 +160,13 @@ def ckpt_save(h: Harness, engine: str = "http") -> Contender:
         {**h.env, **engine_env}, check=check, shown_env=engine_env)
 
 
-def s5cmd_put(h: Harness) -> Contender:
-    source = h.sources["sharded"]
+def s5cmd_put(h: Harness, dataset: str = "sharded") -> Contender:
+    source = h.sources[dataset]
 
     def check(r: int) -> dict:
         folder = f"{PREFIX}/upload-{r}/"
         try:
-            return verify_store(h.client, h.bucket, folder, h.expected["sharded"], h.full,
+            return verify_store(h.client, h.bucket, folder, h.expected[dataset], h.full,
                                 f"s5cmd upload round {r}")
         finally:
             delete_prefix(h.client, h.bucket, folder)

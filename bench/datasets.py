@@ -46,6 +46,7 @@ def make_datasets(quick: bool) -> dict[str, Dataset]:
     smalls, small = (50, 4 * KiB) if quick else (2000, 64 * KiB)
     incremental = 4 * CHUNK if quick else 2 * GiB
     weights = 4 * MiB if quick else 2 * GiB // 3 // CHUNK * CHUNK
+    upload = 8 * MiB if quick else 1 * GiB
     return {
         "big": Dataset("big", (("model.safetensors", big),)),
         "sharded": Dataset("sharded", tuple(
@@ -56,6 +57,8 @@ def make_datasets(quick: bool) -> dict[str, Dataset]:
         # checkpoint N of a job; N+1 (`changed`) differs in CHANGED_SHARE of its 8 MiB parts
         "incremental": Dataset("incremental", (("model.safetensors", incremental),)),
         # an HF Trainer checkpoint folder: the weights a third, the optimizer state two thirds
+        # a new checkpoint to upload (issue 19): one 1 GiB file
+        "upload1g": Dataset("upload1g", (("model.safetensors", upload),)),
         "trainer": Dataset("trainer", (
             ("model.safetensors", weights), ("optimizer.pt", 2 * weights),
             ("trainer_state.json", 4 * KiB), ("scheduler.pt", 1 * KiB))),

@@ -1,4 +1,4 @@
-"""Issue 12's goals, judged from the result rows: each one measured value, its goal and a verdict.
+"""Issue 12's and issue 19's goals, judged from the result rows: each one measured value, its goal and a verdict.
 
 A missed goal is a finding, not a benchmark failure: the benchmark fails only when a contender
 fails or leaves wrong bytes behind. Byte goals use the relay's counts (bench/relay.py); the
@@ -14,6 +14,10 @@ from bench.datasets import CHUNK, MB, KiB, human
 PEAK_RSS_MIB = 256
 RESTART_VS_CP = 1.5
 SENT_SHARE = 0.10
+CACHE_FILL_VS_NO_CACHE = 1.05  # issue 19
+EARLY_VS_SEQUENTIAL = 0.6
+NOOP_OVER_TRUE_S = 0.050
+UPLOAD_VS_S5CMD = 1.2  # s5cmd wall / ckpt-agent save wall
 
 
 def allowance(data_bytes: int) -> int:
@@ -77,11 +81,36 @@ def judge(rows: list[dict]) -> list[dict]:
     if agent := by.get(("exclude-optimizer", "ckpt-agent")):
         goals.append(_fetched("exclude-optimizer", agent, agent["bytes"],
                               f"= the included files ({human(agent['bytes'])})"))
+    goals += _start_goals(rows, by)
     for row in rows:
         if row["contender"].startswith("ckpt-agent"):
             peak = row["peak_rss_mib"]
             goals.append(_goal(row["workload"], f"{row['contender']}: peak RSS", f"{peak:.0f} MiB",
                                f"<= {PEAK_RSS_MIB} MiB", peak <= PEAK_RSS_MIB))
+    return goals
+
+
+def _start_goals(rows: list[dict], by: dict[tuple[str, str], dict]) -> list[dict]:
+    """Issue 19: the cache off the critical path, the early start, start-up, uploads."""
+    goals = []
+    if (cached := by.get(("cache-fill", "ckpt-agent"))) and (plain := by.get(("cache-fill", "ckpt-agent, no cache"))):
+        ratio = _paired(cached, plain)
+        goals.append(_goal("cache-fill", "cold load with BT_PROJECT_CACHE_DIR / without a cache", f"{ratio:.2f}x",
+                           f"<= {CACHE_FILL_VS_NO_CACHE}x", ratio <= CACHE_FILL_VS_NO_CACHE))
+    early = [r for r in rows if r["workload"] == "early-start"]
+    if len(early) == 2:
+        sequential, started = sorted(early, key=lambda r: "--start-early" in r["contender"])
+        ratio = _paired(started, sequential)
+        goals.append(_goal("early-start", "time to the first step: --start-early / sequential", f"{ratio:.2f}x",
+                           f"<= {EARLY_VS_SEQUENTIAL}x", ratio <= EARLY_VS_SEQUENTIAL))
+    if (agent := by.get(("noop", "ckpt-agent run"))) and (true := by.get(("noop", "/bin/true"))):
+        over = statistics.median(a["wall_s"] - b["wall_s"] for a, b in zip(agent["runs"], true["runs"], strict=True))
+        goals.append(_goal("noop", "`run -- true` wall - `true` wall (paired)", f"{over * 1000:.0f} ms",
+                           f"<= {NOOP_OVER_TRUE_S * 1000:.0f} ms", over <= NOOP_OVER_TRUE_S))
+    if (save := by.get(("upload-1g", "ckpt-agent save"))) and (s5cmd := by.get(("upload-1g", "s5cmd cp"))):
+        ratio = _paired(s5cmd, save)
+        goals.append(_goal("upload-1g", "s5cmd cp wall / ckpt-agent save wall", f"{ratio:.2f}x",
+                           f">= {UPLOAD_VS_S5CMD}x", ratio >= UPLOAD_VS_S5CMD))
     return goals
 
 

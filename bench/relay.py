@@ -16,6 +16,7 @@ import functools
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 SPLICE = 1 << 20
@@ -38,6 +39,7 @@ class Relay:
         self._listener = socket.create_server((host, 0))
         self.endpoint = f"http://{host}:{self._listener.getsockname()[1]}"
         self._counts = [0, 0]  # [sent, received]
+        self.first_request_at: float | None = None  # time.monotonic() of the first byte a client sent
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept, name="relay", daemon=True)
 
@@ -74,6 +76,8 @@ class Relay:
             while n := os.splice(src.fileno(), w, SPLICE):
                 with self._lock:
                     self._counts[way] += n
+                    if way == 0 and self.first_request_at is None:
+                        self.first_request_at = time.monotonic()
                 while n:
                     n -= os.splice(r, dst.fileno(), n)
         except OSError:

@@ -58,7 +58,7 @@ def render(result: dict) -> str:
         "> 1 means ckpt-agent was faster. MB = 10^6 bytes. store MB/run: bytes through the "
         "counting relay (median per run; recv for loads, sent for uploads; every request and "
         "response head included).\n",
-        *([f"## Goals (issue 12)\n\n{goals.markdown(result['goals'])}\n"]
+        *([f"## Goals (issues 12 and 19)\n\n{goals.markdown(result['goals'])}\n"]
           if result.get("goals") else []),
         "## Commands (round 0)\n",
         commands(result["rows"]),

@@ -6,22 +6,27 @@ import argparse
 from pathlib import Path
 
 from bench import contenders as c
-from bench import reuse
+from bench import reuse, start
 from bench.checks import BenchError
 from bench.datasets import Dataset
 from bench.harness import Harness
 
 ALL_WORKLOADS = ("big", "sharded", "small", "warm-big", "warm-small", "noop", "upload",
-                 *reuse.REUSE_WORKLOADS)
-ALIASES = {"warm": ("warm-big", "warm-small"), "reuse": reuse.REUSE_WORKLOADS, "all": ALL_WORKLOADS}
+                 *reuse.REUSE_WORKLOADS, *start.START_WORKLOADS)
+# issue 19: from container start to the trainer's first step
+START = ("noop", "warm-cache", "cache-fill", *start.START_WORKLOADS)
+ALIASES = {"warm": ("warm-big", "warm-small"), "reuse": reuse.REUSE_WORKLOADS, "start": START,
+           "all": ALL_WORKLOADS}
 COLD = ("big", "sharded", "small")
 WARM = ("warm-big", "warm-small")
 # Which generated data set each workload uses, and whether it must be in the store first.
 DATASET_OF = {"big": "big", "sharded": "sharded", "small": "small", "warm-big": "big",
               "warm-small": "small", "upload": "sharded", "restart": "big", "warm-cache": "big",
-              "incremental-upload": "incremental", "exclude-optimizer": "trainer", "cache-fill": "big"}
+              "incremental-upload": "incremental", "exclude-optimizer": "trainer", "cache-fill": "big",
+              "early-start": "big", "upload-1g": "upload1g"}
+# incremental-upload: checkpoint N
 NEEDS_FILL = {"big", "sharded", "small", "warm-big", "warm-small", "restart", "warm-cache",
-              "incremental-upload", "exclude-optimizer", "cache-fill"}  # incremental-upload: checkpoint N
+              "incremental-upload", "exclude-optimizer", "cache-fill", "early-start"}
 WARM_COPIES = len(c.ENGINES) + 1  # each ckpt-agent engine and s5cmd keep a warm copy
 
 
@@ -80,6 +85,9 @@ def lineup(h: Harness, workload: str) -> tuple[list[c.Contender], int]:
     if workload in reuse.REUSE_WORKLOADS:
         dest.mkdir(parents=True, exist_ok=True)
         return reuse.lineup(h, workload, dest)
+    if workload in start.START_WORKLOADS:
+        dest.mkdir(parents=True, exist_ok=True)
+        return start.lineup(h, workload, dest)
     if workload == "upload":
         return ([*(c.ckpt_save(h, engine) for engine in c.ENGINES), c.s5cmd_put(h)],
                 h.datasets["sharded"].total_bytes)

@@ -41,16 +41,19 @@ EXPECTED = {
     "incremental-upload": {"ckpt-agent save", "s5cmd cp"},
     "exclude-optimizer": {"ckpt-agent", "s5cmd cp --exclude"},
     "cache-fill": {"ckpt-agent", "ckpt-agent, no cache"},
+    "early-start": {"ckpt-agent run", "ckpt-agent run --start-early"},
+    "upload-1g": {"ckpt-agent save", "s5cmd cp"},
 }
 ENGINE_VAR = "CKPT_AGENT_S3_ENGINE="
 PART = 8 << 20
 INCLUDED = (4 << 20) + (4 << 10) + (1 << 10)  # trainer: all but optimizer.pt (8 MiB)
 QUICK_BYTES = {"big": PART, "sharded": 4 * (2 << 20), "small": 50 * (4 << 10),
-               "incremental": 4 * PART, "included": INCLUDED}
-QUICK_FILES = {"big": 1, "sharded": 4, "small": 50, "incremental": 1, "included": 3}
+               "incremental": 4 * PART, "included": INCLUDED, "upload1g": PART}
+QUICK_FILES = {"big": 1, "sharded": 4, "small": 50, "incremental": 1, "included": 3, "upload1g": 1}
 DATASET = {"big": "big", "sharded": "sharded", "small": "small", "warm-big": "big",
            "warm-small": "small", "upload": "sharded", "restart": "big", "warm-cache": "big",
-           "incremental-upload": "incremental", "exclude-optimizer": "included", "cache-fill": "big"}
+           "incremental-upload": "incremental", "exclude-optimizer": "included", "cache-fill": "big",
+           "early-start": "big", "upload-1g": "upload1g"}
 REUSE = ("restart", "warm-cache", "incremental-upload", "exclude-optimizer")  # counted through the relay
 
 

@@ -96,7 +96,7 @@ class Preempted:
 
 def preempt_and_resume(procs: list, tmp_path: Path, store: StoreUnderTest, script: str, *, after: str,
                        committed_first: set[str], resumes: str, first_args: tuple = (),
-                       second_args: tuple = ()) -> Preempted:
+                       second_args: tuple = (), second_flags: tuple = ()) -> Preempted:
     """Job-1 runs `script` until `after` is committed, gets SIGTERM and must have committed exactly
     `committed_first`; job-2 loads latest of job-1 (which must be `resumes`) and trains to the end,
     alongside an uninterrupted reference run of the same script."""
@@ -105,7 +105,8 @@ def preempt_and_resume(procs: list, tmp_path: Path, store: StoreUnderTest, scrip
     assert preempt(first, store, after) == PREEMPTED_STATUS, first.text()
     assert "SIGTERM" in first.text(), first.text()
     assert committed_set(store, "job-1") == committed_first, first.text()
-    second = start_job(procs, tmp_path, store, script, "job-2", *second_args, load_from="job-1")
+    second = start_job(procs, tmp_path, store, script, "job-2", *second_args, load_from="job-1",
+                       agent_flags=second_flags)
     assert second.wait() == 0, second.text()
     assert f"RESUMING {resumes}" in second.text(), second.text()
     assert reference.wait() == 0, reference.text()
@@ -128,6 +129,19 @@ def test_hf_trainer_preempted_resumes_from_latest_bit_identical_and_its_final_mo
     # final-model/ (save_model: weights and config, no trainer_state.json) is of no known format:
     # committed because the trainer exited 0.
     assert committed_set(store, "job-2") == {"checkpoint-15", "checkpoint-20", "final-model"}, run.second.text()
+
+
+def test_hf_trainer_started_early_builds_itself_while_its_checkpoint_loads_and_resumes_bit_identical(
+        s3_env, s3_prefix, tmp_path, procs):
+    """`run --start-early`: the trainer starts before the load is done; trainer.train() waits for it in
+    latest_local_checkpoint() and resumes exactly as after a sequential load."""
+    store = s3_store(s3_env, s3_prefix)
+    run = preempt_and_resume(procs, tmp_path, store, "hf_trainer.py", after="checkpoint-10",
+                             committed_first={"checkpoint-5", "checkpoint-10", "checkpoint-12"},
+                             resumes="checkpoint-12", second_flags=("--start-early",))
+    assert run.second.result() == run.reference.result()
+    log = run.second.text()
+    assert log.index("supervising the trainer") < log.index("ckpt-agent: loaded "), log  # it started first
 
 
 def test_torch_save_loop_preempted_uploads_each_pt_file_and_resumes_bit_identical_from_the_loaded_file(

@@ -6,12 +6,10 @@ logs get a heartbeat without a flood.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TextIO
 
 PROGRESS_INTERVAL = 5.0
@@ -40,6 +38,8 @@ def utc_now() -> str:
     """The one timestamp format, for log lines and every record the agent writes (manifests, job
     records, the load record, the ready file): ISO 8601 in UTC to the microsecond, which also
     orders two commits of the same second."""
+    from datetime import UTC, datetime  # here: every command imports this module, few write a time
+
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 class Reporter:
@@ -76,6 +76,8 @@ class JsonReporter(Reporter):
     for every line the human Reporter would print, progress and errors included. Never a tqdm bar."""
 
     def _emit(self, level: str, event: str, message: str, fields: dict[str, object]) -> None:
+        import json  # only for BT_LOG_FORMAT=json: json costs every command's start-up time
+
         line = json.dumps({"timestamp": utc_now(), "level": level, "event": event, "message": message,
                            "fields": fields}, default=str)
         self._write_line(line)

@@ -67,6 +67,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "")
         time.sleep(0.02)
 
 
+def wait_for_fill(download_folder: Path, rank: int = 0, timeout: float = 60) -> None:
+    """Until the part cache's filler, a detached process a load started, has done its job (and removed it)."""
+    job = download_folder / ".ckpt-agent" / f"cache-fill-rank-{rank}.json"
+    wait_for(lambda: not job.exists(), timeout, f"the part cache fill of {download_folder}")
+
+
 def same_tree(a: Path, b: Path) -> bool:
     """The two folders hold the same files with the same bytes."""
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())

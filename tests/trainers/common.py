@@ -174,4 +174,15 @@ def finish(args: argparse.Namespace, step: int, state: dict[str, torch.Tensor]) 
               for name, t in sorted(state.items())}
     Path(args.out).write_text(json.dumps({"step": step, "weights": digest}))
     say(f"FINISHED {step}")
+    leave_nodes()
     sys.exit(args.exit_status)
+
+
+def leave_nodes() -> None:
+    """Every node leaves the process group together: a node whose peer has already gone may abort
+    in gloo's teardown at exit (`terminate called without an active exception`, status 134)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

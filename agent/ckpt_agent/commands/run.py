@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt_agent.commands.context import Context
@@ -16,6 +14,7 @@ from ckpt_agent.errors import ConfigError
 from ckpt_agent.trainer.launch import exec_training, runs_through_shell, trainer_env, training_argv
 
 if TYPE_CHECKING:
+    from ckpt_agent.commands.early import EarlyChild
     from ckpt_agent.sync.loop import Sidecar
 
 
@@ -25,6 +24,7 @@ class RunOptions:
     dry_run: bool = False
     sync: SyncFlags = SyncFlags()  # only with BT_CHECKPOINTING_ENABLED=1
     selection: Selection = EVERY_FILE  # which files of each checkpoint the load fetches
+    start_early: bool = False  # start the trainer at once, load beside it (commands/early.py)
 
 
 def run(ctx: Context, options: RunOptions) -> int:
@@ -41,17 +41,27 @@ def run(ctx: Context, options: RunOptions) -> int:
     # Checkpointing on: the trainer runs as a child so its last checkpoint is uploaded after it exits.
     sidecar = open_sidecar(ctx) if settings.checkpointing_enabled else None
     child_env = trainer_env(ctx.env)
+    early = options.start_early and settings.spec.enabled
     if settings.spec.enabled:
+        from pathlib import Path
+
+        child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
+    if settings.spec.enabled and not early:
         from ckpt_agent.commands.load import load_now
 
         load_now(ctx, options.selection)
-        child_env["BT_LOAD_CHECKPOINT_DIR"] = str(Path(settings.spec.download_folder).absolute())
-    if sidecar is not None:
-        return _supervise(argv, child_env, sidecar, ctx)
     # As PID 1 (a container without an init) the kernel drops every signal a process has no handler
     # for: an exec'd trainer without a SIGTERM handler would ignore `docker stop`. We stay its parent.
-    if runs_through_shell(argv, child_env) or os.getpid() == 1:
-        return _run_as_child(argv, child_env, ctx)
+    as_child = sidecar is not None or runs_through_shell(argv, child_env) or os.getpid() == 1
+    if early and not as_child:
+        from ckpt_agent.commands.early import exec_early
+
+        exec_early(ctx, argv, child_env, options.selection, _grace(ctx))
+    loader = _early_child(ctx, options.selection) if early else None
+    if sidecar is not None:
+        return _supervise(argv, child_env, sidecar, ctx, loader)
+    if as_child:
+        return _run_as_child(argv, child_env, ctx, loader)
     exec_training(argv, child_env)
 
 
@@ -62,24 +72,41 @@ def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
         print_plan(ctx, selection)
     else:
         print("checkpoint loading is disabled: nothing to load")
+    import shlex  # only for the dry run: every `run` imports this module
+
     print(f"would exec: {shlex.join(argv)}", flush=True)
     return 0
 
 
-def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Context) -> int:
+def _grace(ctx: Context) -> float:
+    return ctx.sync.grace_seconds
+
+
+def _early_child(ctx: Context, selection: Selection) -> EarlyChild:
+    from ckpt_agent.commands.early import EarlyChild
+
+    return EarlyChild(ctx, selection)
+
+
+def _supervise(argv: list[str], env: dict[str, str], sidecar: Sidecar, ctx: Context,
+               loader: EarlyChild | None) -> int:
     from ckpt_agent.trainer.supervise import supervise
 
     env.setdefault("BT_CHECKPOINT_DIR", str(sidecar.options.checkpoint_dir))
     try:
-        return supervise(argv, env, sidecar, ctx.reporter)
+        return supervise(argv, loader.env(env) if loader else env, sidecar, ctx.reporter, loader)
     finally:
         sidecar.store.close()
 
 
-def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context) -> int:
-    """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save."""
+def _run_as_child(argv: list[str], env: dict[str, str], ctx: Context, loader: EarlyChild | None) -> int:
+    """A shell would swallow SIGTERM if exec'd: stay its parent so the trainer gets signals and time to save.
+    With an early start, a failed load stops the trainer and its exit code is ours."""
     from ckpt_agent.trainer.procgroup import TrainerGroup
 
-    grace = ctx.sync.grace_seconds
-    with TrainerGroup(argv, env, grace, ctx.reporter) as group:
-        return group.exit_code(group.wait())
+    try:
+        with TrainerGroup(argv, loader.env(env) if loader else env, _grace(ctx), ctx.reporter) as group:
+            status = group.wait(loader.watch if loader else None)
+    finally:
+        failed = loader.finish() if loader else None
+    return failed if failed is not None else group.exit_code(status)

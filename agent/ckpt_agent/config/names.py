@@ -7,7 +7,6 @@ on every OS (`path_problem`, `is_segment`)."""
 
 from __future__ import annotations
 
-import json
 import unicodedata
 
 MAX_NAME_BYTES = 200
@@ -47,4 +46,6 @@ def path_problem(path: str) -> str | None:
 
 def quote_name(name: str) -> str:
     """A name as one printable ASCII token, so a planted newline or bidi mark can't forge a log line."""
+    import json  # only for a message: json costs start-up time
+
     return json.dumps(name)

@@ -9,7 +9,6 @@ and rounded to a whole byte; exact arithmetic, so `1.5GiB` is exactly 1610612736
 from __future__ import annotations
 
 import re
-from decimal import Decimal
 
 from ckpt_agent.errors import ConfigError
 
@@ -23,4 +22,6 @@ def parse_size(text: str, field: str) -> int:
     match = _SIZE.fullmatch(text.strip())
     if match is None:
         raise ConfigError(f"{field}: expected a size such as 200MB, 1.5GiB or 500M, got {text!r}")
+    from decimal import Decimal  # only when a size is given: decimal costs start-up time
+
     return int((Decimal(match["number"]) * _UNITS[(match["unit"] or "").lower()]).to_integral_value())

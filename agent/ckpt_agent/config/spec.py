@@ -7,13 +7,11 @@ mean training from scratch.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, overload
-from urllib.parse import unquote, urlparse
 
 from ckpt_agent.config import names
 from ckpt_agent.errors import ConfigError
@@ -85,6 +83,13 @@ class StoreLocation:
         return self.root or self.scheme
 
 
+def _as_json(value: object) -> str:
+    """A value as JSON spells it, for messages; json is imported only where it is needed (start-up time)."""
+    import json
+
+    return json.dumps(value)
+
+
 @overload
 def check_name(value: object, field: str, *, nullable: Literal[False] = False) -> str: ...
 @overload
@@ -94,7 +99,7 @@ def check_name(value: object, field: str, *, nullable: bool = False) -> str | No
     if value is None and nullable:
         return None
     if not isinstance(value, str):
-        raise ConfigError(f"{field}: expected a string, got {json.dumps(value)}")
+        raise ConfigError(f"{field}: expected a string, got {_as_json(value)}")
     if not value.strip():
         raise ConfigError(f"{field}: must not be empty")
     problem = names.name_problem(value)
@@ -111,7 +116,7 @@ def _check_keys(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
 
 def _parse_reference(obj: object, where: str) -> Reference:
     if not isinstance(obj, dict):
-        raise ConfigError(f"{where}: expected an object, got {json.dumps(obj)}")
+        raise ConfigError(f"{where}: expected an object, got {_as_json(obj)}")
     typ = obj.get("typ")
     if typ == LATEST:
         _check_keys(obj, {"typ", "project_name", "job_id"}, where)
@@ -131,7 +136,7 @@ def _parse_reference(obj: object, where: str) -> Reference:
     if typ == S3_PREFIX:
         _check_keys(obj, {"typ", "uri"}, where)
         return parse_s3_prefix(obj.get("uri"), f"{where}.uri")
-    raise ConfigError(f"{where}.typ: unknown {json.dumps(typ)} (expected {LATEST!r}, {NAMED!r} or {S3_PREFIX!r})")
+    raise ConfigError(f"{where}.typ: unknown {_as_json(typ)} (expected {LATEST!r}, {NAMED!r} or {S3_PREFIX!r})")
 
 
 def parse_s3_prefix(uri: object, field: str) -> S3PrefixRef:
@@ -143,7 +148,7 @@ def parse_s3_prefix(uri: object, field: str) -> S3PrefixRef:
         raise ConfigError(f"{field}: must not hold a user or password; give credentials through the AWS environment")
     path = path.strip("/")
     if not _BUCKET.fullmatch(bucket) or not path:
-        raise ConfigError(f"{field}: {json.dumps(uri)} needs a bucket and a path (s3://bucket/path/checkpoint-name/)")
+        raise ConfigError(f"{field}: {_as_json(uri)} needs a bucket and a path (s3://bucket/path/checkpoint-name/)")
     name = check_name(path.rsplit("/", 1)[-1], f"{field} (its last path component)")
     return S3PrefixRef(f"s3://{bucket}/{path}/", bucket, f"{path}/", name)
 
@@ -152,6 +157,8 @@ def parse_load_spec(text: str | None) -> LoadSpec:
     """Parse BT_LOAD_CHECKPOINT_CONFIG; unset or empty means loading is disabled."""
     if text is None or not text.strip():
         return LoadSpec()
+    import json
+
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -161,12 +168,12 @@ def parse_load_spec(text: str | None) -> LoadSpec:
     _check_keys(obj, {"enabled", "checkpoints", "download_folder"}, CONFIG_VAR)
     enabled = obj.get("enabled", False)
     if not isinstance(enabled, bool):
-        raise ConfigError(f"{CONFIG_VAR}.enabled: expected true or false, got {json.dumps(enabled)}")
+        raise ConfigError(f"{CONFIG_VAR}.enabled: expected true or false, got {_as_json(enabled)}")
     raw_refs = obj.get("checkpoints", [{"typ": LATEST}])
     if raw_refs is None:
         raw_refs = [{"typ": LATEST}]
     if not isinstance(raw_refs, list):
-        raise ConfigError(f"{CONFIG_VAR}.checkpoints: expected a list, got {json.dumps(raw_refs)}")
+        raise ConfigError(f"{CONFIG_VAR}.checkpoints: expected a list, got {_as_json(raw_refs)}")
     refs = tuple(
         _parse_reference(r, f"{CONFIG_VAR}.checkpoints[{i}]") for i, r in enumerate(raw_refs)
     )
@@ -174,7 +181,7 @@ def parse_load_spec(text: str | None) -> LoadSpec:
     if folder is None:
         folder = DEFAULT_DOWNLOAD_FOLDER
     if not isinstance(folder, str) or not folder.strip() or "\0" in folder:
-        raise ConfigError(f"{CONFIG_VAR}.download_folder: expected a folder path, got {json.dumps(folder)}")
+        raise ConfigError(f"{CONFIG_VAR}.download_folder: expected a folder path, got {_as_json(folder)}")
     return LoadSpec(enabled=enabled, checkpoints=refs, download_folder=folder)
 
 
@@ -182,6 +189,8 @@ def parse_start_commands(text: str | None) -> tuple[str, ...]:
     """BT_START_COMMANDS: a JSON list of shell strings, as truss Runtime.start_commands."""
     if text is None or not text.strip():
         return ()
+    import json
+
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -210,6 +219,8 @@ def parse_store_location(text: str) -> StoreLocation:
         # Never echoed: what precedes the '@' is a user and often a secret key.
         raise ConfigError("BT_CHECKPOINT_STORE: must not hold a user or password (user:secret@); "
                           "use s3://bucket/prefix and give credentials through the AWS environment")
+    from urllib.parse import unquote, urlparse  # only for a URL: urllib costs start-up time
+
     url = urlparse(text)
     if text.startswith("s3://"):
         if not url.netloc:

@@ -8,13 +8,38 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from collections.abc import Callable
 
-import crc32c
+
+def _crc32c() -> Callable[[bytes | bytearray | memoryview, int], int]:
+    """The crc32c package's C function, loaded without the package's __init__: that asks
+    importlib.metadata for the package's own version, about 40 ms of every start before the first
+    store request (issue 19). Where the extension is not where the package keeps it, the package."""
+    from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader
+    from importlib.util import find_spec, module_from_spec, spec_from_loader
+
+    spec = find_spec("crc32c")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        for suffix in EXTENSION_SUFFIXES:
+            path = os.path.join(folder, "_crc32c" + suffix)
+            if os.path.isfile(path):
+                loader = ExtensionFileLoader("crc32c._crc32c", path)
+                found = spec_from_loader("crc32c._crc32c", loader)
+                if found is not None:
+                    module = module_from_spec(found)
+                    loader.exec_module(module)
+                    return module.crc32c
+    import crc32c
+
+    return crc32c.crc32c
+
+
+_CRC32C = _crc32c()
 
 
 def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     """crc32c runs at >10 GB/s and releases the GIL, so verification never bottlenecks I/O."""
-    return crc32c.crc32c(data, value)
+    return _CRC32C(data, value)
 
 
 def format_checksum(value: int) -> str:

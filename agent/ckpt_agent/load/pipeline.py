@@ -25,6 +25,7 @@ from ckpt_agent.disk.localstate import (
 )
 from ckpt_agent.disk.safefs import INCOMPLETE_SUFFIX, record_bytes, write_atomic
 from ckpt_agent.errors import LocalError
+from ckpt_agent.load.cachefill import start_fill
 from ckpt_agent.load.foreign import finder
 from ckpt_agent.load.merge import Merged, NodeChoice, describe_conflicts
 from ckpt_agent.load.plan import Plan, check_selection, make_plan
@@ -207,6 +208,8 @@ def load_checkpoints(settings: Settings, reporter: Reporter, cancel: Cancel,
                 for r in resolution.checkpoints if any(f.foreign for f in r.manifest.files)})
             _prune(folder, result, settings.node_rank, reporter)
             _record(folder, result, started, settings.node_rank)
+            if settings.cache is not None:
+                start_fill(folder, settings.node_rank, settings.cache, sources.noted, reporter)
     finally:
         store.close()
     _report_checks(result, reporter)

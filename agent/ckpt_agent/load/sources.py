@@ -40,6 +40,7 @@ from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import rank_dir
 from ckpt_agent.disk.safefs import open_file
 from ckpt_agent.errors import AgentError
+from ckpt_agent.load.cachefill import FillList
 from ckpt_agent.load.fetch import part_bounds
 from ckpt_agent.load.plan import FileTask
 
@@ -72,7 +73,8 @@ class LocalSources:
                  warn: Warn) -> None:
         self._folder, self._trainer, self._cache, self._warn = folder, trainer, cache, warn
         self._ranks = _other_ranks(folder, rank)
-        self._can_get = self._can_put = cache is not None
+        self._can_get = cache is not None
+        self.noted = FillList()  # for the cache, after the load (ckpt_agent.load.cachefill)
         self._lock = threading.Lock()
         self._gate = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
@@ -116,19 +118,14 @@ class LocalSources:
                 os.close(source.fd)
         return missing
 
-    def keep(self, fd: int, task: FileTask, first: int, last: int) -> None:
-        """Parts [first, last) of `fd`, just verified from the store, into the cache for the next load."""
-        if not self._can_put or not task.entry.strong:
+    def keep(self, task: FileTask, first: int, last: int) -> None:
+        """Parts [first, last) of the file, just verified from the store: noted for the cache, which is
+        filled from the placed file after the load, off its critical path."""
+        if self._cache is None or not task.entry.strong:
             return
-        assert self._cache is not None
         for part in range(first, last):
             start, end = part_bounds(task, part)
-            try:
-                with self._gate:
-                    self._cache.put_span(task.entry.strong[part], fd, start, end - start)
-            except (OSError, AgentError) as exc:
-                self._cache_failed("cannot add parts to it", exc, reading=False)
-                return
+            self.noted.add(task.rel, start, end - start, task.entry.strong[part])
 
     def _place(self, fd: int, task: FileTask, part: int, sources: list[_Source]) -> str | None:
         for source in sources:
@@ -147,21 +144,17 @@ class LocalSources:
             if not self._cache.get_into(sha, fd, start, end - start):
                 return False
         except (OSError, AgentError) as exc:
-            self._cache_failed("cannot read it", exc, reading=True)
+            self._cache_failed(exc)
             return False
         return mapped_checksum(fd, start, end) == task.entry.parts[part]
 
-    def _cache_failed(self, what: str, exc: Exception, reading: bool) -> None:
+    def _cache_failed(self, exc: Exception) -> None:
         with self._lock:
-            told = not (self._can_get if reading else self._can_put)
-            if reading:
-                self._can_get = False
-            else:
-                self._can_put = False
+            told, self._can_get = not self._can_get, False
         if not told:
             assert self._cache is not None
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self._warn(f"part cache {self._cache.root}: {what} ({detail}); this load goes on without that")
+            self._warn(f"part cache {self._cache.root}: cannot read it ({detail}); this load goes on without it")
 
     def _open(self, task: FileTask, dest: int) -> list[_Source]:
         """The local copies of this file worth reading: regular, the manifest's size, not `dest` itself."""

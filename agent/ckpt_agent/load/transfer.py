@@ -197,7 +197,7 @@ class _Engine:
                 self.fetcher.resuming(task.key, run_start, run_end,
                                       lambda a, b: self.fetcher.parts(fd, task, a, b))
                 if self.sources is not None:
-                    self.sources.keep(fd, task, run_start, run_end)
+                    self.sources.keep(task, run_start, run_end)
         finally:
             os.close(fd)
         with state.lock:
@@ -233,7 +233,7 @@ class _Engine:
                 os.ftruncate(fd, 0)
             self.fetcher.member(fd, task, reader)
             if self.sources is not None:
-                self.sources.keep(fd, task, 0, 1)
+                self.sources.keep(task, 0, 1)
         finally:
             os.close(fd)
         self._place(task)

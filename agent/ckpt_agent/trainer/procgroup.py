@@ -19,7 +19,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ckpt_agent.report import Reporter
 from ckpt_agent.trainer.launch import starting
@@ -110,14 +110,19 @@ class TrainerGroup:
         self._forward(signum)
         self._wake.set()
 
+    def stop(self, signum: int) -> None:
+        """Stop the trainer as if the platform had sent us `signum`: forwarded, and the grace period runs."""
+        self._handler(signum, None)
+
     def _forward(self, signum: int) -> None:
         if self._child is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._child.pid, signum)
 
-    def wait(self) -> int:
-        """The trainer's exit status, once every process of its group is gone.
+    def wait(self, watch: Callable[[TrainerGroup], None] | None = None) -> int:
+        """The trainer's exit status, once every process of its group is gone; `watch` is called on
+        every round of the loop (an early start's loader is checked there).
 
         That is the direct child's, unless a signal we forwarded killed it (a shell) and another
         process of the group exited after it: then the last one's, the trainer's. After the first
@@ -139,6 +144,8 @@ class TrainerGroup:
                     last = exit_status(code)
             if direct is not None and not _group_alive(pgid):
                 break
+            if watch is not None:
+                watch(self)
             deadline = self._deadline(exited_at)
             if not killed and deadline is not None and time.monotonic() >= deadline:
                 self.reporter.error(f"the trainer's processes did not exit within the {self.grace:g} s grace "

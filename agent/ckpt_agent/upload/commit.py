@@ -12,7 +12,7 @@ import io
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,7 +45,7 @@ from ckpt_agent.stores.manifest import (
 from ckpt_agent.upload.dedup import Segment
 from ckpt_agent.upload.incremental import Reuse, Transferred, plan_reuse
 from ckpt_agent.upload.packing import Member, Pack, PackReader, assign_packs
-from ckpt_agent.upload.scan import LocalFile, checksums, difference, open_regular, rescan, scan_checkpoint
+from ckpt_agent.upload.scan import LocalFile, PartDigests, difference, open_regular, rescan, scan_checkpoint
 
 # A throttle that outlived the store's own retries: sent again once the gate has cut the requests
 # at once and its pause has passed (docs/limits.md).
@@ -185,20 +185,26 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
     files = _stable_scan(request)
     single = stat.S_ISREG(os.lstat(folder).st_mode)
     ensure_job(store, ident)
-    sums, strong = checksums(files, request.part_size, request.workers, cancel)
     packs = assign_packs([(f.rel, f.path, f.size) for f in files])
     pack_of = {m.rel: (p.id, m.offset) for p in packs for m in p.members}
-    entries = tuple(_file_entry(f, sums[f.rel], strong[f.rel], pack_of.get(f.rel)) for f in files)
-    reuse = Reuse({}, {})
-    if request.previous is not None and _copies_server_side(store):
-        reuse = plan_reuse(store, request.previous, entries, request.part_size)
+    digests = PartDigests(files, request.part_size)
     sender = _Sender(store, ident, progress, cancel, Transferred() if moved is None else moved, limiter)
+    entries: tuple[FileEntry, ...] | None = None
+    if request.previous is not None and _copies_server_side(store):
+        # Which parts the store holds already is decided by their sha256: hash first, send the rest.
+        run_tasks(digests.tasks(), request.workers, cancel)
+        entries = _entries(files, digests, pack_of)
+        tasks = sender.tasks(files, packs, plan_reuse(store, request.previous, entries, request.part_size))
+    else:  # every byte is sent: each region is hashed while others are on the wire
+        tasks = _alternate(digests.tasks(), sender.tasks(files, packs, Reuse({}, {})))
     try:
-        run_tasks(sender.tasks(files, packs, reuse), request.workers, cancel)
+        run_tasks(tasks, request.workers, cancel)
     except OSError:  # StoreError too: a file that shrank or vanished mid-upload looks like a failed upload
         _unchanged_since(files, request, "while uploading")
         raise
     _unchanged_since(files, request, "while uploading")
+    if entries is None:
+        entries = _entries(files, digests, pack_of)
     manifest = Manifest(
         project_name=ident.project_name, job_id=ident.job_id, checkpoint_name=ident.name,
         rank=ident.rank, committed_at=utc_now(), part_size=request.part_size,
@@ -210,10 +216,27 @@ def commit_checkpoint(store: Store, request: CommitRequest, progress: Progress, 
     return manifest
 
 
-def _file_entry(f: LocalFile, parts: tuple[str, ...], strong: tuple[str, ...], packed: tuple[int, int] | None
-                ) -> FileEntry:
-    pack, offset = packed if packed is not None else (None, 0)
-    return FileEntry(f.rel, f.size, parts, pack=pack, offset=offset, strong=strong)
+def _entries(files: Sequence[LocalFile], digests: PartDigests, pack_of: dict[str, tuple[int, int]]
+             ) -> tuple[FileEntry, ...]:
+    """The manifest's file entries, once every part is hashed."""
+    sums, strong = digests.result()
+    entries = []
+    for f in files:
+        pack, offset = pack_of.get(f.rel, (None, 0))
+        entries.append(FileEntry(f.rel, f.size, sums[f.rel], pack=pack, offset=offset, strong=strong[f.rel]))
+    return tuple(entries)
+
+
+def _alternate(*sources: Iterable[Callable[[], None]]) -> Iterator[Callable[[], None]]:
+    """Tasks taken in turn from each source, so a pool works on all of them at once."""
+    iterators = [iter(s) for s in sources]
+    while iterators:
+        for it in list(iterators):
+            task = next(it, None)
+            if task is None:
+                iterators.remove(it)
+            else:
+                yield task
 
 
 def _stable_scan(request: CommitRequest) -> list[LocalFile]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,8 +18,6 @@ from pathlib import Path
 from ckpt_agent.disk import safefs
 from ckpt_agent.disk.digests import read_part_digests
 from ckpt_agent.errors import ConfigError, NotFoundError, UnsafeEntry
-from ckpt_agent.runtime.cancel import Cancel
-from ckpt_agent.runtime.pool import run_tasks
 
 # Files are checksummed in regions of this size, so one huge file keeps every core busy.
 CHECKSUM_REGION = 64 << 20
@@ -109,26 +107,42 @@ def open_regular(f: LocalFile) -> int:
 Digests = dict[str, tuple[str, ...]]
 
 
-def checksums(files: Sequence[LocalFile], part_size: int, workers: int, cancel: Cancel) -> tuple[Digests, Digests]:
-    """Every file's part crc32c and sha256 (one read), in regions on the pool so one huge file uses every core."""
-    region = part_size * max(1, CHECKSUM_REGION // part_size)
-    found: dict[tuple[str, int], list[tuple[str, str]]] = {}
+@dataclass
+class PartDigests:
+    """Every file's part crc32c and sha256 (one read), in regions, so one huge file uses every core.
 
-    def one(f: LocalFile, start: int) -> None:
+    `tasks()` go on a pool, alone or beside the upload of the same files, so the hash of one region
+    runs while another is sent; `result()` once they have all run."""
+
+    files: Sequence[LocalFile]
+    part_size: int
+
+    def __post_init__(self) -> None:
+        self._region = self.part_size * max(1, CHECKSUM_REGION // self.part_size)
+        self._found: dict[tuple[str, int], list[tuple[str, str]]] = {}
+
+    def _starts(self, f: LocalFile) -> range:
+        return range(0, max(f.size, 1), self._region)
+
+    def _one(self, f: LocalFile, start: int) -> None:
         fd = open_regular(f)
         try:
-            sums = read_part_digests(fd, start, min(f.size, start + region), part_size,
-                                     memoryview(bytearray(min(1 << 20, part_size))))
+            sums = read_part_digests(fd, start, min(f.size, start + self._region), self.part_size,
+                                     memoryview(bytearray(min(1 << 20, self.part_size))))
         finally:
             os.close(fd)
         if sums is None:
             raise FileNotFoundError(errno.ENOENT, "shrank while reading", str(f.path))
-        found[(f.rel, start)] = sums
+        self._found[(f.rel, start)] = sums
 
-    run_tasks((partial(one, f, s) for f in files for s in range(0, max(f.size, 1), region)), workers, cancel)
-    both = {f.rel: [d for s in range(0, max(f.size, 1), region) for d in found[(f.rel, s)]] for f in files}
-    return ({rel: tuple(crc for crc, _ in d) for rel, d in both.items()},
-            {rel: tuple(sha for _, sha in d) for rel, d in both.items()})
+    def tasks(self) -> Iterator[Callable[[], None]]:
+        return (partial(self._one, f, s) for f in self.files for s in self._starts(f))
+
+    def result(self) -> tuple[Digests, Digests]:
+        """(crc32c, sha256) per file, in part order."""
+        both = {f.rel: [d for s in self._starts(f) for d in self._found[(f.rel, s)]] for f in self.files}
+        return ({rel: tuple(crc for crc, _ in d) for rel, d in both.items()},
+                {rel: tuple(sha for _, sha in d) for rel, d in both.items()})
 
 
 def difference(before: Sequence[LocalFile], after: Sequence[LocalFile]) -> str | None:
