@@ -2,8 +2,8 @@
 
 early-start   `ckpt-agent run -- python bench/slow_trainer.py S` against the same with
               `--start-early`, a cold load of `big` each; the trainer's start-up takes S seconds,
-              as long as an untimed cold load of `big` took just before (the faster of
-              two, calibrated per benchmark, shown in the command), and
+              as long as an untimed cold load of `big` took just before (the median of
+              three, calibrated per benchmark, shown in the command), and
               its first step is `ckpt_agent.latest_local_checkpoint()` returning: the process exits
               there, so the wall time is the time to the first step
 upload-1g     `ckpt-agent save` of a new 1 GiB checkpoint (one file) against `s5cmd cp`
@@ -15,6 +15,7 @@ starts in the background (load/cachefill.py), so a fill never runs during the ne
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,19 +49,19 @@ def lineup(h: Harness, workload: str, dest: Path) -> tuple[list[c.Contender], in
 
 
 def _calibrate(h: Harness, dest: Path) -> float:
-    """The seconds of an untimed cold load of `big`, the faster of two (the first may meet cold
-    memory, as the warm-up round exists for): the trainer's start-up takes as long."""
+    """The seconds of an untimed cold load of `big`, the median of three: the trainer's start-up
+    takes as long."""
     probe = c.ckpt_load(h, "big", dest / "calibrate")
     argv = probe.argv(0)
     walls = []
-    for attempt in range(2):
+    for attempt in range(3):
         log = h.log(f"early-start-calibrate-{attempt}")
         measured = run_timed(argv, probe.env, log, h.timeout(h.datasets["big"].total_bytes))
         check_exit(measured, "early-start calibration load (untimed)", argv, log)
         probe.check(0)
         remove(dest / "calibrate")
         walls.append(measured.wall_s)
-    return round(min(walls), 2)
+    return round(statistics.median(walls), 2)
 
 
 def _early_start(h: Harness, dest: Path) -> list[c.Contender]:
