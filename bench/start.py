@@ -18,6 +18,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import contenders as c
@@ -64,6 +65,14 @@ def _calibrate(h: Harness, dest: Path) -> float:
     return round(statistics.median(walls), 2)
 
 
+def _fixed(argv: list[str]) -> Callable[[int], list[str]]:
+    return lambda _round: argv
+
+
+def _checks(h: Harness, tree: Path, name: str) -> Callable[[int], dict]:
+    return lambda _round: verify_tree(tree, h.expected["big"], h.full, name)
+
+
 def _early_start(h: Harness, dest: Path) -> list[c.Contender]:
     startup = _calibrate(h, dest)
     rows = []
@@ -71,8 +80,6 @@ def _early_start(h: Harness, dest: Path) -> list[c.Contender]:
         folder = dest / c.slug(name)
         load = c.ckpt_load(h, "big", folder)
         argv = [h.ckpt_agent, "run", *flags, "--", sys.executable, str(SLOW_TRAINER), str(startup)]
-        rows.append(c.cold(dataclasses.replace(
-            load, name=name, argv=lambda _r, argv=argv: argv,
-            check=lambda _r, folder=folder, name=name: verify_tree(folder / "rank-0" / "big", h.expected["big"],
-                                                                   h.full, name)), folder))
+        rows.append(c.cold(dataclasses.replace(load, name=name, argv=_fixed(argv),
+                                               check=_checks(h, folder / "rank-0" / "big", name)), folder))
     return rows

@@ -46,7 +46,8 @@ def clean_env() -> dict[str, str]:
 
 def noop(rounds: int) -> dict:
     env = clean_env()
-    agent, true = [], []
+    agent: list[float] = []
+    true: list[float] = []
     for r in range(rounds):
         order = [(agent, [AGENT, "run", "--", TRUE]), (true, [TRUE])]
         for times, argv in order if r % 2 == 0 else order[::-1]:

@@ -51,39 +51,25 @@ def test_dcp_state_sharded_over_two_nodes_resumes_bit_exact_on_two_nodes_and_res
     assert one == {**saved[0], **saved[1]}  # the model, and every row from the node that held it
 
 
-def test_hf_trainer_ddp_on_two_nodes_resumes_from_the_merged_folder_to_the_weights_of_an_unbroken_run(
-        s3_env, s3_prefix, tmp_path, procs):
-    """The leader's checkpoint-5/ holds the weights, optimizer and trainer_state.json, node 1's only
-    rng_state_1.pth: node 1 resumes only because it loads the leader's files too."""
+@pytest.mark.parametrize(("script", "name", "node_1_needs"), [
+    ("hf_trainer.py", "checkpoint-5", {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"}),
+    ("deepspeed_loop.py", "global_step5", {"mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}),
+], ids=["hf-trainer-ddp", "deepspeed-zero1"])
+def test_a_two_node_job_resumes_from_the_merged_folders_to_the_weights_of_an_unbroken_run(
+        script, name, node_1_needs, s3_env, s3_prefix, tmp_path, procs):
+    """HF Trainer (DDP): the leader's checkpoint-5/ holds the weights, optimizer and
+    trainer_state.json, node 1's only rng_state_1.pth. DeepSpeed ZeRO-1: node 1's global_step5/
+    holds only its optimizer partition, the model states are the leader's. Node 1 resumes only
+    because it loads the leader's files too."""
     store = s3_store(s3_env, s3_prefix)
-    unbroken = launch(procs, tmp_path, store, "job-1", "hf_trainer.py", "--steps", 10, "--every", 5, env=FAST)
+    unbroken = launch(procs, tmp_path, store, "job-1", script, "--steps", 10, "--every", 5, env=FAST)
     assert unbroken.wait() == [0, 0], unbroken.text()
-    assert committed_by_all(store, "job-1", "checkpoint-5", 2), unbroken.text()
+    assert committed_by_all(store, "job-1", name, 2), unbroken.text()
 
-    resumed = launch(procs, tmp_path, store, "job-2", "hf_trainer.py", "--steps", 10, "--every", 5,
-                     "--resume", "agent", load=[named("checkpoint-5", "job-1")], env=FAST)
+    resumed = launch(procs, tmp_path, store, "job-2", script, "--steps", 10, "--every", 5,
+                     "--resume", "agent", load=[named(name, "job-1")], env=FAST)
     assert resumed.wait() == [0, 0], resumed.text()
-    assert all("RESUMING checkpoint-5" in n.text() for n in resumed.nodes), resumed.text()
-    node_1 = resumed.nodes[1].loaded / "rank-1" / "checkpoint-5"
-    assert {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in node_1.iterdir()}
-    assert [n.result()["step"] for n in resumed.nodes] == [10, 10]
-    assert weights(resumed) == weights(unbroken)
-
-
-def test_deepspeed_zero1_on_two_nodes_resumes_from_the_merged_tag_folder_to_the_weights_of_an_unbroken_run(
-        s3_env, s3_prefix, tmp_path, procs):
-    """Node 1's global_step5/ holds only its optimizer partition; the model states are the leader's
-    (with only its own files, DeepSpeed on node 1 finds no model states to load)."""
-    store = s3_store(s3_env, s3_prefix)
-    unbroken = launch(procs, tmp_path, store, "job-1", "deepspeed_loop.py", "--steps", 10, "--every", 5, env=FAST)
-    assert unbroken.wait() == [0, 0], unbroken.text()
-    assert committed_by_all(store, "job-1", "global_step5", 2), unbroken.text()
-
-    resumed = launch(procs, tmp_path, store, "job-2", "deepspeed_loop.py", "--steps", 10, "--every", 5,
-                     "--resume", "agent", load=[named("global_step5", "job-1")], env=FAST)
-    assert resumed.wait() == [0, 0], resumed.text()
-    node_1 = resumed.nodes[1].loaded / "rank-1" / "global_step5"
-    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= \
-        {p.name for p in node_1.iterdir()}
+    assert all(f"RESUMING {name}" in n.text() for n in resumed.nodes), resumed.text()
+    assert node_1_needs <= {p.name for p in (resumed.nodes[1].loaded / "rank-1" / name).iterdir()}
     assert [n.result()["step"] for n in resumed.nodes] == [10, 10]
     assert weights(resumed) == weights(unbroken)
