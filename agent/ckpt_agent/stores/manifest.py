@@ -201,13 +201,20 @@ def _require(obj: dict, key: str, kind: type | tuple, where: str):
     return value
 
 
-def parse_manifest(text: str | bytes, where: str) -> Manifest:
+def _json_object(text: str | bytes, prefix: str) -> dict:
+    """A store record's JSON, which must be an object: a hostile store's deep nesting or bad bytes
+    become our error, never a RecursionError or a traceback. `prefix` starts each message."""
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise IntegrityError(f"{where}: manifest is not valid JSON (or nested too deeply)") from None
+        raise IntegrityError(f"{prefix}not valid JSON (or nested too deeply)") from None
     if not isinstance(obj, dict):
-        raise IntegrityError(f"{where}: manifest is not a JSON object")
+        raise IntegrityError(f"{prefix}not a JSON object")
+    return obj
+
+
+def parse_manifest(text: str | bytes, where: str) -> Manifest:
+    obj = _json_object(text, f"{where}: manifest is ")
     fmt = obj.get("format")
     if fmt not in (FORMAT_V1, FORMAT) or isinstance(fmt, bool):
         raise IntegrityError(
@@ -300,12 +307,7 @@ def _parse_packs(raw: object, where: str) -> dict[int, int]:
 
 
 def parse_job_record(text: str | bytes, where: str) -> JobRecord:
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise IntegrityError(f"{where}: not valid JSON (or nested too deeply)") from None
-    if not isinstance(obj, dict):
-        raise IntegrityError(f"{where}: not a JSON object")
+    obj = _json_object(text, f"{where}: ")
     num_nodes = obj.get("num_nodes", 1)
     if not isinstance(num_nodes, int) or num_nodes < 1:
         raise IntegrityError(f"{where}: num_nodes must be a positive integer")
