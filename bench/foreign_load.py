@@ -23,6 +23,7 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from bench.datasets import Dataset, generate
 from bench.seaweed import start_seaweed
 
 AGENT = str(Path(sys.executable).parent / "ckpt-agent")
@@ -48,10 +49,8 @@ def main() -> None:
     top = args.dir
     shutil.rmtree(top, ignore_errors=True)
     src = top / "src" / "ckpt-1"
-    src.mkdir(parents=True)
-    for i in range(args.files):
-        with open(src / f"shard-{i}.bin", "wb") as f:
-            f.write(os.urandom((args.mib << 20) // args.files))
+    generate(Dataset("foreign", tuple((f"shard-{i}.bin", (args.mib << 20) // args.files)
+                                      for i in range(args.files))), src)
     with start_seaweed(top / "seaweed") as server:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
         env = {**base, **server.env(), "BT_CHECKPOINT_STORE": f"s3://{server.bucket}/own"}

@@ -34,6 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.datasets import Dataset, generate
 from bench.relay import Relay
 from bench.seaweed import start_seaweed
 
@@ -51,14 +52,6 @@ def shapes(mib: int) -> dict[str, dict[int, dict[str, int]]]:
                    "rng_state_0.pth": 14000},
                1: {"rng_state_1.pth": 14000}},
     }
-
-
-def write(folder: Path, files: dict[str, int]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for rel, size in files.items():
-        with open(folder / rel, "wb") as f:
-            for start in range(0, size, 64 * MIB):
-                f.write(os.urandom(min(64 * MIB, size - start)))
 
 
 def agent(argv: list[str], env: dict[str, str]) -> None:
@@ -111,7 +104,7 @@ def main() -> None:
         for shape, nodes in layouts.items():
             for rank, files in nodes.items():
                 folder = top / "trainers" / shape / f"node-{rank}" / NAME
-                write(folder, files)
+                generate(Dataset(f"{shape}-{rank}", tuple(files.items())), folder)
                 agent(["save", str(folder), "--project", "bench", "--job-id", JOB.format(shape=shape),
                        "--num-nodes", "2"], {**base, "BT_NODE_RANK": str(rank)})
         with Relay(server.s3_port) as relay:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.datasets import Dataset, MiB, generate  # noqa: E402
 from bench.seaweed import start_seaweed  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -45,10 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="upload-cpu-") as tmp:
         source = Path(tmp) / "source"
-        source.mkdir()
-        with open(source / "model.bin", "wb") as out:
-            for _ in range(args.mib):
-                out.write(os.urandom(1 << 20))
+        generate(Dataset("upload", (("model.bin", args.mib * MiB),)), source)
         with start_seaweed(Path(tmp) / "weed") as server:
             env = {**os.environ, **server.env(), "BT_CHECKPOINT_STORE": "s3://checkpoints/cpu"}
             for r in range(args.rounds):
