@@ -31,6 +31,7 @@ from tests.support.helpers import (
     assert_one_line_failure,
     clean_env,
     commit_files,
+    on_disk,
     payload,
     put_object,
     run_agent,
@@ -80,10 +81,6 @@ class Nodes:
 @pytest.fixture
 def nodes(s3_env: SeaweedServer, s3_prefix: str, tmp_path: Path) -> Nodes:
     return Nodes(s3_env, s3_prefix, tmp_path)
-
-
-def on_disk(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def latest_local(dl: Path, rank: int) -> str:

@@ -14,7 +14,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 
 from tests.support.faultproxy import LOOPBACK, FaultProxy
-from tests.support.helpers import assert_one_line_failure, clean_env, payload, run_agent
+from tests.support.helpers import assert_one_line_failure, clean_env, on_disk, payload, run_agent
 from tests.support.specs import spec
 
 S5CMD = str(Path(sys.executable).parent / "s5cmd")
@@ -24,10 +24,6 @@ def _env(server, dl: Path, uri: str, **extra: str) -> dict[str, str]:
     return clean_env(**{**server.env(), "BT_CHECKPOINT_STORE": "/nonexistent-local-store",
                         "BT_LOAD_CHECKPOINT_CONFIG": spec(dl, {"typ": "s3_prefix", "uri": uri}),
                         "CKPT_AGENT_WORKERS": "4", "CKPT_AGENT_READ_TIMEOUT": "2", **extra})
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _verified_by(dl: Path) -> dict[str, str]:
@@ -51,7 +47,7 @@ def test_a_prefix_written_by_s5cmd_loads_exactly_checked_by_md5(engine, s3_env, 
     dl = tmp_path / "dl"
     result = run_agent(["load"], _env(s3_env, dl, uri, CKPT_AGENT_S3_ENGINE=engine))
     assert result.returncode == 0, result.stderr
-    assert _tree(dl / "rank-0" / "checkpoint-500") == files
+    assert on_disk(dl / "rank-0" / "checkpoint-500") == files
     assert _verified_by(dl) == dict.fromkeys(files, "md5")
     verify = run_agent(["verify", str(dl)], clean_env())
     assert verify.returncode == 0, verify.stdout
@@ -68,7 +64,7 @@ def test_boto3_single_part_objects_are_checked_by_their_crc_and_multipart_ones_b
     result = run_agent(["load", "--from", f"s3://{bucket}/{base}"], clean_env(**s3_env.env(),
                        BT_LOAD_CHECKPOINT_CONFIG=spec(dl)))
     assert result.returncode == 0, result.stderr
-    assert _tree(dl / "rank-0" / "step-7") == {"small.bin": small, "big.bin": big}
+    assert on_disk(dl / "rank-0" / "step-7") == {"small.bin": small, "big.bin": big}
     assert _verified_by(dl) == {"small.bin": "crc32", "big.bin": "size"}
     warning = [line for line in result.stderr.splitlines() if "by their size only" in line]
     assert len(warning) == 1 and "big.bin" in warning[0]
@@ -110,4 +106,4 @@ def test_load_from_an_s3_prefix_needs_no_api_key_when_the_store_is_baseten(s3_en
     env = clean_env(**s3_env.env(), BT_CHECKPOINT_STORE="baseten", BT_LOAD_CHECKPOINT_CONFIG=spec(dl))
     result = run_agent(["load", "--from", f"s3://{s3_env.bucket}/{s3_prefix}/x/ckpt-3/"], env)
     assert result.returncode == 0, result.stderr
-    assert _tree(dl / "rank-0" / "ckpt-3") == {"w.bin": b"weights"}
+    assert on_disk(dl / "rank-0" / "ckpt-3") == {"w.bin": b"weights"}

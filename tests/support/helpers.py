@@ -73,6 +73,11 @@ def wait_for_fill(download_folder: Path, rank: int = 0, timeout: float = 60) -> 
     wait_for(lambda: not job.exists(), timeout, f"the part cache fill of {download_folder}")
 
 
+def on_disk(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by its relative path: what a load placed there, to compare whole."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def same_tree(a: Path, b: Path) -> bool:
     """The two folders hold the same files with the same bytes."""
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
