@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ import boto3
 from botocore.config import Config
 
 from bench.datasets import Dataset, generate
-from bench.seaweed import start_seaweed
+from bench.seaweed import clean_env, start_seaweed
 
 AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 
@@ -52,8 +51,7 @@ def main() -> None:
     generate(Dataset("foreign", tuple((f"shard-{i}.bin", (args.mib << 20) // args.files)
                                       for i in range(args.files))), src)
     with start_seaweed(top / "seaweed") as server:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
-        env = {**base, **server.env(), "BT_CHECKPOINT_STORE": f"s3://{server.bucket}/own"}
+        env = {**clean_env(), **server.env(), "BT_CHECKPOINT_STORE": f"s3://{server.bucket}/own"}
         subprocess.run([AGENT, "save", str(src), "--project", "p", "--job-id", "j1"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         plain = server.client()  # boto3 sends a CRC32 with each put, which S3 keeps

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from bench.datasets import Dataset, generate
 from bench.relay import Relay
-from bench.seaweed import start_seaweed
+from bench.seaweed import clean_env, start_seaweed
 
 AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 MIB = 1 << 20
@@ -98,7 +97,7 @@ def main() -> None:
     top.mkdir(parents=True)
     server = start_seaweed(top / "seaweed")
     try:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
+        base = clean_env()
         base.update(server.env(), BT_CHECKPOINT_STORE=f"s3://{server.bucket}/bench", CKPT_AGENT_CACHE_MAX_BYTES="0")
         layouts = shapes(args.mib)
         for shape, nodes in layouts.items():

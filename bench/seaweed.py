@@ -22,6 +22,14 @@ from pathlib import Path
 ACCESS_KEY = "ckptagenttestkey"
 SECRET_KEY = "ckptagenttestsecret"
 BUCKET = "checkpoints"
+_FOREIGN = ("AWS_", "BT_", "CKPT_AGENT_")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without any AWS_*/BT_*/CKPT_AGENT_* (a stray AWS_PROFILE must
+    never reach a real account, a stray BT_* never change a test or a benchmark), plus `extra`."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN)}
+    return {**keep, **extra}
 
 
 def weed_binary() -> str:

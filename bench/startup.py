@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.relay import Relay  # noqa: E402
-from bench.seaweed import start_seaweed  # noqa: E402
+from bench.seaweed import clean_env, start_seaweed  # noqa: E402
 
 AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 TRUE = "/bin/true" if os.path.exists("/bin/true") else shutil.which("true") or "true"
@@ -38,10 +38,6 @@ def wall(argv: list[str], env: dict[str, str]) -> float:
     started = time.perf_counter()
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BT_", "CKPT_AGENT_"))}
 
 
 def noop(rounds: int) -> dict:

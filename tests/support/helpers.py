@@ -7,7 +7,6 @@ One place, so each test file says only what is particular to it.
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.seaweed import SeaweedServer
+from bench.seaweed import SeaweedServer, clean_env
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
@@ -28,16 +27,8 @@ from tests.support.faultproxy import FaultProxy
 from tests.support.specs import named, spec
 
 AGENT = str(Path(sys.executable).parent / "ckpt-agent")
-_FOREIGN = ("AWS_", "BT_", "CKPT_AGENT_")
 JOB, NAME = "job-f", "checkpoint-7"  # the job and checkpoint `upload_checkpoint` commits by default
 PART = 256 * 1024  # small checksum parts, so a resumed file skips most of itself
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without any AWS_*/BT_*/CKPT_AGENT_* (a stray AWS_PROFILE must
-    never reach a real account, a stray BT_* never change a test), plus `extra`."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN)}
-    return {**keep, **extra}
 
 
 def run_agent(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
