@@ -22,8 +22,11 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from bench.datasets import Dataset, generate
-from bench.seaweed import clean_env, start_seaweed
+if not __package__:  # run as a script (python bench/foreign_load.py): make the bench package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.datasets import Dataset, generate  # noqa: E402
+from bench.seaweed import clean_env, start_seaweed  # noqa: E402
 
 AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 

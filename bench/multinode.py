@@ -33,9 +33,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.datasets import Dataset, generate
-from bench.relay import Relay
-from bench.seaweed import clean_env, start_seaweed
+if not __package__:  # run as a script (python bench/multinode.py): make the bench package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.datasets import Dataset, generate  # noqa: E402
+from bench.relay import Relay  # noqa: E402
+from bench.seaweed import clean_env, start_seaweed  # noqa: E402
 
 AGENT = str(Path(sys.executable).parent / "ckpt-agent")
 MIB = 1 << 20
