@@ -19,7 +19,15 @@ from boto3.s3.transfer import TransferConfig
 
 from tests.support.baseten_api import FakeBasetenApi, FakeFile, FakeJob
 from tests.support.faultproxy import LOOPBACK, FaultProxy
-from tests.support.helpers import assert_one_line_failure, clean_env, payload, run_agent, start_agent, wait_for
+from tests.support.helpers import (
+    assert_one_line_failure,
+    clean_env,
+    load_record,
+    payload,
+    run_agent,
+    start_agent,
+    wait_for,
+)
 from tests.support.specs import latest, named, spec
 
 KEY = "btkey-9Qm2xV7rSECRETPART"
@@ -66,7 +74,7 @@ class Baseten:
                             "CKPT_AGENT_READ_TIMEOUT": "2", **extra})
 
     def record(self) -> dict:
-        return json.loads((self.dl / ".ckpt-agent" / "loaded-rank-0.json").read_text())
+        return load_record(self.dl)
 
     def assert_loaded(self, job: str, cid: str, rank_prefix: str = "") -> None:
         """rank-0/<cid>/ holds exactly that checkpoint's files, byte for byte."""

@@ -26,7 +26,7 @@ from ckpt_agent.report import Reporter
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.stores import open_store
 from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
-from tests.support.helpers import AGENT, clean_env, wait_for, wait_for_fill
+from tests.support.helpers import AGENT, clean_env, load_record, wait_for, wait_for_fill
 from tests.support.specs import named, spec
 
 PART = 1 << 20
@@ -167,7 +167,7 @@ def test_the_log_says_when_the_fill_is_done_and_the_next_load_takes_nothing_from
         first_env = {**run_env, "BT_LOAD_CHECKPOINT_CONFIG": spec(first, named(NAME, JOB))}
         done = subprocess.run([AGENT, "load"], env=first_env, stderr=log, timeout=120, check=False)
         assert done.returncode == 0
-        record = json.loads((first / ".ckpt-agent" / "loaded-rank-0.json").read_text())
+        record = load_record(first)
         assert record["bytes_from"]["store"] == total
 
         def fill_events() -> list[dict]:
@@ -183,5 +183,5 @@ def test_the_log_says_when_the_fill_is_done_and_the_next_load_takes_nothing_from
     second_env = {**run_env, "BT_LOAD_CHECKPOINT_CONFIG": spec(second, named(NAME, JOB))}
     done = subprocess.run([AGENT, "load"], env=second_env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    record = json.loads((second / ".ckpt-agent" / "loaded-rank-0.json").read_text())
+    record = load_record(second)
     assert record["bytes_from"]["store"] == 0 and record["bytes_from"]["cache"] == total

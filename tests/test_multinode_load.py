@@ -31,6 +31,7 @@ from tests.support.helpers import (
     assert_one_line_failure,
     clean_env,
     commit_files,
+    load_record,
     on_disk,
     payload,
     put_object,
@@ -91,10 +92,6 @@ def latest_local(dl: Path, rank: int) -> str:
                           timeout=30).stdout.strip()
 
 
-def record(dl: Path, rank: int) -> dict:
-    return json.loads((dl / ".ckpt-agent" / f"loaded-rank-{rank}.json").read_text())
-
-
 def warnings_about_conflicts(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "different bytes on different nodes" in line]
 
@@ -128,7 +125,7 @@ def test_a_path_whose_bytes_differ_between_nodes_is_the_nodes_own_copy_with_one_
         placed = on_disk(dl / f"rank-{rank}" / NAME)
         assert placed["config.json"] == own["config.json"] and placed["notes.txt"] == own["notes.txt"]
         assert set(placed) == set(LEADER) | set(mine) | {"notes.txt"}
-        conflicts = record(dl, rank)["checkpoints"][0]["conflicts"]
+        conflicts = load_record(dl, rank)["checkpoints"][0]["conflicts"]
         assert conflicts == [{"path": "config.json", "kept": rank, "others": [1 - rank]},
                              {"path": "notes.txt", "kept": rank, "others": [1 - rank]}]
         assert run_agent(["verify", str(dl)], clean_env()).returncode == 0
@@ -143,8 +140,8 @@ def test_load_ranks_own_gives_each_node_only_its_own_files(nodes):
         assert result.returncode == 0, result.stderr
         assert f"(rank {rank}): {len(files)} files" in result.stderr
         assert on_disk(dl / f"rank-{rank}" / NAME) == files
-        assert "nodes" not in json.dumps(record(dl, rank)["checkpoints"][0]) or \
-            record(dl, rank)["checkpoints"][0]["nodes"] == []
+        assert "nodes" not in json.dumps(load_record(dl, rank)["checkpoints"][0]) or \
+            load_record(dl, rank)["checkpoints"][0]["nodes"] == []
         assert run_agent(["verify", str(dl)], clean_env()).returncode == 0
     bad = nodes.load(1, nodes.tmp / "dl-bad", CKPT_AGENT_LOAD_RANKS="mine")
     assert_one_line_failure(bad, 2, "CKPT_AGENT_LOAD_RANKS", "'mine'")
@@ -192,7 +189,7 @@ def test_a_single_file_only_the_leader_saved_is_what_latest_local_checkpoint_giv
     assert result.returncode == 0, result.stderr
     assert on_disk(dl / "rank-1" / "ckpt-5.pt") == {"ckpt-5.pt": weights}
     assert latest_local(dl, 1) == str(dl / "rank-1" / "ckpt-5.pt" / "ckpt-5.pt")
-    nodes_record = {n["rank"]: (n["files"], n["bytes"]) for n in record(dl, 1)["checkpoints"][0]["nodes"]}
+    nodes_record = {n["rank"]: (n["files"], n["bytes"]) for n in load_record(dl, 1)["checkpoints"][0]["nodes"]}
     assert nodes_record == {0: (1, len(weights)), 1: (0, 0)}
     assert run_agent(["verify", str(dl)], clean_env()).returncode == 0
 
@@ -224,7 +221,7 @@ def test_dry_run_and_the_record_say_which_nodes_files_came_from_where(nodes):
     assert nodes.load(0, dl).returncode == 0
     second = nodes.load(1, dl)
     assert second.returncode == 0, second.stderr
-    entry = record(dl, 1)["checkpoints"][0]
+    entry = load_record(dl, 1)["checkpoints"][0]
     assert entry["manifest"] == "manifests/rank-1/step-20.nodes/rank-1.json"
     by_rank = {n["rank"]: n for n in entry["nodes"]}
     assert (by_rank[0]["files"], by_rank[0]["bytes"]) == (3, sum(map(len, leader_only.values())))
@@ -249,7 +246,7 @@ def test_a_second_job_on_node_1_takes_the_leaders_weights_from_the_nodes_cache(n
     second = run_agent(["load"], nodes.env(1, nodes.tmp / "job-b-dl", proxy, CKPT_AGENT_CACHE_DIR=str(cache)))
     assert second.returncode == 0, second.stderr
     assert sum(e.body_bytes for e in proxy.exchanges if e.method == "GET" and e.range is not None) == 0
-    leader = {n["rank"]: n for n in record(nodes.tmp / "job-b-dl", 1)["checkpoints"][0]["nodes"]}[0]
+    leader = {n["rank"]: n for n in load_record(nodes.tmp / "job-b-dl", 1)["checkpoints"][0]["nodes"]}[0]
     assert leader["bytes_from"]["cache"] == leader["bytes"] > MIB
     assert on_disk(nodes.tmp / "job-b-dl" / "rank-1" / NAME) == {**LEADER, **NODE1}
 
@@ -293,5 +290,5 @@ def test_a_merged_load_killed_mid_download_fetches_only_what_is_missing(nodes, p
     ranged = [e for e in proxy.exchanges if e.method == "GET" and e.range is not None]
     assert [e.range for e in ranged] == [f"bytes={4 * PART}-{2 * MIB - 1}"]
     assert sum(e.body_bytes for e in ranged) == 2 * MIB - 4 * PART
-    node1 = {n["rank"]: n for n in record(dl, 0)["checkpoints"][0]["nodes"]}[1]
+    node1 = {n["rank"]: n for n in load_record(dl, 0)["checkpoints"][0]["nodes"]}[1]
     assert node1["bytes_from"]["reused"] == 4 * PART and node1["bytes_from"]["store"] == 2 * MIB - 4 * PART

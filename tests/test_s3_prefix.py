@@ -5,7 +5,6 @@ itself keeps of each object (a full-object checksum, else a single-part ETag's M
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 
 from tests.support.faultproxy import LOOPBACK, FaultProxy
-from tests.support.helpers import assert_one_line_failure, clean_env, on_disk, payload, run_agent
+from tests.support.helpers import assert_one_line_failure, clean_env, load_record, on_disk, payload, run_agent
 from tests.support.specs import spec
 
 S5CMD = str(Path(sys.executable).parent / "s5cmd")
@@ -27,7 +26,7 @@ def _env(server, dl: Path, uri: str, **extra: str) -> dict[str, str]:
 
 
 def _verified_by(dl: Path) -> dict[str, str]:
-    record = json.loads((dl / ".ckpt-agent" / "loaded-rank-0.json").read_text())
+    record = load_record(dl)
     (entry,) = record["checkpoints"]
     return entry["verified_by"]
 

@@ -7,6 +7,7 @@ One place, so each test file says only what is particular to it.
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -67,6 +68,11 @@ def wait_for_fill(download_folder: Path, rank: int = 0, timeout: float = 60) -> 
 def on_disk(folder: Path) -> dict[str, bytes]:
     """Every file under `folder`, by its relative path: what a load placed there, to compare whole."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load_record(download_folder: Path, rank: int = 0) -> dict:
+    """The rank's .ckpt-agent/loaded-rank-<r>.json, read as the file it is."""
+    return json.loads((download_folder / ".ckpt-agent" / f"loaded-rank-{rank}.json").read_text())
 
 
 def same_tree(a: Path, b: Path) -> bool:
