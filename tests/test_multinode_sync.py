@@ -9,7 +9,6 @@ sidecar writes.
 from __future__ import annotations
 
 import io
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -30,7 +29,7 @@ from ckpt_agent.sync.loop import Sidecar
 from ckpt_agent.sync.nodes import leader_mark, moved_on, nothing_due
 from ckpt_agent.sync.readiness import Facts, NotReady, Trainer, Why, readiness
 from ckpt_agent.upload.commit import CheckpointId
-from tests.support.helpers import assert_one_line_failure, commit_files, run_agent, sync_env, wait_for
+from tests.support.helpers import assert_one_line_failure, commit_files, in_thread, run_agent, sync_env, wait_for
 
 JOB = "job-1"
 
@@ -130,12 +129,6 @@ def node(store: LocalStore, ckpts: Path, rank: int = 1, **options) -> tuple[Side
     sidecar = Sidecar(store, CheckpointId("proj", JOB, "", rank, 2), opts, 2, Reporter(out))
     sidecar.check_job()
     return sidecar, out
-
-
-def in_thread(sidecar: Sidecar) -> threading.Thread:
-    thread = threading.Thread(target=sidecar.run, daemon=True)
-    thread.start()
-    return thread
 
 
 def torch_zip(path: Path) -> None:

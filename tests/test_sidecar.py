@@ -32,6 +32,7 @@ from tests.support.helpers import (
     AGENT,
     StoreUnderTest,
     committed,
+    in_thread,
     run_agent,
     same_tree,
     start,
@@ -249,12 +250,6 @@ def sidecar_for(store, ckpts: Path, **options) -> tuple[Sidecar, io.StringIO]:
     out = io.StringIO()
     opts = SyncOptions(ckpts, **{"quiet_seconds": 0.2, "poll_seconds": 0.05, "grace_seconds": 5, **options})
     return Sidecar(store, CheckpointId("proj", "job-1", "", 0, 1), opts, 4, Reporter(out)), out
-
-
-def in_thread(sidecar: Sidecar) -> threading.Thread:
-    thread = threading.Thread(target=sidecar.run, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_keep_last_deletes_older_checkpoints_manifest_first_and_a_restart_does_not_upload_them_again(tmp_path):

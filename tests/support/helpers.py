@@ -23,6 +23,7 @@ from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
 from ckpt_agent.stores.manifest import Manifest
 from ckpt_agent.stores.s3boto import Boto3Store
+from ckpt_agent.sync.loop import Sidecar
 from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
 from tests.support.faultproxy import FaultProxy
 from tests.support.specs import named, spec
@@ -73,6 +74,13 @@ def on_disk(folder: Path) -> dict[str, bytes]:
 def load_record(download_folder: Path, rank: int = 0) -> dict:
     """The rank's .ckpt-agent/loaded-rank-<r>.json, read as the file it is."""
     return json.loads((download_folder / ".ckpt-agent" / f"loaded-rank-{rank}.json").read_text())
+
+
+def in_thread(sidecar: Sidecar) -> threading.Thread:
+    """The sidecar's loop in a daemon thread, so the test can change the folder it watches meanwhile."""
+    thread = threading.Thread(target=sidecar.run, daemon=True)
+    thread.start()
+    return thread
 
 
 def same_tree(a: Path, b: Path) -> bool:
