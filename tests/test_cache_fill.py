@@ -25,8 +25,8 @@ from ckpt_agent.load.pipeline import load_checkpoints
 from ckpt_agent.report import Reporter
 from ckpt_agent.runtime.cancel import Cancel
 from ckpt_agent.stores import open_store
-from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
-from tests.support.helpers import AGENT, clean_env, load_record, wait_for, wait_for_fill
+from ckpt_agent.upload.commit import CheckpointId
+from tests.support.helpers import AGENT, clean_env, commit_files, load_record, wait_for, wait_for_fill
 from tests.support.specs import named, spec
 
 PART = 1 << 20
@@ -36,16 +36,13 @@ JOB, NAME = "job-1", "checkpoint-3"
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    folder = tmp_path / "trainer" / NAME
-    folder.mkdir(parents=True)
-    (folder / "model.bin").write_bytes(os.urandom(PARTS * PART - 5))
-    (folder / "config.json").write_bytes(b'{"layers": 2}')
     env = clean_env(BT_CHECKPOINT_STORE=f"file://{tmp_path / 'store'}", BT_TRAINING_PROJECT_NAME="proj",
                     BT_CHECKPOINT_DIR=str(tmp_path / "no-trainer-here"))
     store = open_store(settings_from_env(env).store_config)
     try:
-        commit_checkpoint(store, CommitRequest(folder, CheckpointId("proj", JOB, NAME), 2, part_size=PART),
-                          lambda n: None, Cancel())
+        commit_files(store, tmp_path / "trainer" / NAME,
+                     {"model.bin": os.urandom(PARTS * PART - 5), "config.json": b'{"layers": 2}'},
+                     CheckpointId("proj", JOB, NAME), part_size=PART, workers=2)
     finally:
         store.close()
     return env
