@@ -33,7 +33,7 @@ from ckpt_agent.config.settings import CacheSettings
 from ckpt_agent.disk.cache import PartCache
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import STATE_DIR, stat_signature
-from ckpt_agent.disk.safefs import open_file
+from ckpt_agent.disk.safefs import open_file, record_bytes
 from ckpt_agent.errors import AgentError
 from ckpt_agent.report import JsonReporter, Reporter, human_bytes, make_reporter
 
@@ -82,7 +82,7 @@ def start_fill(folder: Folder, rank: int, cache: CacheSettings, noted: FillList,
     job_rel = f"{STATE_DIR}/{fill_job_name(rank)}"
     log_format = "json" if isinstance(reporter, JsonReporter) else "human"
     try:
-        folder.write_atomic(job_rel, json.dumps(job).encode())
+        folder.write_atomic(job_rel, record_bytes(job, compact=True))
         isolated = ["-I"] if sys.flags.isolated else []  # as the self-contained agent runs (packaging/)
         subprocess.run(["/bin/sh", "-c", '"$@" </dev/null >/dev/null &', "sh", sys.executable, *isolated, "-m",
                         "ckpt_agent.load.cachefill", str(folder.shown(job_rel).absolute()), log_format],

@@ -113,8 +113,7 @@ def files_of(listed: list[RemoteFile], checkpoint_id: str, rank: int) -> list[tu
     return by_rank.get(None, [])
 
 
-def _api_manifest(store: BasetenStore, job: Job, checkpoint: Checkpoint, rank: int,
-                  listed: list[RemoteFile]) -> Manifest | None:
+def _api_manifest(job: Job, checkpoint: Checkpoint, rank: int, listed: list[RemoteFile]) -> Manifest | None:
     files = [_entry(path, f.size, ForeignFile(file_key(job.project.id, job.id, f.name)))
              for path, f in files_of(listed, checkpoint.checkpoint_id, rank)]
     if not files:
@@ -133,7 +132,7 @@ def _named(store: BasetenStore, ref: NamedRef, rank: int) -> Manifest:
         have = ", ".join(names.quote_name(c.checkpoint_id) for c in checkpoints) or "none"
         raise NotFoundError(f"{ref.describe()}: job {job.id} has no checkpoint {ref.checkpoint_name}; "
                             f"its checkpoints, newest first: {have}")
-    manifest = _api_manifest(store, job, chosen, rank, store.listed(job.project.id, job.id))
+    manifest = _api_manifest(job, chosen, rank, store.listed(job.project.id, job.id))
     if manifest is None:
         raise NotFoundError(f"{ref.describe()}: the Baseten API lists no files of checkpoint "
                             f"{ref.checkpoint_name} for rank {rank}")
@@ -149,7 +148,7 @@ def _latest_of_job(store: BasetenStore, job: Job, rank: int, warn: Warn) -> Mani
         if problem is not None:
             warn(f"{where}: ignoring checkpoint {names.quote_name(checkpoint.checkpoint_id)}: {problem}")
             continue
-        manifest = _api_manifest(store, job, checkpoint, rank, listed)
+        manifest = _api_manifest(job, checkpoint, rank, listed)
         if manifest is not None:
             return manifest
     return None

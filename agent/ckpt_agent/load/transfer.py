@@ -23,7 +23,7 @@ from functools import partial
 from ckpt_agent.disk.digests import read_checksums
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex
-from ckpt_agent.disk.safefs import open_file, open_or_create, partial_name, place
+from ckpt_agent.disk.safefs import open_or_create, partial_name, place
 from ckpt_agent.errors import IntegrityError, LoadTimeoutError
 from ckpt_agent.load.fetch import DOWNLOAD_BACKOFF, Fetcher, part_bounds
 from ckpt_agent.load.journal import PartJournal
@@ -171,10 +171,7 @@ class _Engine:
         """Create or adopt the temporary file; an existing destination is adopted for re-checking."""
         task = state.task
         dfd, name = self.folder.parent(task.rel, create=True)
-        existing = open_file(dfd, name, task.dest, write=True)
-        if existing is not None:
-            os.close(existing)
-            os.replace(name, partial_name(name), src_dir_fd=dfd, dst_dir_fd=dfd)
+        place(dfd, name, partial_name(name), task.dest)  # an existing destination becomes the temporary file
         fd, state.resumed = self._open_temp(task)
         try:
             if os.fstat(fd).st_size != task.entry.size:

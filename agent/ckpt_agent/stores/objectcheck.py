@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import crc32c
+from ckpt_agent.disk.digests import checksum
 
 SIZE = "size"
 MD5 = "md5"
@@ -78,7 +78,7 @@ class Digest(Protocol):
 class _Crc:
     """zlib's crc32 or crc32c behind hashlib's interface; S3 sends them big-endian."""
 
-    def __init__(self, function) -> None:  # noqa: ANN001 - zlib.crc32 or crc32c.crc32c
+    def __init__(self, function) -> None:  # noqa: ANN001 - zlib.crc32 or digests.checksum
         self._function, self._value = function, 0
 
     def update(self, data: bytes | memoryview, /) -> None:
@@ -93,7 +93,7 @@ def new_digest(kind: str) -> Digest | None:
     if kind == "crc32":
         return _Crc(zlib.crc32)
     if kind == "crc32c":
-        return _Crc(crc32c.crc32c)
+        return _Crc(checksum)
     if kind in ("sha256", "sha1", MD5):
         return hashlib.new(kind, usedforsecurity=False)
     return None
