@@ -262,8 +262,9 @@ def test_project_index_record_is_written_by_a_serializer_even_for_a_quoted_job_i
     assert entry["job_id"] == 'job"quoted\\'
 
 
-@pytest.mark.parametrize("entry", [b'{"job_id": "j0", "created_at": "9', b"[1, 2]", b'{"job_id": "j0"}', b"\xff"],
-                         ids=["truncated", "not an object", "no created_at", "not utf-8"])
+@pytest.mark.parametrize("entry", [b'{"job_id": "j0", "created_at": "9', b"[1, 2]", b'{"job_id": "j0"}', b"\xff",
+                                   b"[" * 60000],
+                         ids=["truncated", "not an object", "no created_at", "not utf-8", "nested too deeply"])
 def test_one_bad_project_index_entry_breaks_neither_latest_nor_ls(entry, tmp_path):
     store_dir = tmp_path / "store"
     files = {"model.bin": b"j1/checkpoint-1"}

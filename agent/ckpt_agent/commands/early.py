@@ -207,7 +207,7 @@ class EarlyChild:
     def wait_ok(self) -> bool:
         """Blocks until the loader has ended (another thread reaps it); whether the load succeeded."""
         self.done.wait()
-        return self.code == 0
+        return self.succeeded
 
     def finish(self) -> int | None:
         """After the trainer is gone: a loader still running is stopped. The load's exit code when it

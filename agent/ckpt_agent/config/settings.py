@@ -1,9 +1,11 @@
-"""Every environment variable the agent reads is parsed here, and only here.
+"""Every environment variable the commands read is parsed here (BASETEN_* through ckpt_agent.config.baseten,
+for that store only), and only here.
 
 Pure functions of a mapping, so tests pass dicts: settings_from_env into a frozen Settings, and the
 pieces a command needs alone or merged with its flags (log_format, load_spec, selection_from_env,
-sync_options). cli.py hands them os.environ, each once per command; training code's
-latest_local_checkpoint reads loaded_folder_from_env itself.
+sync_options). cli.py hands them os.environ, each once per command. Training code's
+latest_local_checkpoint, in the trainer's Python, reads its three variables itself
+(ckpt_agent.disk.resume, ckpt_agent.runtime.loadstatus).
 """
 
 from __future__ import annotations

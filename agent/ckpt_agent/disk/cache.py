@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_agent.disk.fileio import copy_range, read_span
-from ckpt_agent.disk.safefs import TEMP_PREFIX, AtomicFile, lock_exclusive, open_regular
+from ckpt_agent.disk.safefs import DIR_FLAGS, TEMP_PREFIX, AtomicFile, lock_exclusive, open_regular
 from ckpt_agent.errors import LocalError
 
 ENTRIES = "sha256"  # the folder of entries; a later algorithm gets its own
@@ -228,7 +228,7 @@ def _open_entries(root: Path) -> int:
         owner = os.fstat(top).st_uid
         with suppress(FileExistsError):
             os.mkdir(ENTRIES, 0o700, dir_fd=top)
-        entries = os.open(ENTRIES, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+        entries = os.open(ENTRIES, DIR_FLAGS, dir_fd=top)
     except OSError as exc:
         raise LocalError(f"{root / ENTRIES}: not a folder of the part cache ({exc.strerror}); remove it") from None
     finally:

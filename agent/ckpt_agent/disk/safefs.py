@@ -22,6 +22,7 @@ import stat
 import time
 from collections.abc import Callable
 
+from ckpt_agent.disk.fileio import write_all
 from ckpt_agent.errors import IntegrityError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -202,9 +203,7 @@ def record_bytes(record: object, *, compact: bool = False) -> bytes:
 
 def write_atomic(dfd: int, name: str, data: bytes, mode: int = 0o644) -> None:
     with AtomicFile(dfd, name, mode) as f:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(f.fd, view):]
+        write_all(f.fd, memoryview(data))
 
 
 def lock_exclusive(fd: int, busy: Callable[[], None] | None = None) -> None:

@@ -7,7 +7,6 @@ through the one name rule (ckpt_agent.config.names) before they become keys or p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from ckpt_agent.errors import IntegrityError, NotFoundError
 from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import Store
-from ckpt_agent.stores.manifest import JobRecord, Manifest, natural_key, parse_job_record, parse_manifest
+from ckpt_agent.stores.manifest import JobRecord, Manifest, json_object, natural_key, parse_job_record, parse_manifest
 
 Warn = Callable[[str], None]
 
@@ -151,11 +150,10 @@ def project_jobs(store: Store, project: str, warn: Warn = no_warnings) -> list[t
     def entry(job_id: str) -> tuple[str, str] | None:
         key = layout.project_job_key(project, job_id)
         try:
-            record = json.loads(store.read_bytes(key, limit=layout.MAX_RECORD_BYTES))
-            created = record["created_at"]
+            created = json_object(store.read_bytes(key, limit=layout.MAX_RECORD_BYTES), f"{key}: ").get("created_at")
             if not isinstance(created, str):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, IntegrityError):
+                raise IntegrityError(f"{key}: no created_at")
+        except IntegrityError:
             warn(f"{key}: ignoring a project index entry that is not a JSON object with created_at")
             return None
         except NotFoundError:

@@ -201,7 +201,7 @@ def _require(obj: dict, key: str, kind: type | tuple, where: str):
     return value
 
 
-def _json_object(text: str | bytes, prefix: str) -> dict:
+def json_object(text: str | bytes, prefix: str) -> dict:
     """A store record's JSON, which must be an object: a hostile store's deep nesting or bad bytes
     become our error, never a RecursionError or a traceback. `prefix` starts each message."""
     try:
@@ -214,7 +214,7 @@ def _json_object(text: str | bytes, prefix: str) -> dict:
 
 
 def parse_manifest(text: str | bytes, where: str) -> Manifest:
-    obj = _json_object(text, f"{where}: manifest is ")
+    obj = json_object(text, f"{where}: manifest is ")
     fmt = obj.get("format")
     if fmt not in (FORMAT_V1, FORMAT) or isinstance(fmt, bool):
         raise IntegrityError(
@@ -307,7 +307,7 @@ def _parse_packs(raw: object, where: str) -> dict[int, int]:
 
 
 def parse_job_record(text: str | bytes, where: str) -> JobRecord:
-    obj = _json_object(text, f"{where}: ")
+    obj = json_object(text, f"{where}: ")
     num_nodes = obj.get("num_nodes", 1)
     if not isinstance(num_nodes, int) or num_nodes < 1:
         raise IntegrityError(f"{where}: num_nodes must be a positive integer")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from ckpt_agent.errors import AgentError
 from ckpt_agent.report import human_bytes
+from ckpt_agent.runtime.pool import map_tasks
 from ckpt_agent.stores import layout
 from ckpt_agent.stores.base import MAX_COPY, Store
 from ckpt_agent.stores.catalog import committed_checkpoints
@@ -79,8 +80,9 @@ def plan_reuse(store: Store, previous: Manifest, files: Sequence[FileEntry], par
              and same_file(e, f.size, f.parts, f.strong)}
     index = index_parts(previous) if previous.part_size == part_size else {}
     plans = _plans([f for f in files if f.path not in whole], part_size, index)
-    used = whole.keys() | {s.source for plan in plans.values() for s in plan if s.source is not None}
-    gone = {p for p in used if _object_size(store, key(p)) != before[p].size}
+    used = sorted(whole.keys() | {s.source for plan in plans.values() for s in plan if s.source is not None})
+    sizes = map_tasks(lambda path: _object_size(store, key(path)), used)  # one round trip each, at once
+    gone = {p for p, size in zip(used, sizes, strict=True) if size != before[p].size}
     if gone:
         whole = {path: k for path, k in whole.items() if path not in gone}
         index = {sha: kept for sha, found in index.items() if (kept := [s for s in found if s.path not in gone])}
