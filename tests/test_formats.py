@@ -101,7 +101,6 @@ def facts(fmt: Format, **kw) -> Facts:
     (Format.HF, {"quiet": False}, Why.WRITING),
     (Format.HF, {"writing": "model.safetensors", "markers": {"trainer_state.json": b"{}"}}, Why.OPEN),
     (Format.HF, {"files": ()}, Why.EMPTY),
-    (Format.HF, {"unsafe": "x: a FIFO", "markers": {"trainer_state.json": b"{}"}}, Why.UNSAFE),
 ])
 def test_each_format_is_complete_only_by_its_own_rule(fmt, kw, expected):
     why = readiness(facts(fmt, **kw), Rules(), Trainer.UNSUPERVISED)

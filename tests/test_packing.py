@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_agent.upload.packing import PackReader, assign_packs
+from ckpt_agent.upload.packing import Member, PackReader, assign_packs
+
+
+def _open(member: Member) -> int:
+    return os.open(member.path, os.O_RDONLY)
 
 
 def make_files(tmp_path: Path, sizes: list[int]) -> list[tuple[str, Path, int]]:
@@ -43,7 +47,7 @@ def test_pack_reader_streams_members_back_to_back_and_rewinds(tmp_path, read_siz
     files = make_files(tmp_path, [40, 0, 13, 40])
     (pack,) = assign_packs(files, max_file=100, pack_size=1000, min_files=1)
     expected = b"".join(path.read_bytes() for _, path, _ in files)
-    reader = PackReader(pack)
+    reader = PackReader(pack, _open)
     for _ in range(2):
         got = b""
         while chunk := reader.read(read_size):
@@ -57,14 +61,14 @@ def test_pack_reader_fails_when_a_member_shrank(tmp_path):
     (pack,) = assign_packs(files, max_file=100, pack_size=1000, min_files=1)
     files[1][1].write_bytes(b"short")
     with pytest.raises(OSError, match="changed while packing"):
-        PackReader(pack).read()
+        PackReader(pack, _open).read()
 
 
 def test_pack_reader_seeks_into_the_middle_of_a_member(tmp_path):
     files = make_files(tmp_path, [40, 0, 13, 40])
     (pack,) = assign_packs(files, max_file=100, pack_size=1000, min_files=1)
     expected = b"".join(path.read_bytes() for _, path, _ in files)
-    reader = PackReader(pack)
+    reader = PackReader(pack, _open)
     for offset in (0, 5, 40, 45, 53, 60):
         reader.seek(offset)
         assert reader.read(10) == expected[offset:offset + 10]

@@ -3,6 +3,7 @@ a load fetches together in one ranged GET (`_spans`, load side)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,11 @@ import pytest
 from ckpt_agent.load.plan import FileTask
 from ckpt_agent.load.transfer import _spans
 from ckpt_agent.stores.manifest import FileEntry
-from ckpt_agent.upload.packing import PackReader, assign_packs
+from ckpt_agent.upload.packing import Member, PackReader, assign_packs
+
+
+def _open(member: Member) -> int:
+    return os.open(member.path, os.O_RDONLY)
 
 
 def files(tmp_path: Path, sizes: list[int]) -> list[tuple[str, Path, int]]:
@@ -41,7 +46,7 @@ def test_the_fewest_small_files_that_make_packs_is_min_files(tmp_path):
 def test_a_reader_seeked_to_any_offset_yields_the_pack_from_there(tmp_path):
     (pack,) = assign_packs(files(tmp_path, [3, 0, 0, 4, 1, 0, 2]), max_file=100, pack_size=1000, min_files=1)
     whole = b"".join(p.read_bytes() for _, p, _ in files(tmp_path, [3, 0, 0, 4, 1, 0, 2]))
-    reader = PackReader(pack)
+    reader = PackReader(pack, _open)
     for offset in range(pack.size + 1):
         reader.seek(offset)
         assert reader.read() == whole[offset:], offset

@@ -76,3 +76,18 @@ def test_malformed_spec_is_refused_before_the_command_with_exit_2(tmp_path):
     assert "typ" in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_bad_upload_setting_does_not_stop_a_run_that_uploads_nothing(tmp_path):
+    """Checkpointing off: only the grace period is read for the shell's child, not keep-last and the rest."""
+    env = clean_env(CKPT_AGENT_KEEP_LAST="three", CKPT_AGENT_QUIET_SECONDS="soon")
+    result = subprocess.run([AGENT, "run", "--", "sh", "-c", "exit 5"], env=env, capture_output=True, text=True)
+    assert result.returncode == 5, result.stderr
+    bad_grace = subprocess.run([AGENT, "run", "--", "sh", "-c", "exit 5"], capture_output=True, text=True,
+                               env={**env, "CKPT_AGENT_GRACE_SECONDS": "later"})
+    assert bad_grace.returncode == 2 and "CKPT_AGENT_GRACE_SECONDS" in bad_grace.stderr
+    with_uploads = subprocess.run([AGENT, "run", "--", "sh", "-c", "exit 5"], capture_output=True, text=True,
+                                  env={**env, "BT_CHECKPOINTING_ENABLED": "1", "BT_TRAINING_JOB_ID": "job",
+                                       "BT_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+                                       "BT_CHECKPOINT_STORE": str(tmp_path / "store")})
+    assert with_uploads.returncode == 2 and "CKPT_AGENT_QUIET_SECONDS" in with_uploads.stderr

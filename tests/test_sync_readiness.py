@@ -52,11 +52,6 @@ def test_an_open_writer_is_named_in_the_reason():
     assert why is not None and why.may_still_finish(Trainer.RUNNING)
 
 
-def test_an_unsafe_entry_wins_over_every_other_reason():
-    facts = Facts(format=Format.HF, files=(), quiet=False, writing="x", unsafe="a FIFO")
-    assert readiness(facts, Rules(), Trainer.RUNNING) == NotReady(Why.UNSAFE, "a FIFO")
-
-
 def test_an_empty_folder_is_never_ready_even_by_opt_in():
     facts = Facts(format=Format.UNKNOWN, files=(), quiet=True)
     assert readiness(facts, Rules(commit_on_quiet=True), Trainer.EXITED_OK) == NotReady(Why.EMPTY)

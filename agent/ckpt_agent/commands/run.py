@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ckpt_agent.commands.context import Context
 from ckpt_agent.commands.sync import open_sidecar
 from ckpt_agent.config.selection import EVERY_FILE, Selection
+from ckpt_agent.config.settings import trainer_grace
 from ckpt_agent.config.sidecar import SyncFlags
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.trainer.launch import exec_training, runs_through_shell, trainer_env, training_argv
@@ -79,7 +80,9 @@ def _dry_run(ctx: Context, argv: list[str], selection: Selection) -> int:
 
 
 def _grace(ctx: Context) -> float:
-    return ctx.sync.grace_seconds
+    """Only the grace period, not every sidecar option: a bad upload setting must not stop a run that
+    uploads nothing (with checkpointing on, open_sidecar has already checked them all)."""
+    return trainer_grace(ctx.env, ctx.sync_flags.grace_seconds)
 
 
 def _early_child(ctx: Context, selection: Selection) -> EarlyChild:

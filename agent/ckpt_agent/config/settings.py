@@ -297,6 +297,11 @@ def _markers(flags: Sequence[str] | None, env: Mapping[str, str]) -> tuple[str, 
     return found
 
 
+def trainer_grace(env: Mapping[str, str], flag: float | None = None) -> float:
+    """How long a stopped trainer gets between SIGTERM and SIGKILL, flag over variable over default."""
+    return _seconds(flag, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)
+
+
 def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: float | None = None,
                  poll_seconds: float | None = None, grace_seconds: float | None = None,
                  keep_last: int | None = None, complete_file: Sequence[str] | None = None,
@@ -306,7 +311,7 @@ def sync_options(env: Mapping[str, str], checkpoint_dir: str, *, quiet_seconds: 
         Path(checkpoint_dir),
         _seconds(quiet_seconds, "--quiet-seconds", env, "CKPT_AGENT_QUIET_SECONDS", DEFAULT_QUIET_SECONDS),
         _seconds(poll_seconds, "--poll-seconds", env, "CKPT_AGENT_POLL_SECONDS", DEFAULT_POLL_SECONDS, True),
-        _seconds(grace_seconds, "--grace-seconds", env, "CKPT_AGENT_GRACE_SECONDS", DEFAULT_GRACE_SECONDS),
+        trainer_grace(env, grace_seconds),
         _keep_last(keep_last, env),
         Rules(_markers(complete_file, env), bool(commit_on_quiet) or env_flag(env, "CKPT_AGENT_COMMIT_ON_QUIET")),
         _seconds(None, "", env, "CKPT_AGENT_NOTHING_HERE_SECONDS", DEFAULT_NOTHING_HERE_SECONDS),

@@ -35,7 +35,7 @@ def checkpoint_prefix(job_id: str, name: str) -> str:
 
 
 def file_key(job_id: str, name: str, rank: int, path: str) -> str:
-    return f"jobs/{job_id}/checkpoints/{name}/rank-{rank}/{path}"
+    return rank_prefix(job_id, name, rank) + path
 
 
 def rank_prefix(job_id: str, name: str, rank: int) -> str:

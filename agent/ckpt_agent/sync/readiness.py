@@ -89,7 +89,6 @@ class Facts:
     structure: str | None = None  # single file: "" complete, a reason if not, None if unknown
     deepspeed_latest: str | None = None  # the tag the top-level `latest` file names
     name: str = ""
-    unsafe: str | None = None  # a link or special file inside
     leader_committed: bool | None = None  # node r > 0: the leader committed this name; None on the leader
 
 
@@ -145,9 +144,8 @@ def readiness(facts: Facts, rules: Rules, trainer: Trainer, flushing: bool = Fal
 
 
 def _own_rule(facts: Facts, rules: Rules, trainer: Trainer, flushing: bool) -> NotReady | None:
-    """This node's own evidence: quiet, not open, unsafe entries, and its format's rule."""
-    if facts.unsafe:
-        return NotReady(Why.UNSAFE, facts.unsafe)
+    """This node's own evidence: quiet, not open, and its format's rule (unsafe entries are refused
+    before any facts are gathered: sync/watch.py)."""
     settled = flushing and trainer in (Trainer.EXITED_OK, Trainer.FAILED) and not facts.blind
     if not facts.quiet and not (settled and facts.writing is None):
         return NotReady(Why.WRITING)

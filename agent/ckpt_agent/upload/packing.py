@@ -64,8 +64,8 @@ class PackReader:
     `opener` returns a read-only fd for a member; the save side passes one that never follows a
     link and checks the file is the one it scanned."""
 
-    def __init__(self, pack: Pack, opener: Callable[[Member], int] | None = None) -> None:
-        self._open = opener or (lambda m: os.open(m.path, os.O_RDONLY))
+    def __init__(self, pack: Pack, opener: Callable[[Member], int]) -> None:
+        self._open = opener
         self._members = [m for m in pack.members if m.size]
         self._starts = [m.offset for m in self._members]
         self.seek(0)
