@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,8 @@ class SeaweedServer:
         self.stop()
 
 
-def start_seaweed(workdir: Path, bucket: str = BUCKET, timeout: float = 60) -> SeaweedServer:
+def start_seaweed(workdir: Path, bucket: str = BUCKET, timeout: float = 60,
+                  extra_args: Sequence[str] = ()) -> SeaweedServer:
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     data.mkdir(exist_ok=True)
@@ -119,7 +121,7 @@ def start_seaweed(workdir: Path, bucket: str = BUCKET, timeout: float = 60) -> S
         f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
         f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={bucket}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={bucket}", *extra_args,
     ]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server

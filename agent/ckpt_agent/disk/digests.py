@@ -47,11 +47,13 @@ def format_checksum(value: int) -> str:
 
 
 def read_part_digests(fd: int, start: int, end: int, part_size: int, buf: memoryview,
-                      strong: bool = True) -> list[tuple[str, str]] | None:
+                      strong: bool = True, also: Callable[[memoryview], object] | None = None,
+                      ) -> list[tuple[str, str]] | None:
     """(crc32c, sha256) of each part in [start, end) of an open file, in one read of its bytes.
 
     `start` is a multiple of part_size; None when the file ends before `end`; an empty range is
     one part, the digests of nothing. strong=False leaves the sha256 "" (crc32c is much cheaper).
+    `also` is handed every byte in order, for a digest of the whole range in the same read.
     """
     digests: list[tuple[str, str]] = []
     for p_start in range(start, max(end, start + 1), part_size):
@@ -65,14 +67,17 @@ def read_part_digests(fd: int, start: int, end: int, part_size: int, buf: memory
             crc = checksum(buf[:n], crc)
             if sha is not None:
                 sha.update(buf[:n])
+            if also is not None:
+                also(buf[:n])
             offset += n
         digests.append((format_checksum(crc), sha.hexdigest() if sha is not None else ""))
     return digests
 
 
-def read_checksums(fd: int, start: int, end: int, part_size: int, buf: memoryview) -> list[str] | None:
+def read_checksums(fd: int, start: int, end: int, part_size: int, buf: memoryview,
+                   also: Callable[[memoryview], object] | None = None) -> list[str] | None:
     """The crc32c checksums of read_part_digests, for checks that need no strong hash."""
-    digests = read_part_digests(fd, start, end, part_size, buf, strong=False)
+    digests = read_part_digests(fd, start, end, part_size, buf, strong=False, also=also)
     return None if digests is None else [crc for crc, _ in digests]
 
 

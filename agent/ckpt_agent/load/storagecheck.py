@@ -10,16 +10,14 @@ mid-load is never stitched together from two versions.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from ckpt_agent.disk.digests import checksum, format_checksum
+from ckpt_agent.disk.digests import read_checksums
 from ckpt_agent.disk.folder import Folder
 from ckpt_agent.disk.localstate import VerifiedIndex, checkpoint_dir
 from ckpt_agent.errors import IntegrityError
-from ckpt_agent.load.fetch import part_bounds
 from ckpt_agent.load.journal import PartJournal
 from ckpt_agent.load.plan import FileTask
 from ckpt_agent.stores.base import RangeReader
@@ -90,19 +88,9 @@ class StorageChecks:
         """Read the whole temporary file once: False when its digest is not the storage's."""
         expected = self.expected(task)
         digest = new_digest(expected.kind)
-        parts = []
-        for part in range(len(task.entry.parts)):
-            start, end = part_bounds(task, part)
-            crc = 0
-            while start < end:
-                n = os.preadv(fd, [buffer[: min(len(buffer), end - start)]], start)
-                if n <= 0:
-                    raise IntegrityError(f"{task.rel}: shorter on disk than its {task.entry.size} bytes")
-                crc = checksum(buffer[:n], crc)
-                if digest is not None:
-                    digest.update(buffer[:n])
-                start += n
-            parts.append(format_checksum(crc))
+        parts = read_checksums(fd, 0, task.entry.size, task.part_size, buffer, digest.update if digest else None)
+        if parts is None:
+            raise IntegrityError(f"{task.rel}: shorter on disk than its {task.entry.size} bytes")
         if digest is not None and digest.hexdigest() != expected.value:
             return False
         with self._lock:
