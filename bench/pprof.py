@@ -65,18 +65,18 @@ def stacks(path: Path) -> Iterator[tuple[list[str], int]]:
         if number == _STRING:
             strings.append(bytes(value).decode() if isinstance(value, bytes) else "")
         elif number == _SAMPLE and isinstance(value, bytes):
-            fields = list(_fields(value))
-            ids = [x for f, _, v in fields if f == 1 for x in _ints(v)]
-            values = [x for f, _, v in fields if f == 2 for x in _ints(v)]
+            sample = list(_fields(value))
+            ids = [x for f, _, v in sample if f == 1 for x in _ints(v)]
+            values = [x for f, _, v in sample if f == 2 for x in _ints(v)]
             samples.append((ids, values[-1]))  # the last value type is CPU time
         elif number == _LOCATION and isinstance(value, bytes):
-            fields = list(_fields(value))
-            ident = next(v for f, _, v in fields if f == 1)
-            lines = [v for f, _, v in fields if f == 4 and isinstance(v, bytes)]
-            locations[int(ident)] = [int(v) for line in lines for f, _, v in _fields(line) if f == 1]
+            location = list(_fields(value))
+            lines = [v for f, _, v in location if f == 4 and isinstance(v, bytes)]
+            ident = next(x for f, _, v in location if f == 1 for x in _ints(v))
+            locations[ident] = [x for line in lines for f, _, v in _fields(line) if f == 1 for x in _ints(v)]
         elif number == _FUNCTION and isinstance(value, bytes):
-            fields = dict((f, v) for f, _, v in _fields(value))
-            functions[int(fields[1])] = int(fields.get(2, 0))
+            function = {f: x for f, _, v in _fields(value) for x in _ints(v) if f in (1, 2)}
+            functions[function[1]] = function.get(2, 0)
     for ids, nanoseconds in samples:
         yield [strings[functions[f]] for i in ids for f in locations[i]], nanoseconds
 

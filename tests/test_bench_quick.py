@@ -224,3 +224,39 @@ def test_peak_rss_is_the_contenders_own_not_the_benchmarks(tmp_path: Path) -> No
     assert hungry.returncode == 0
     assert 96 << 10 <= hungry.maxrss_kib < 256 << 10
     assert len(ballast) == 256 << 20  # held until here
+
+
+def _message(*fields: tuple[int, int | bytes]) -> bytes:
+    """A protobuf message of varint and length-delimited fields, as Go's pprof writes them."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
+
+    return b"".join(varint(number << 3) + varint(value) if isinstance(value, int)
+                    else varint(number << 3 | 2) + varint(len(value)) + value for number, value in fields)
+
+
+def test_store_profile_reader_charges_each_sample_to_its_innermost_function(tmp_path: Path) -> None:
+    """bench/pprof.py, which says where SeaweedFS spends its CPU (bench/upload_cpu.py --profile)."""
+    import gzip
+
+    from bench import pprof
+
+    strings = [b"", b"samples", b"cpu", b"crypto/md5.block", b"io.Copy", b"main"]
+    profile = _message(
+        *[(6, s) for s in strings],
+        (5, _message((1, 1), (2, 3))), (5, _message((1, 2), (2, 4))), (5, _message((1, 3), (2, 5))),
+        (4, _message((1, 10), (4, _message((1, 1))))), (4, _message((1, 11), (4, _message((1, 2))))),
+        (4, _message((1, 12), (4, _message((1, 3))))),
+        (2, _message((1, bytes([10, 11, 12])), (2, bytes([3, 120])))),  # packed ids; 120 ns
+        (2, _message((1, 11), (1, 12), (2, 1), (2, 40))),  # unpacked; 40 ns
+    )
+    path = tmp_path / "weed.pprof"
+    path.write_bytes(gzip.compress(profile))
+    assert list(pprof.stacks(path)) == [(["crypto/md5.block", "io.Copy", "main"], 120), (["io.Copy", "main"], 40)]
+    seconds, functions = pprof.top(path)
+    assert seconds == 160e-9 and functions == [("crypto/md5.block", 0.75), ("io.Copy", 0.25)]
