@@ -109,3 +109,18 @@ def test_verify_reads_only_the_download_folder_so_other_bad_settings_do_not_stop
     result = agent(["verify", "--json"], broken)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["counts"]["ok"] == 1
+
+
+def test_save_with_another_node_count_than_the_jobs_is_refused_in_one_line(tmp_path):
+    """The sidecar checks this at its start; `save` on a node meets the same rule at its commit."""
+    env = _saved_checkpoint(tmp_path)  # job1, one node
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"x" * 100)
+    for argv, field in ((["--num-nodes", "2"], "--num-nodes=2"), ([], "--num-nodes=3")):
+        result = agent(["save", str(folder), "--job-id", "job1", "--rank", "1", *argv],
+                       {**env, "BT_GROUP_SIZE": "3"} if not argv else env)
+        assert result.returncode == EXIT_CONFIG, result.stderr
+        assert result.stderr == (f"ckpt-agent: error: {field}: job job1 is recorded as a job of 1 node(s); "
+                                 "give every node of a job the same node count\n")
+    assert agent(["save", str(folder), "--job-id", "job1", "--name", "checkpoint-2"], env).returncode == 0

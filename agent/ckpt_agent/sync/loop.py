@@ -42,7 +42,7 @@ from ckpt_agent.sync.readiness import NotReady, Trainer, Why, is_quiet, readines
 from ckpt_agent.sync.retention import retain
 from ckpt_agent.sync.summary import SyncResult, announce, summarize
 from ckpt_agent.sync.watch import Seen, Watch
-from ckpt_agent.upload.commit import CheckpointId, CommitRequest, commit_checkpoint
+from ckpt_agent.upload.commit import CheckpointId, CommitRequest, check_job, commit_checkpoint
 from ckpt_agent.upload.incremental import Transferred, describe
 
 # In a final flush a checkpoint whose upload (or the store's listing) keeps failing is given up after this many tries.
@@ -81,17 +81,11 @@ class Sidecar:
     def check_job(self) -> None:
         """Fail early (ConfigError/StoreError) if the job belongs to another project or has another node
         count, or the store is unreachable. Before the trainer starts (Nodes.start, leader_mark)."""
-        job, ident = read_job(self.store, self.ident.job_id), self.ident
-        if job and ident.project_name and job.project_name not in (None, ident.project_name):
-            raise ConfigError(f"BT_TRAINING_PROJECT_NAME={ident.project_name}: job {ident.job_id} "
-                              f"already belongs to project {job.project_name}")
-        if job and job.num_nodes != ident.num_nodes:
-            raise ConfigError(f"BT_GROUP_SIZE={ident.num_nodes}: job {ident.job_id} is recorded as a job of "
-                              f"{job.num_nodes} node(s); give every node of a job the same node count")
+        check_job(read_job(self.store, self.ident.job_id), self.ident, "BT_TRAINING_PROJECT_NAME", "BT_GROUP_SIZE")
         if self._nodes is not None:
             self._nodes.start()
         if self._leads:
-            leader_mark(self.store, ident, stopped=False)
+            leader_mark(self.store, self.ident, stopped=False)
 
     def trainer_started(self, pid: int) -> None:
         """Supervise mode: from now on the trainer's exit status decides folders of no known format.

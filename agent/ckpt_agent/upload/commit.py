@@ -132,16 +132,28 @@ def _upload_pack(store: Store, key: str, pack: Pack, opener: Callable[[Member], 
     upload_in_parts(upload, limiter.paced(PackReader(pack, opener)), pack.size)
 
 
+def check_job(job: JobRecord | None, ident: CheckpointId, project_field: str = "--project",
+              nodes_field: str = "--num-nodes") -> None:
+    """A job has one project and one node count, whoever commits to it: `save` on any node, or a
+    sidecar. A mismatch is the committer's configuration, named by its field, never a guess: a
+    checkpoint counted for the wrong number of nodes would be latest too early or never."""
+    if job is None:
+        return
+    if ident.project_name and job.project_name not in (None, ident.project_name):
+        raise ConfigError(f"{project_field}={ident.project_name}: job {ident.job_id} already belongs to "
+                          f"project {job.project_name}")
+    if job.num_nodes != ident.num_nodes:
+        raise ConfigError(f"{nodes_field}={ident.num_nodes}: job {ident.job_id} is recorded as a job of "
+                          f"{job.num_nodes} node(s); give every node of a job the same node count")
+
+
 def ensure_job(store: Store, ident: CheckpointId) -> None:
     """job.json and the project index entry come before the first commit of a job."""
     job = read_job(store, ident.job_id)
+    check_job(job, ident)
     if job is None:
         job = JobRecord(ident.job_id, ident.project_name, utc_now(), ident.num_nodes)
         store.write_bytes(layout.job_record_key(ident.job_id), job.to_json().encode())
-    elif ident.project_name and job.project_name not in (None, ident.project_name):
-        raise ConfigError(
-            f"--project {ident.project_name}: job {ident.job_id} already belongs to project {job.project_name}"
-        )
     if ident.project_name:
         key = layout.project_job_key(ident.project_name, ident.job_id)
         try:
