@@ -183,6 +183,17 @@ def test_unknown_typ_is_refused_naming_typ(typ):
     assert "checkpoints[0].typ" in message
 
 
+def test_a_loops_checkpoint_is_refused_as_one_the_agent_cannot_resolve_not_as_unknown():
+    """The SDK's own type (platform.md), resolved by the platform's backend: the user is told what to
+    write instead, rather than that a valid type is a typo."""
+    ref = {"typ": "loops_checkpoint", "run_id": "r1", "checkpoint_name": "c", "target": "trainer"}
+    message = _refused({"enabled": True, "checkpoints": [{"typ": "baseten_named_checkpoint", "job_id": "j",
+                                                          "checkpoint_name": "c"}, ref]})
+    assert message.startswith("BT_LOAD_CHECKPOINT_CONFIG.checkpoints[1].typ: 'loops_checkpoint' is resolved by "
+                              "the platform's backend")
+    assert "unknown" not in message and "'baseten_named_checkpoint'" in message and "'s3_prefix'" in message
+
+
 def test_missing_typ_is_refused_naming_typ():
     assert "checkpoints[0].typ" in _refused({"enabled": True, "checkpoints": [{"job_id": "j"}]})
 

@@ -20,6 +20,7 @@ DEFAULT_DOWNLOAD_FOLDER = "/tmp/loaded_checkpoints"
 LATEST = "baseten_latest_checkpoint"
 NAMED = "baseten_named_checkpoint"
 S3_PREFIX = "s3_prefix"
+LOOPS = "loops_checkpoint"  # the SDK's own type, resolved by the platform's backend (no public API)
 CONFIG_VAR = "BT_LOAD_CHECKPOINT_CONFIG"
 BASETEN = "baseten"  # BT_CHECKPOINT_STORE=baseten: Baseten's training API, not a folder
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -136,6 +137,10 @@ def _parse_reference(obj: object, where: str) -> Reference:
     if typ == S3_PREFIX:
         _check_keys(obj, {"typ", "uri"}, where)
         return parse_s3_prefix(obj.get("uri"), f"{where}.uri")
+    if typ == LOOPS:  # a valid spec the agent cannot serve: refused by name, never skipped (no silent scratch)
+        raise ConfigError(f"{where}.typ: {LOOPS!r} is resolved by the platform's backend, which ckpt-agent "
+                          f"cannot reach; name the checkpoint with {NAMED!r} (job_id, checkpoint_name) or "
+                          f"{S3_PREFIX!r} (uri) instead")
     raise ConfigError(f"{where}.typ: unknown {_as_json(typ)} (expected {LATEST!r}, {NAMED!r} or {S3_PREFIX!r})")
 
 
