@@ -82,5 +82,6 @@ def main() -> None:
             for function, share in functions:
                 print(f"  {share:6.1%}  {function}")
 
+
 if __name__ == "__main__":
     main()
