@@ -21,6 +21,11 @@ from ckpt_agent.stores.s3common import credentials_error
 from ckpt_agent.stores.sigv4 import Credentials
 
 
+def host_header(host: str, port: int) -> str:
+    """The Host a request names (and SigV4 signs): the port only when it is not a default one."""
+    return host if port in (80, 443) else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     scheme: str
@@ -31,7 +36,7 @@ class Endpoint:
 
     @property
     def host_header(self) -> str:
-        return self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
+        return host_header(self.host, self.port)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from ckpt_agent.errors import TransientError
-from ckpt_agent.stores.awsenv import Endpoint, Proxy, proxy_for
+from ckpt_agent.stores.awsenv import Endpoint, Proxy, host_header, proxy_for
 from ckpt_agent.stores.base import too_large
 from ckpt_agent.stores.s3common import content_range_size
 
@@ -33,7 +33,7 @@ class Origin:
 
     @property
     def host_header(self) -> str:
-        return self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
+        return host_header(self.host, self.port)
 
     @classmethod
     def of(cls, endpoint: Endpoint) -> Origin:
